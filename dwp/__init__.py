@@ -1,0 +1,92 @@
+"""dwp: Bayesian deep learning with learned weight priors.
+
+The public API, re-exported here::
+
+    dwp.BayesConv1d / 2d / 3d, dwp.BayesConvTranspose1d / 2d / 3d, dwp.BayesLinear
+    dwp.bayesianize, dwp.to_deterministic
+    dwp.priors.{NormalPrior, LogUniformPrior, PretrainedNormalPrior}
+    dwp.kl, dwp.elbo, dwp.KLSchedule, dwp.param_groups
+    dwp.estimator, dwp.sampling, dwp.set_estimator, dwp.set_mode
+    dwp.predict, dwp.expected_calibration_error
+    dwp.pyro (Pyro interop, imported on first use)
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from . import likelihoods, priors
+from .convert import bayesian_layers, bayesianize, name_sites, to_deterministic
+from .elbo import ELBOTerms, KLSchedule, elbo, kl, kl_per_site, param_groups
+from .nn import (
+    BayesConv1d,
+    BayesConv2d,
+    BayesConv3d,
+    BayesConvTranspose1d,
+    BayesConvTranspose2d,
+    BayesConvTranspose3d,
+    BayesianLayer,
+    BayesLinear,
+    NonFinitePosteriorError,
+)
+from .posterior import MeanFieldNormal
+from .predict import Prediction, expected_calibration_error, predict
+from .priors import LogUniformPrior, NormalPrior, PretrainedNormalPrior, Prior, PriorMismatchError
+from .settings import (
+    Estimator,
+    Mode,
+    estimator,
+    sampling,
+    set_estimator,
+    set_mode,
+    set_validation,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BayesConv1d",
+    "BayesConv2d",
+    "BayesConv3d",
+    "BayesConvTranspose1d",
+    "BayesConvTranspose2d",
+    "BayesConvTranspose3d",
+    "BayesLinear",
+    "BayesianLayer",
+    "ELBOTerms",
+    "Estimator",
+    "KLSchedule",
+    "LogUniformPrior",
+    "MeanFieldNormal",
+    "Mode",
+    "NonFinitePosteriorError",
+    "NormalPrior",
+    "Prediction",
+    "PretrainedNormalPrior",
+    "Prior",
+    "PriorMismatchError",
+    "bayesian_layers",
+    "bayesianize",
+    "elbo",
+    "estimator",
+    "expected_calibration_error",
+    "kl",
+    "kl_per_site",
+    "likelihoods",
+    "name_sites",
+    "param_groups",
+    "predict",
+    "priors",
+    "sampling",
+    "set_estimator",
+    "set_mode",
+    "set_validation",
+    "to_deterministic",
+]
+
+
+def __getattr__(name: str):
+    # Pyro interop is imported on first use: most users of the layers never need Pyro.
+    if name == "pyro":
+        return importlib.import_module(".pyro", __name__)
+    raise AttributeError(f"module 'dwp' has no attribute {name!r}")

@@ -1,0 +1,204 @@
+"""Turn any ``nn.Module`` into its Bayesian version and back."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .nn import DEFAULT_INIT_LOG_SIGMA, BayesianLayer, bayesian_twin
+from .priors import Prior
+from .settings import Estimator, Mode
+
+__all__ = ["bayesian_layers", "bayesianize", "name_sites", "to_deterministic"]
+
+Selector = str | Iterable[str] | type | tuple[type, ...] | Callable[[str, nn.Module], bool] | None
+PriorSpec = Prior | Callable[[str, nn.Module], Prior] | None
+Init = Literal["pretrained", "prior", "fresh"]
+
+
+def _matcher(selector: Selector, what: str) -> tuple[Callable[[str, nn.Module], bool], list[str]]:
+    """A predicate for ``selector`` and the name patterns it holds (to report unused ones)."""
+    if selector is None:
+        return (lambda name, module: True), []
+    if isinstance(selector, type) or (
+        isinstance(selector, tuple) and all(isinstance(t, type) for t in selector)
+    ):
+        return (lambda name, module: isinstance(module, selector)), []
+    if callable(selector):
+        return selector, []
+    patterns = [selector] if isinstance(selector, str) else list(selector)
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(
+            f"{what} must be name patterns, layer types or a predicate, got {selector!r}"
+        )
+    return (lambda name, module: any(fnmatch.fnmatchcase(name, p) for p in patterns)), patterns
+
+
+def _constructor_kwargs(layer: nn.Module) -> dict:
+    """Arguments that rebuild ``layer`` (a torch conv/linear layer or its Bayesian twin)."""
+    factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
+    if isinstance(layer, nn.Linear):
+        return dict(
+            in_features=layer.in_features,
+            out_features=layer.out_features,
+            bias=layer.bias is not None,
+            **factory,
+        )
+    kwargs = dict(
+        in_channels=layer.in_channels,
+        out_channels=layer.out_channels,
+        kernel_size=layer.kernel_size,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        groups=layer.groups,
+        bias=layer.bias is not None,
+        padding_mode=layer.padding_mode,
+        **factory,
+    )
+    if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        kwargs["output_padding"] = layer.output_padding
+    return kwargs
+
+
+def name_sites(model: nn.Module) -> nn.Module:
+    """Record each Bayesian layer's qualified name (used in errors and by group priors)."""
+    for name, module in model.named_modules():
+        if isinstance(module, BayesianLayer):
+            module.site_name = name or type(module).__name__
+    return model
+
+
+def bayesian_layers(model: nn.Module) -> list[tuple[str, BayesianLayer]]:
+    """``(qualified name, layer)`` for every Bayesian layer of ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BayesianLayer)]
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def bayesianize(
+    module: nn.Module,
+    prior: PriorSpec = None,
+    *,
+    include: Selector = None,
+    exclude: Selector = None,
+    init: Init = "pretrained",
+    bias_prior: Prior | None = None,
+    bayesian_bias: bool = False,
+    init_log_sigma: float = DEFAULT_INIT_LOG_SIGMA,
+    estimator: Estimator | str = Estimator.REPARAM,
+    mode: Mode | str = Mode.AUTO,
+    inplace: bool = False,
+) -> nn.Module:
+    """Replace conv / linear layers of ``module`` by their Bayesian twins.
+
+    Works on any module tree (a MONAI network too); layer types with a twin are
+    ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` and ``Linear`` (exact classes only: a
+    subclass may override ``forward`` and is left alone).
+
+    Parameters
+    ----------
+    module
+        The network.  Copied first unless ``inplace=True``.
+    prior
+        A :class:`~dwp.priors.Prior` for every chosen layer, or a function
+        ``(name, layer) -> Prior`` choosing one per layer.  Default ``NormalPrior()``.
+        A prior that does not fit a layer (e.g. a kernel prior of another kernel shape)
+        raises :class:`~dwp.priors.PriorMismatchError` naming the layer.
+    include, exclude
+        Which layers to convert: qualified-name glob patterns (``"encoder.*"``), layer types
+        (``nn.Conv3d``) or a predicate ``(name, layer) -> bool``.  Default: every layer
+        with a twin.  A name pattern in ``include`` that matches no convertible layer is an
+        error (it is usually a typo).
+    init
+        Posterior means start from the existing weights (``"pretrained"``), from a sample of
+        the prior (``"prior"``; for a deep weight prior this is "DWP initialisation"), or
+        from torch's default initialisation (``"fresh"``).
+    bias_prior, bayesian_bias, init_log_sigma, estimator, mode
+        Passed to every new layer (see :class:`dwp.nn.BayesianLayer`).
+    inplace
+        Modify ``module`` instead of a deep copy.
+
+    Returns
+    -------
+    nn.Module
+        The Bayesian network; in mean mode it computes what ``module`` did when
+        ``init="pretrained"``.
+    """
+    if init not in ("pretrained", "prior", "fresh"):
+        raise ValueError(f"init must be 'pretrained', 'prior' or 'fresh', got {init!r}")
+    root = module if inplace else copy.deepcopy(module)
+    included, patterns = _matcher(include, "include")
+    excluded, _ = _matcher(exclude, "exclude") if exclude is not None else (lambda n, m: False, [])
+    used_patterns: set[str] = set()
+
+    targets = []
+    for name, layer in root.named_modules():
+        twin = bayesian_twin(type(layer))
+        if twin is None or not included(name, layer) or excluded(name, layer):
+            continue
+        targets.append((name, layer, twin))
+        used_patterns.update(p for p in patterns if fnmatch.fnmatchcase(name, p))
+    unused = [p for p in patterns if p not in used_patterns]
+    if unused:
+        raise ValueError(
+            f"include patterns {unused} match no convertible layer of {type(module).__name__}"
+        )
+
+    for name, layer, twin in targets:
+        new = twin(
+            **_constructor_kwargs(layer),
+            bayesian_bias=bayesian_bias,
+            init_log_sigma=init_log_sigma,
+            estimator=estimator,
+            mode=mode,
+        )
+        new.site_name = name or type(new).__name__
+        new.train(layer.training)
+        if init == "pretrained":
+            with torch.no_grad():
+                new.weight.copy_(layer.weight)
+                if layer.bias is not None:
+                    new.bias.copy_(layer.bias)
+        site_prior = (
+            prior(name, layer) if callable(prior) and not isinstance(prior, Prior) else prior
+        )
+        new.set_prior(site_prior, bias_prior)
+        if init == "prior":
+            with torch.no_grad():
+                new.weight.copy_(new.weight_prior.sample(new.weight.shape))
+        if not name:  # the root itself is a layer
+            return new
+        _replace(root, name, new)
+    return name_sites(root)
+
+
+def to_deterministic(module: nn.Module, inplace: bool = False) -> nn.Module:
+    """Replace every Bayesian layer by its torch twin holding the posterior mean.
+
+    The result has no ``dwp`` dependency and computes what ``module`` computes in mean mode.
+    """
+    root = module if inplace else copy.deepcopy(module)
+
+    def plain(layer: BayesianLayer) -> nn.Module:
+        twin = layer.torch_twin(**_constructor_kwargs(layer))
+        with torch.no_grad():
+            twin.weight.copy_(layer.weight)
+            if layer.bias is not None:
+                twin.bias.copy_(layer.bias)
+        return twin.train(layer.training)
+
+    if isinstance(root, BayesianLayer):
+        return plain(root)
+    for name, layer in bayesian_layers(root):
+        _replace(root, name, plain(layer))
+    return root

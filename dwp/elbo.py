@@ -1,0 +1,220 @@
+"""The evidence lower bound: data term scaled to the full data set, plus the weighted KL.
+
+For a data set of ``N`` observations-groups (images, volumes) and a minibatch of ``B``::
+
+    loss = nll_sum * N / B + beta * KL(q || p)
+
+``nll_sum`` is the minibatch's negative log-likelihood **summed** over everything observed
+(every voxel of every volume; see :mod:`dwp.likelihoods`), and ``KL`` the sum of every
+site's KL (an upper bound for implicit priors, making ``loss`` an upper bound on the
+negative ELBO).  Its expectation over minibatches does not depend on ``B``.
+
+Data parallelism
+----------------
+Under ``DistributedDataParallel`` each rank calls :func:`elbo` with its **local** batch
+size and the full KL.  DDP averages gradients over the ``R`` ranks, so the data gradients
+add up to ``N / (R * B_local) * sum_r grad nll_r`` (the global-batch estimate) and the KL
+gradient, identical on every rank, is counted exactly once per global step.  When you
+all-reduce gradients by *sum* instead of mean, divide the KL by ``R``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .convert import bayesian_layers, name_sites
+from .settings import validation_enabled
+
+__all__ = ["ELBOTerms", "KLSchedule", "elbo", "kl", "kl_per_site", "param_groups"]
+
+
+def kl_per_site(model: nn.Module) -> dict[str, Tensor]:
+    """KL(q || p) of every Bayesian layer, keyed by qualified layer name (for logging)."""
+    name_sites(model)
+    return {name: layer.kl() for name, layer in bayesian_layers(model)}
+
+
+def kl(model: nn.Module) -> Tensor:
+    """Sum of every Bayesian layer's KL (weights and Bayesian biases) in ``model``.
+
+    Returns a scalar tensor (0 for a model without Bayesian layers).  Exact when every prior
+    is exact, an upper bound when some prior's KL is a bound.
+    """
+    terms = list(kl_per_site(model).values())
+    if not terms:
+        p = next(model.parameters(), None)
+        return torch.zeros((), device=None if p is None else p.device)
+    return torch.stack(terms).sum()
+
+
+@dataclass(frozen=True)
+class ELBOTerms:
+    """The terms of one minibatch estimate of the negative ELBO.
+
+    Attributes
+    ----------
+    loss
+        ``data_term + beta * kl``: minimise this.
+    nll
+        The minibatch's summed negative log-likelihood, as passed in.
+    data_term
+        ``nll * n_data / batch_size``: the full-data estimate.
+    kl
+        The unweighted KL (or its bound).
+    beta
+        The KL weight used.
+    """
+
+    loss: Tensor
+    nll: Tensor
+    data_term: Tensor
+    kl: Tensor
+    beta: float
+
+    def as_dict(self) -> dict[str, float]:
+        """Plain floats for logging."""
+        return {
+            "loss": float(self.loss.detach()),
+            "nll": float(self.nll.detach()),
+            "data_term": float(self.data_term.detach()),
+            "kl": float(self.kl.detach()),
+            "beta": float(self.beta),
+        }
+
+
+def elbo(
+    nll: Tensor,
+    model: nn.Module | None = None,
+    *,
+    n_data: int,
+    batch_size: int,
+    beta: float = 1.0,
+    kl_value: Tensor | None = None,
+) -> ELBOTerms:
+    """Minibatch estimate of the negative ELBO, with its terms kept apart.
+
+    Parameters
+    ----------
+    nll
+        Negative log-likelihood of the minibatch, **summed** over all its observations
+        (scalar tensor).
+    model
+        The network whose KL is added; omit it when passing ``kl_value``.
+    n_data
+        Number of training examples ``N`` (same unit as ``batch_size``).
+    batch_size
+        Number of examples ``B`` in this minibatch (the *local* one under DDP).
+    beta
+        KL weight (1 for the true ELBO; see :class:`KLSchedule`).
+    kl_value
+        A precomputed KL (e.g. to reuse it for logging); default ``dwp.kl(model)``.
+    """
+    if nll.dim() != 0:
+        raise ValueError(
+            f"nll must be a scalar (summed over the batch), got shape {tuple(nll.shape)}"
+        )
+    if not (n_data > 0 and batch_size > 0):
+        raise ValueError(f"n_data and batch_size must be positive, got {n_data}, {batch_size}")
+    if batch_size > n_data:
+        raise ValueError(f"batch_size ({batch_size}) exceeds n_data ({n_data})")
+    if beta < 0 or not math.isfinite(beta):
+        raise ValueError(f"beta must be finite and >= 0, got {beta}")
+    if validation_enabled() and not torch.isfinite(nll):
+        raise FloatingPointError(
+            f"the data term is {nll.item()}: check the batch for NaN/inf values and the "
+            f"network for divergence (dwp.set_validation(False) skips this check)"
+        )
+    if kl_value is None:
+        if model is None:
+            raise TypeError("elbo() needs a model or kl_value")
+        kl_value = kl(model)
+    data_term = nll * (n_data / batch_size)
+    return ELBOTerms(
+        loss=data_term + beta * kl_value, nll=nll, data_term=data_term, kl=kl_value, beta=beta
+    )
+
+
+class KLSchedule:
+    """KL weight ``beta`` as a function of the optimisation step (KL annealing).
+
+    Parameters
+    ----------
+    kind
+        ``"constant"`` (``end`` throughout), ``"linear"`` or ``"cosine"`` ramps from
+        ``start`` to ``end``, or ``"log_linear"``: geometric growth from ``start`` (> 0) to
+        ``end``, for warm-ups that start many orders of magnitude below 1 (Kuzina et al.'s
+        trainer started at 1e-9).
+    start, end
+        Weight at step 0 and after ``steps`` steps (held from then on).
+    steps
+        Length of the ramp.
+
+    Examples
+    --------
+    >>> schedule = KLSchedule("log_linear", start=1e-6, end=1.0, steps=1000)
+    >>> terms = dwp.elbo(nll, model, n_data=N, batch_size=B, beta=schedule(step))
+    """
+
+    def __init__(
+        self,
+        kind: Literal["constant", "linear", "cosine", "log_linear"] = "linear",
+        start: float = 0.0,
+        end: float = 1.0,
+        steps: int = 1000,
+    ) -> None:
+        if kind not in ("constant", "linear", "cosine", "log_linear"):
+            raise ValueError(f"unknown KL schedule {kind!r}")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if min(start, end) < 0:
+            raise ValueError("KL weights must be >= 0")
+        if kind == "log_linear" and not (start > 0 and end > 0):
+            raise ValueError("a log_linear schedule needs start > 0 and end > 0")
+        self.kind, self.start, self.end, self.steps = kind, float(start), float(end), int(steps)
+
+    def __call__(self, step: int) -> float:
+        if self.kind == "constant":
+            return self.end
+        t = min(max(step, 0) / self.steps, 1.0)
+        if self.kind == "linear":
+            return self.start + t * (self.end - self.start)
+        if self.kind == "cosine":
+            return self.end + 0.5 * (self.start - self.end) * (1 + math.cos(math.pi * t))
+        return math.exp(math.log(self.start) + t * (math.log(self.end) - math.log(self.start)))
+
+    def __repr__(self) -> str:
+        return (
+            f"KLSchedule({self.kind!r}, start={self.start:g}, end={self.end:g}, steps={self.steps})"
+        )
+
+
+def param_groups(
+    model: nn.Module, lr: float, scale_lr: float | None = None, **options: float
+) -> list[dict]:
+    """Optimiser parameter groups with a separate learning rate for posterior scales.
+
+    The entropy term's gradient on every ``log_sigma`` is a constant that Adam turns into a
+    steady rise of about ``lr`` per step, whatever its size; a smaller ``scale_lr`` keeps
+    the weight noise in check early in training.  Parameters with ``requires_grad=False``
+    (e.g. a frozen kernel-VAE decoder) are left out, so they never reach the optimiser.
+
+    Returns
+    -------
+    list of dict
+        ``[{"params": means and other parameters, "lr": lr}, {"params": log-sigmas,
+        "lr": scale_lr}]``, for ``torch.optim.Adam(param_groups(...))``.
+    """
+    scales, others = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (scales if name.endswith("_log_sigma") else others).append(p)
+    groups = [{"params": others, "lr": lr, **options}]
+    if scales:
+        groups.append({"params": scales, "lr": lr if scale_lr is None else scale_lr, **options})
+    return groups

@@ -1,0 +1,375 @@
+"""Bayesian layers with a mean-field Gaussian posterior over their weights.
+
+One implementation (:class:`BayesianLayer`) serves every layer type; the public classes
+are thin subclasses of their torch twins (``BayesConv3d`` *is an* ``nn.Conv3d``), so they
+take the same constructor arguments with the same defaults, plus keyword-only Bayesian
+options.
+
+Parameterisation
+----------------
+``weight`` (and ``bias``) hold the **posterior mean**, so torch initialisers, code that
+reads ``layer.weight`` and export to a deterministic network work unchanged.
+``weight_log_sigma`` holds the log standard deviation, initialised to ``init_log_sigma``
+(default -5, sigma ≈ 0.0067, the value used by both reference implementations of the
+deep weight prior).  The log parameterisation makes the Gaussian entropy linear in the
+parameter; see :func:`dwp.param_groups` to give it its own learning rate.
+
+The bias is deterministic unless ``bayesian_bias=True``; a Bayesian bias gets
+``bias_log_sigma`` and ``bias_prior`` (default N(0, 1)).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .posterior import MeanFieldNormal
+from .priors import NormalPrior, Prior
+from .settings import Estimator, Mode, global_estimator, global_mode, validation_enabled
+
+__all__ = [
+    "BayesConv1d",
+    "BayesConv2d",
+    "BayesConv3d",
+    "BayesConvTranspose1d",
+    "BayesConvTranspose2d",
+    "BayesConvTranspose3d",
+    "BayesLinear",
+    "BayesianLayer",
+    "NonFinitePosteriorError",
+    "bayesian_twin",
+]
+
+DEFAULT_INIT_LOG_SIGMA = -5.0
+
+
+class NonFinitePosteriorError(FloatingPointError):
+    """A posterior parameter became NaN or infinite (usually a diverged optimiser)."""
+
+
+class BayesianLayer(nn.Module):
+    """The Bayesian behaviour shared by every layer in :mod:`dwp.nn`.
+
+    Not instantiated directly: mixed in front of a torch layer class, whose functional
+    operation each subclass exposes as :meth:`_op`.
+
+    Keyword-only parameters (after the torch twin's own)
+    ----------------------------------------------------
+    prior
+        Prior over ``weight`` (a :class:`dwp.priors.Prior`); default ``NormalPrior()``.
+    bias_prior
+        Prior over a Bayesian bias; default ``NormalPrior()``.
+    bayesian_bias
+        Give the bias a posterior too (default: deterministic bias).
+    init_log_sigma
+        Initial log standard deviation of every weight (default -5).
+    estimator
+        ``"reparam"`` (default), ``"local_reparam"`` or ``"flipout"``.
+    mode
+        ``"auto"`` (default: sample in training, mean in eval), ``"sample"`` or ``"mean"``.
+    """
+
+    #: number of trailing weight dimensions that form one spatial kernel
+    kernel_dims: int = 0
+    #: dimension of the input that holds channels / features (for flipout's sign vectors)
+    _channel_dim: int = 1
+    #: the deterministic torch class this layer mirrors
+    torch_twin: type[nn.Module]
+
+    def __init__(
+        self,
+        *args: Any,
+        prior: Prior | None = None,
+        bias_prior: Prior | None = None,
+        bayesian_bias: bool = False,
+        init_log_sigma: float = DEFAULT_INIT_LOG_SIGMA,
+        estimator: Estimator | str = Estimator.REPARAM,
+        mode: Mode | str = Mode.AUTO,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.init_log_sigma = float(init_log_sigma)
+        self.estimator = Estimator(estimator)
+        self.mode = Mode(mode)
+        self.site_name = type(self).__name__
+        self.weight_log_sigma = nn.Parameter(torch.full_like(self.weight, self.init_log_sigma))
+        self.bayesian_bias = bool(bayesian_bias) and self.bias is not None
+        if self.bayesian_bias:
+            self.bias_log_sigma = nn.Parameter(torch.full_like(self.bias, self.init_log_sigma))
+        else:
+            self.register_parameter("bias_log_sigma", None)
+        self.set_prior(prior, bias_prior)
+
+    # -- posterior ---------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        super().reset_parameters()  # the torch twin's initialisation of the mean
+        if getattr(self, "weight_log_sigma", None) is not None:
+            with torch.no_grad():
+                self.weight_log_sigma.fill_(self.init_log_sigma)
+                if self.bias_log_sigma is not None:
+                    self.bias_log_sigma.fill_(self.init_log_sigma)
+
+    @property
+    def weight_posterior(self) -> MeanFieldNormal:
+        """q(weight) as a :class:`MeanFieldNormal` view (gradients reach this layer)."""
+        return MeanFieldNormal(
+            self.weight, self.weight_log_sigma, f"{self.site_name}.weight", self.kernel_dims
+        )
+
+    @property
+    def bias_posterior(self) -> MeanFieldNormal | None:
+        """q(bias), or ``None`` when the bias is deterministic or absent."""
+        if not self.bayesian_bias:
+            return None
+        return MeanFieldNormal(self.bias, self.bias_log_sigma, f"{self.site_name}.bias", 0)
+
+    def set_prior(self, prior: Prior | None = None, bias_prior: Prior | None = None) -> None:
+        """Attach priors (templates are bound to this layer's current weights).
+
+        Raises :class:`dwp.priors.PriorMismatchError` naming the layer when the prior does
+        not fit, e.g. a 3x3 kernel prior on a 3x3x3 conv.
+        """
+        prior = NormalPrior() if prior is None else prior
+        self.weight_prior = prior.for_site(
+            f"{self.site_name}.weight", self.weight.detach(), self.kernel_dims
+        )
+        if self.bayesian_bias:
+            bias_prior = NormalPrior() if bias_prior is None else bias_prior
+            self.bias_prior = bias_prior.for_site(f"{self.site_name}.bias", self.bias.detach(), 0)
+        else:
+            self.bias_prior = None
+
+    def kl(self) -> Tensor:
+        """KL(q || p) of this layer (exact or an upper bound, as the priors say), summed."""
+        total = self.weight_prior.kl(self.weight_posterior)
+        if self.bayesian_bias:
+            total = total + self.bias_prior.kl(self.bias_posterior)
+        return total
+
+    # -- forward -----------------------------------------------------------------------
+    def _op(
+        self, input: Tensor, weight: Tensor, bias: Tensor | None, *args: Any, **kwargs: Any
+    ) -> Tensor:
+        """The torch twin's functional operation with the given weight and bias."""
+        raise NotImplementedError
+
+    def effective_mode(self) -> Mode:
+        """``SAMPLE`` or ``MEAN``, after thread-wide overrides and train/eval."""
+        mode = global_mode() or self.mode
+        if mode is Mode.AUTO:
+            return Mode.SAMPLE if self.training else Mode.MEAN
+        return mode
+
+    def effective_estimator(self) -> Estimator:
+        return global_estimator() or self.estimator
+
+    def _check_finite(self) -> None:
+        for name in ("weight", "weight_log_sigma", "bias", "bias_log_sigma"):
+            value = getattr(self, name)
+            if value is not None and not torch.isfinite(value).all():
+                raise NonFinitePosteriorError(
+                    f"layer {self.site_name!r} ({type(self).__name__}): posterior parameter "
+                    f"{name!r} has non-finite values; lower the learning rate or the initial "
+                    f"scale, or check the data for NaNs"
+                )
+
+    def forward(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if validation_enabled():
+            self._check_finite()
+        if self.effective_mode() is Mode.MEAN:
+            return self._op(input, self.weight, self.bias, *args, **kwargs)
+        estimator = self.effective_estimator()
+        if estimator is Estimator.REPARAM:
+            return self._forward_reparam(input, *args, **kwargs)
+        if estimator is Estimator.LOCAL_REPARAM:
+            return self._forward_local_reparam(input, *args, **kwargs)
+        return self._forward_flipout(input, *args, **kwargs)
+
+    def _sample_bias(self) -> Tensor | None:
+        if not self.bayesian_bias:
+            return self.bias
+        return self.bias + self.bias_log_sigma.exp() * torch.randn_like(self.bias)
+
+    def _forward_reparam(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        weight = self.weight + self.weight_log_sigma.exp() * torch.randn_like(self.weight)
+        return self._op(input, weight, self._sample_bias(), *args, **kwargs)
+
+    def _forward_local_reparam(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        mean = self._op(input, self.weight, self.bias, *args, **kwargs)
+        bias_var = (2.0 * self.bias_log_sigma).exp() if self.bayesian_bias else None
+        var = self._op(
+            input * input, (2.0 * self.weight_log_sigma).exp(), bias_var, *args, **kwargs
+        )
+        # clamp: the variance is a sum of non-negative terms but may round to 0 (zero input),
+        # and sqrt'(0) is infinite.
+        return mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
+
+    def _signs(self, input: Tensor, channels: int) -> Tensor:
+        """Random ±1 of one value per example and channel, broadcastable over space."""
+        if self.kernel_dims == 0:  # dense: every row of the leading dims is an example
+            shape = (*input.shape[:-1], channels)
+        elif input.dim() == self.kernel_dims + 2:  # batched conv input (B, C, *spatial)
+            shape = (input.shape[0], channels) + (1,) * self.kernel_dims
+        else:  # unbatched conv input (C, *spatial)
+            shape = (channels,) + (1,) * self.kernel_dims
+        return torch.empty(shape, dtype=input.dtype, device=input.device).bernoulli_(0.5) * 2 - 1
+
+    def _forward_flipout(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        mean = self._op(input, self.weight, self.bias, *args, **kwargs)
+        delta = self.weight_log_sigma.exp() * torch.randn_like(self.weight)
+        in_channels = (
+            input.shape[-1] if self.kernel_dims == 0 else input.shape[-1 - self.kernel_dims]
+        )
+        sign_in = self._signs(input, in_channels)
+        out_channels = (
+            mean.shape[-1] if self.kernel_dims == 0 else mean.shape[-1 - self.kernel_dims]
+        )
+        sign_out = self._signs(input, out_channels)
+        out = mean + self._op(input * sign_in, delta, None, *args, **kwargs) * sign_out
+        if self.bayesian_bias:
+            noise = self._signs(input, out_channels).normal_()  # independent per example
+            shape = (-1,) + (1,) * self.kernel_dims
+            out = out + noise * self.bias_log_sigma.exp().view(shape)
+        return out
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        extras = f"estimator={self.estimator.value}, mode={self.mode.value}"
+        if self.bayesian_bias:
+            extras += ", bayesian_bias=True"
+        return f"{text}, {extras}"
+
+
+# -- the concrete layers ---------------------------------------------------------------
+class _ConvMixin:
+    def _op(self, input, weight, bias, *args, **kwargs):
+        return self._conv_forward(input, weight, bias)
+
+
+class _ConvTransposeMixin:
+    _functional: ClassVar[dict] = {
+        1: F.conv_transpose1d,
+        2: F.conv_transpose2d,
+        3: F.conv_transpose3d,
+    }
+
+    def _op(self, input, weight, bias, output_size=None):
+        output_padding = self._output_padding(
+            input,
+            output_size,
+            self.stride,
+            self.padding,
+            self.kernel_size,
+            self.kernel_dims,
+            self.dilation,
+        )
+        return self._functional[self.kernel_dims](
+            input,
+            weight,
+            bias,
+            self.stride,
+            self.padding,
+            output_padding,
+            self.groups,
+            self.dilation,
+        )
+
+
+class _LinearMixin:
+    def _op(self, input, weight, bias, *args, **kwargs):
+        return F.linear(input, weight, bias)
+
+
+def _with_torch_signature(cls: type) -> type:
+    """Expose ``torch_twin``'s constructor signature plus the Bayesian keyword arguments."""
+    torch_params = list(inspect.signature(cls.torch_twin.__init__).parameters.values())[1:]
+    bayes_params = [
+        p
+        for p in inspect.signature(BayesianLayer.__init__).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    cls.__signature__ = inspect.Signature(torch_params + bayes_params)
+    return cls
+
+
+@_with_torch_signature
+class BayesConv1d(_ConvMixin, BayesianLayer, nn.Conv1d):
+    """Bayesian twin of :class:`torch.nn.Conv1d`; input ``(B, C_in, L)``."""
+
+    torch_twin = nn.Conv1d
+    kernel_dims = 1
+
+
+@_with_torch_signature
+class BayesConv2d(_ConvMixin, BayesianLayer, nn.Conv2d):
+    """Bayesian twin of :class:`torch.nn.Conv2d`; input ``(B, C_in, H, W)``."""
+
+    torch_twin = nn.Conv2d
+    kernel_dims = 2
+
+
+@_with_torch_signature
+class BayesConv3d(_ConvMixin, BayesianLayer, nn.Conv3d):
+    """Bayesian twin of :class:`torch.nn.Conv3d`; input ``(B, C_in, D, H, W)``."""
+
+    torch_twin = nn.Conv3d
+    kernel_dims = 3
+
+
+@_with_torch_signature
+class BayesConvTranspose1d(_ConvTransposeMixin, BayesianLayer, nn.ConvTranspose1d):
+    """Bayesian twin of :class:`torch.nn.ConvTranspose1d`."""
+
+    torch_twin = nn.ConvTranspose1d
+    kernel_dims = 1
+
+
+@_with_torch_signature
+class BayesConvTranspose2d(_ConvTransposeMixin, BayesianLayer, nn.ConvTranspose2d):
+    """Bayesian twin of :class:`torch.nn.ConvTranspose2d`."""
+
+    torch_twin = nn.ConvTranspose2d
+    kernel_dims = 2
+
+
+@_with_torch_signature
+class BayesConvTranspose3d(_ConvTransposeMixin, BayesianLayer, nn.ConvTranspose3d):
+    """Bayesian twin of :class:`torch.nn.ConvTranspose3d`."""
+
+    torch_twin = nn.ConvTranspose3d
+    kernel_dims = 3
+
+
+@_with_torch_signature
+class BayesLinear(_LinearMixin, BayesianLayer, nn.Linear):
+    """Bayesian twin of :class:`torch.nn.Linear`; input ``(*, in_features)``."""
+
+    torch_twin = nn.Linear
+    kernel_dims = 0
+
+
+_TWINS: dict[type[nn.Module], type[BayesianLayer]] = {
+    cls.torch_twin: cls
+    for cls in (
+        BayesConv1d,
+        BayesConv2d,
+        BayesConv3d,
+        BayesConvTranspose1d,
+        BayesConvTranspose2d,
+        BayesConvTranspose3d,
+        BayesLinear,
+    )
+}
+
+
+def bayesian_twin(module_type: type[nn.Module]) -> type[BayesianLayer] | None:
+    """The Bayesian class for a torch layer class, or ``None`` if there is none.
+
+    Only exact torch classes are matched: a user subclass may change ``forward`` and is not
+    silently replaced.
+    """
+    return _TWINS.get(module_type)

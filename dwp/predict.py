@@ -1,0 +1,203 @@
+"""Monte Carlo prediction with Bayesian networks and the uncertainty measures built on it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .nn import BayesianLayer
+from .settings import sampling
+
+__all__ = ["Prediction", "entropy", "expected_calibration_error", "predict"]
+
+Task = Literal["regression", "classification"]
+Activation = Literal["softmax", "sigmoid"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Summary of ``n_samples`` stochastic forward passes.
+
+    Attributes
+    ----------
+    mean
+        Regression: the mean output, shape of the output.  Classification: the predictive
+        probabilities ``E_q[p(y | x, w)]``, shape ``(B, C, *)``.
+    variance
+        Variance over posterior samples of the output (regression) or of the class
+        probabilities (classification): the epistemic spread, same shape as ``mean``
+        (unbiased, zero when ``n_samples == 1``).
+    predictive_entropy
+        ``H[E_q p]``: total uncertainty, shape ``(B, *)`` for softmax, ``(B, C, *)`` for
+        sigmoid outputs (one binary variable per channel).  ``None`` for regression.
+    expected_entropy
+        ``E_q H[p]``: the aleatoric part.
+    mutual_information
+        ``H[E_q p] - E_q H[p]`` (BALD): the epistemic part, >= 0.
+    n_samples
+        Number of forward passes averaged.
+    """
+
+    mean: Tensor
+    variance: Tensor
+    predictive_entropy: Tensor | None = None
+    expected_entropy: Tensor | None = None
+    mutual_information: Tensor | None = None
+    n_samples: int = 1
+
+
+def entropy(probs: Tensor, activation: Activation = "softmax", class_dim: int = 1) -> Tensor:
+    """Entropy in nats of categorical (``softmax``: over ``class_dim``) or elementwise
+    Bernoulli (``sigmoid``) probabilities.  ``0 log 0`` is taken as 0."""
+    plogp = torch.special.xlogy(probs, probs)
+    if activation == "softmax":
+        return -plogp.sum(dim=class_dim)
+    return -(plogp + torch.special.xlogy(1 - probs, 1 - probs))
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module | Callable[[Tensor], Tensor],
+    x: Tensor,
+    n_samples: int = 16,
+    *,
+    task: Task = "regression",
+    activation: Activation = "softmax",
+    class_dim: int = 1,
+    sample: bool = True,
+) -> Prediction:
+    """Monte Carlo predictive distribution of a Bayesian network.
+
+    The model is put in ``eval()`` (dropout and norm layers in inference mode) with its
+    Bayesian layers *sampling*, for the duration of the call; its state is restored after.
+    Statistics are accumulated one pass at a time, so memory does not grow with
+    ``n_samples`` (a 3D volume's 8 samples are never held together).
+
+    Parameters
+    ----------
+    model
+        A module, or any callable ``x -> output`` (e.g. a sliding-window predictor wrapping
+        a module; Bayesian layers inside it must then be set to sample by the caller, e.g.
+        with ``dwp.sampling()``).
+    x
+        Input batch.
+    n_samples
+        Number of posterior samples (forward passes).
+    task
+        ``"regression"``: outputs are averaged as they are.  ``"classification"`` (also
+        segmentation): outputs are logits, turned into probabilities by ``activation``.
+    activation
+        ``"softmax"`` over ``class_dim``, or ``"sigmoid"`` (independent binary channels).
+    class_dim
+        Dimension of the classes in the output.
+    sample
+        ``False`` makes one pass with the posterior means (``n_samples`` is ignored).
+
+    Returns
+    -------
+    Prediction
+    """
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    if task not in ("regression", "classification"):
+        raise ValueError(f"task must be 'regression' or 'classification', got {task!r}")
+    if activation not in ("softmax", "sigmoid"):
+        raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
+    is_module = isinstance(model, nn.Module)
+    stochastic = sample and (
+        not is_module or any(isinstance(m, BayesianLayer) for m in model.modules())
+    )
+    n_samples = n_samples if stochastic else 1
+
+    def to_output(raw: Tensor) -> Tensor:
+        if task == "regression":
+            return raw
+        return raw.softmax(class_dim) if activation == "softmax" else raw.sigmoid()
+
+    was_training = model.training if is_module else False
+    try:
+        if is_module:
+            model.eval()
+        with sampling(stochastic, model if is_module else None):
+            mean = m2 = sum_entropy = None
+            for i in range(n_samples):
+                out = to_output(model(x))
+                out_dtype = out.dtype
+                out = out.double()  # accumulate in double: many small terms
+                if mean is None:
+                    mean, m2 = out.clone(), torch.zeros_like(out)
+                else:  # Welford's update of the running mean and sum of squares
+                    delta = out - mean
+                    mean += delta / (i + 1)
+                    m2 += delta * (out - mean)
+                if task == "classification":
+                    h = entropy(out, activation, class_dim)
+                    sum_entropy = h if sum_entropy is None else sum_entropy + h
+    finally:
+        if is_module:
+            model.train(was_training)
+
+    dtype = out_dtype
+    variance = m2 / (n_samples - 1) if n_samples > 1 else torch.zeros_like(m2)
+    if task == "regression":
+        return Prediction(mean.to(dtype), variance.to(dtype), n_samples=n_samples)
+    total = entropy(mean, activation, class_dim)
+    aleatoric = sum_entropy / n_samples
+    mutual_information = (total - aleatoric).clamp_min(0.0)
+    return Prediction(
+        mean=mean.to(dtype),
+        variance=variance.to(dtype),
+        predictive_entropy=total.to(dtype),
+        expected_entropy=aleatoric.to(dtype),
+        mutual_information=mutual_information.to(dtype),
+        n_samples=n_samples,
+    )
+
+
+def expected_calibration_error(
+    probs: Tensor, target: Tensor, n_bins: int = 15, class_dim: int = 1
+) -> Tensor:
+    """Top-label expected calibration error (Guo et al. 2017), equal-width bins.
+
+    ECE = sum_b (n_b / n) * |accuracy_b - confidence_b| over the bins ``((b-1)/M, b/M]``
+    of confidence ``max_c p_c``.  Every voxel of a segmentation counts as one prediction.
+
+    Parameters
+    ----------
+    probs
+        Class probabilities ``(N, C, *)``; ``C == 1`` means the probability of the positive
+        class of a binary problem.
+    target
+        Integer labels ``(N, *)``.
+    n_bins
+        Number of confidence bins ``M``.
+
+    Returns
+    -------
+    Tensor
+        Scalar in ``[0, 1]``.
+    """
+    if probs.dim() != target.dim() + 1:
+        raise ValueError(
+            f"probs {tuple(probs.shape)} must have one (class) dimension more than target "
+            f"{tuple(target.shape)}"
+        )
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    if probs.shape[class_dim] == 1:  # binary: stack the negative class
+        p = probs.select(class_dim, 0)
+        confidence = torch.maximum(p, 1 - p)
+        predicted = (p > 0.5).long()
+    else:
+        confidence, predicted = probs.max(dim=class_dim)
+    correct = (predicted == target).double().flatten()
+    confidence = confidence.double().flatten()
+    # bin b holds confidences in ((b-1)/M, b/M]; confidence 0 cannot occur for top labels
+    bins = (confidence * n_bins).ceil().clamp(1, n_bins).long() - 1
+    sum_conf = torch.bincount(bins, weights=confidence, minlength=n_bins)
+    sum_acc = torch.bincount(bins, weights=correct, minlength=n_bins)
+    return ((sum_acc - sum_conf).abs().sum() / confidence.numel()).to(probs.dtype)

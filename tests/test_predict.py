@@ -1,0 +1,118 @@
+"""Monte Carlo prediction: predictive moments, entropy decomposition, state handling, ECE."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import dwp
+from dwp.predict import entropy
+
+
+class _Cycle:
+    """A callable 'model' returning preset outputs in turn (exact expectations)."""
+
+    def __init__(self, outputs):
+        self.outputs, self.i = outputs, 0
+
+    def __call__(self, x):
+        out = self.outputs[self.i % len(self.outputs)]
+        self.i += 1
+        return out
+
+
+def test_regression_moments_match_the_analytic_predictive():
+    torch.manual_seed(0)
+    layer = dwp.BayesLinear(4, 2, init_log_sigma=-1.0)
+    x = torch.randn(3, 4)
+    n = 4000
+    pred = dwp.predict(layer, x, n_samples=n)
+    mean = nn.functional.linear(x, layer.weight, layer.bias)
+    var = nn.functional.linear(x**2, layer.weight_posterior.scale**2)
+    z_mean = (pred.mean - mean) / (var / n).sqrt()
+    z_var = (pred.variance - var) / (var * math.sqrt(2 / (n - 1)))
+    assert z_mean.abs().max() < 5 and z_var.abs().max() < 5
+    assert pred.n_samples == n and pred.mutual_information is None
+
+
+def test_entropy_decomposition_on_known_outputs():
+    p1, p2 = torch.tensor([[0.9, 0.1]]), torch.tensor([[0.2, 0.8]])
+    model = _Cycle([p1.log(), p2.log()])
+    pred = dwp.predict(model, torch.zeros(1), n_samples=2, task="classification")
+    mean = (p1 + p2) / 2
+    h = lambda p: -(p * p.log()).sum(1)  # noqa: E731
+    torch.testing.assert_close(pred.mean, mean)
+    torch.testing.assert_close(pred.predictive_entropy, h(mean))
+    torch.testing.assert_close(pred.expected_entropy, (h(p1) + h(p2)) / 2)
+    torch.testing.assert_close(pred.mutual_information, h(mean) - (h(p1) + h(p2)) / 2)
+    torch.testing.assert_close(pred.variance, (p1 - p2) ** 2 / 2)  # unbiased, n = 2
+
+
+def test_sigmoid_entropies_are_per_channel():
+    logits = torch.tensor([[[0.0, 3.0]]])
+    pred = dwp.predict(_Cycle([logits]), None, n_samples=3, task="classification", activation="sigmoid")
+    p = torch.sigmoid(logits)
+    expected = -(p * p.log() + (1 - p) * (1 - p).log())
+    torch.testing.assert_close(pred.predictive_entropy, expected)
+    torch.testing.assert_close(pred.mutual_information, torch.zeros_like(expected), atol=1e-6, rtol=0)
+
+
+def test_segmentation_shapes_and_epistemic_signal():
+    torch.manual_seed(0)
+    net = dwp.bayesianize(nn.Conv3d(1, 3, 3, padding=1), init_log_sigma=0.0)
+    x = torch.randn(2, 1, 4, 4, 4)
+    pred = dwp.predict(net, x, n_samples=6, task="classification")
+    assert pred.mean.shape == (2, 3, 4, 4, 4)
+    assert pred.predictive_entropy.shape == pred.mutual_information.shape == (2, 4, 4, 4)
+    torch.testing.assert_close(pred.mean.sum(1), torch.ones(2, 4, 4, 4))
+    assert (pred.mutual_information > 0).all()  # sigma = 1: the samples disagree
+
+
+def test_predict_restores_the_model_state_and_handles_deterministic_models():
+    torch.manual_seed(0)
+    net = dwp.bayesianize(nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5), nn.Linear(3, 1)))
+    net.train()
+    x = torch.randn(5, 3)
+    pred = dwp.predict(net, x, n_samples=4)
+    assert net.training and pred.n_samples == 4
+    assert all(layer.mode is dwp.Mode.AUTO for _, layer in dwp.bayesian_layers(net))
+    mean_pass = dwp.predict(net, x, sample=False)
+    assert mean_pass.n_samples == 1
+    net.eval()
+    torch.testing.assert_close(mean_pass.mean, net(x))
+    plain = nn.Linear(3, 1)
+    det = dwp.predict(plain, x, n_samples=10)
+    assert det.n_samples == 1 and torch.equal(det.variance, torch.zeros(5, 1))
+
+
+@pytest.mark.parametrize(("kwargs", "error"), [({"n_samples": 0}, "n_samples"), ({"task": "x"}, "task"), ({"activation": "relu"}, "activation")])
+def test_predict_rejects_bad_arguments(kwargs, error):
+    with pytest.raises(ValueError, match=error):
+        dwp.predict(nn.Linear(2, 2), torch.randn(1, 2), **kwargs)
+
+
+def test_entropy_handles_zero_probabilities():
+    assert entropy(torch.tensor([[1.0, 0.0]])).item() == 0.0
+    assert entropy(torch.tensor([[0.5, 0.5]])).item() == pytest.approx(math.log(2))
+
+
+def test_ece_hand_computed():
+    # confidences 0.9, 0.9 (one right, one wrong) and 0.6, 0.6 (both right), 10 bins:
+    # bin (0.8, 0.9]: |0.5 - 0.9| * 2/4 = 0.2; bin (0.5, 0.6]: |1.0 - 0.6| * 2/4 = 0.2.
+    probs = torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.6, 0.4], [0.4, 0.6]])
+    target = torch.tensor([0, 0, 0, 1])
+    ece = dwp.expected_calibration_error(probs, target, n_bins=10)
+    assert ece.item() == pytest.approx(0.4)
+    # the same problem as binary probabilities of class 1 (C == 1)
+    binary = dwp.expected_calibration_error(probs[:, 1:], target, n_bins=10)
+    assert binary.item() == pytest.approx(0.4)
+
+
+def test_ece_is_zero_for_calibrated_voxels_and_checks_shapes():
+    # 4 voxels at confidence 0.75 of which 3 are right: perfectly calibrated
+    probs = torch.tensor([0.75, 0.25]).view(1, 2, 1, 1).expand(1, 2, 2, 2)
+    target = torch.tensor([[[0, 0], [0, 1]]])
+    assert dwp.expected_calibration_error(probs, target).item() == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="class"):
+        dwp.expected_calibration_error(probs, target[0])
