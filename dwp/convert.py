@@ -69,7 +69,9 @@ def _constructor_kwargs(layer: nn.Module) -> dict:
 def name_sites(model: nn.Module) -> nn.Module:
     """Record each Bayesian layer's qualified name (used in errors and by group priors)."""
     for name, module in model.named_modules():
-        if isinstance(module, BayesianLayer):
+        # only layers not named yet: a call on a submodule (dwp.kl(model.encoder)) must not
+        # rename layers that bayesianize or a call on the whole model named
+        if isinstance(module, BayesianLayer) and module.site_name == type(module).__name__:
             module.site_name = name or type(module).__name__
     return model
 
@@ -83,6 +85,37 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
+
+
+def _convert(
+    layer: nn.Module,
+    twin: type[BayesianLayer],
+    name: str,
+    prior: PriorSpec,
+    init: Init,
+    bias_prior: Prior | None,
+    **options,
+) -> BayesianLayer:
+    """One Bayesian twin of ``layer``, its prior bound to the pretrained weights."""
+    new = twin(**_constructor_kwargs(layer), **options)
+    new.site_name = name or type(new).__name__
+    new.train(layer.training)
+    # copy first whatever ``init``: template priors (PretrainedNormalPrior()) bind to the
+    # pretrained weights, never to a random initialisation
+    with torch.no_grad():
+        new.weight.copy_(layer.weight)
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias)
+    site_prior = prior(name, layer) if callable(prior) and not isinstance(prior, Prior) else prior
+    new.set_prior(site_prior, bias_prior)
+    if init != "pretrained":
+        new.reset_parameters()  # torch's initialisation of the means, init_log_sigma again
+    if init == "prior":  # DWP initialisation: kernels (and Bayesian biases) from the prior
+        with torch.no_grad():
+            new.weight.copy_(new.weight_prior.sample(new.weight.shape))
+            if new.bayesian_bias:
+                new.bias.copy_(new.bias_prior.sample(new.bias.shape))
+    return new
 
 
 def bayesianize(
@@ -121,8 +154,10 @@ def bayesianize(
         error (it is usually a typo).
     init
         Posterior means start from the existing weights (``"pretrained"``), from a sample of
-        the prior (``"prior"``; for a deep weight prior this is "DWP initialisation"), or
-        from torch's default initialisation (``"fresh"``).
+        the prior (``"prior"``; for a deep weight prior this is "DWP initialisation"; biases
+        get torch's initialisation, or a sample of ``bias_prior`` when Bayesian), or from
+        torch's default initialisation (``"fresh"``).  Priors are bound to the existing
+        weights in every case, so a ``PretrainedNormalPrior()`` template is centred on them.
     bias_prior, bayesian_bias, init_log_sigma, estimator, mode
         Passed to every new layer (see :class:`dwp.nn.BayesianLayer`).
     inplace
@@ -140,9 +175,14 @@ def bayesianize(
     included, patterns = _matcher(include, "include")
     excluded, _ = _matcher(exclude, "exclude") if exclude is not None else (lambda n, m: False, [])
     used_patterns: set[str] = set()
+    options = dict(
+        bayesian_bias=bayesian_bias, init_log_sigma=init_log_sigma, estimator=estimator, mode=mode
+    )
 
     targets = []
-    for name, layer in root.named_modules():
+    # remove_duplicate=False: a module registered under several names (tied weights) is
+    # replaced at every name by one and the same Bayesian layer
+    for name, layer in root.named_modules(remove_duplicate=False):
         twin = bayesian_twin(type(layer))
         if twin is None or not included(name, layer) or excluded(name, layer):
             continue
@@ -154,28 +194,13 @@ def bayesianize(
             f"include patterns {unused} match no convertible layer of {type(module).__name__}"
         )
 
+    converted: dict[int, BayesianLayer] = {}
     for name, layer, twin in targets:
-        new = twin(
-            **_constructor_kwargs(layer),
-            bayesian_bias=bayesian_bias,
-            init_log_sigma=init_log_sigma,
-            estimator=estimator,
-            mode=mode,
-        )
-        new.site_name = name or type(new).__name__
-        new.train(layer.training)
-        if init == "pretrained":
-            with torch.no_grad():
-                new.weight.copy_(layer.weight)
-                if layer.bias is not None:
-                    new.bias.copy_(layer.bias)
-        site_prior = (
-            prior(name, layer) if callable(prior) and not isinstance(prior, Prior) else prior
-        )
-        new.set_prior(site_prior, bias_prior)
-        if init == "prior":
-            with torch.no_grad():
-                new.weight.copy_(new.weight_prior.sample(new.weight.shape))
+        new = converted.get(id(layer))
+        if new is None:
+            new = converted[id(layer)] = _convert(
+                layer, twin, name, prior, init, bias_prior, **options
+            )
         if not name:  # the root itself is a layer
             return new
         _replace(root, name, new)
@@ -199,6 +224,14 @@ def to_deterministic(module: nn.Module, inplace: bool = False) -> nn.Module:
 
     if isinstance(root, BayesianLayer):
         return plain(root)
-    for name, layer in bayesian_layers(root):
-        _replace(root, name, plain(layer))
+    targets = [
+        (name, layer)
+        for name, layer in root.named_modules(remove_duplicate=False)
+        if isinstance(layer, BayesianLayer)
+    ]
+    converted: dict[int, nn.Module] = {}  # tied layers stay tied
+    for name, layer in targets:
+        if id(layer) not in converted:
+            converted[id(layer)] = plain(layer)
+        _replace(root, name, converted[id(layer)])
     return root

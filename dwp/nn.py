@@ -201,12 +201,9 @@ class BayesianLayer(nn.Module):
     def _forward_local_reparam(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         mean = self._op(input, self.weight, self.bias, *args, **kwargs)
         bias_var = (2.0 * self.bias_log_sigma).exp() if self.bayesian_bias else None
-        var = self._op(
-            input * input, (2.0 * self.weight_log_sigma).exp(), bias_var, *args, **kwargs
-        )
-        # clamp: the variance is a sum of non-negative terms but may round to 0 (zero input),
-        # and sqrt'(0) is infinite.
-        return mean + var.clamp_min(1e-16).sqrt() * torch.randn_like(mean)
+        weight_var = (2.0 * self.weight_log_sigma).exp()
+        var = self._op(input.square(), weight_var, bias_var, *args, **kwargs)
+        return _GaussianNoise.apply(mean, var)
 
     def _signs(self, input: Tensor, channels: int) -> Tensor:
         """Random ±1 of one value per example and channel, broadcastable over space."""
@@ -242,6 +239,32 @@ class BayesianLayer(nn.Module):
         if self.bayesian_bias:
             extras += ", bayesian_bias=True"
         return f"{text}, {extras}"
+
+
+class _GaussianNoise(torch.autograd.Function):
+    """``mean + sqrt(var) * eps`` with ``eps ~ N(0, 1)``, fused for memory and speed.
+
+    Autograd would keep ``var``, ``sqrt(var)``, the clamp mask and ``eps`` (four tensors the
+    size of the layer's output) and run five elementwise kernels each way; this keeps
+    ``eps`` and ``0.5 / sqrt(var)`` and allocates as little as it can (on CPU, large
+    temporaries cost page faults as much as arithmetic).  ``var`` is a sum of non-negative
+    terms but is exactly 0 where the input is (e.g. a ReLU-dead patch); there
+    ``d sqrt(var) / d var`` is infinite and the gradient is set to 0.
+    """
+
+    @staticmethod
+    def forward(ctx, mean: Tensor, var: Tensor) -> Tensor:
+        std = var.clamp_min(0.0).sqrt_()
+        eps = torch.randn_like(mean)
+        out = torch.addcmul(mean, std, eps)
+        half_inv_std = std.reciprocal_().mul_(0.5).nan_to_num_(posinf=0.0)  # reuses std
+        ctx.save_for_backward(eps, half_inv_std)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        eps, half_inv_std = ctx.saved_tensors
+        return grad, (grad * eps).mul_(half_inv_std)
 
 
 # -- the concrete layers ---------------------------------------------------------------

@@ -1,7 +1,7 @@
 """ELBO: scaling, batch-size independence, KL bookkeeping, annealing, data parallelism, and
 mean-field VI recovering the exact posterior of Bayesian linear regression."""
 
-import math
+import itertools
 
 import pytest
 import torch
@@ -87,9 +87,7 @@ def test_data_parallel_gradients_count_the_kl_once():
 
     single = grads(dwp.elbo(gaussian_nll(net(x), y), net, n_data=n_data, batch_size=len(x)).loss)
     per_rank = [
-        grads(
-            dwp.elbo(gaussian_nll(net(xr), yr), net, n_data=n_data, batch_size=local).loss
-        )
+        grads(dwp.elbo(gaussian_nll(net(xr), yr), net, n_data=n_data, batch_size=local).loss)
         for xr, yr in zip(x.split(local), y.split(local), strict=True)
     ]
     for g_single, *g_ranks in zip(single, *per_rank, strict=True):
@@ -107,9 +105,7 @@ def test_likelihoods_are_sums_over_observations():
     torch.testing.assert_close(categorical_nll(logits, labels), expected)
     # the pitfall: the data term must grow with the number of voxels, not be a mean
     one, two = categorical_nll(logits[:1], labels[:1]), categorical_nll(logits, labels)
-    torch.testing.assert_close(
-        two, one + categorical_nll(logits[1:], labels[1:])
-    )
+    torch.testing.assert_close(two, one + categorical_nll(logits[1:], labels[1:]))
     binary = torch.randint(0, 2, (2, 1, 4, 4))
     p = torch.sigmoid(logits[:, :1])
     manual = -(binary * p.log() + (1 - binary) * (1 - p).log()).sum()
@@ -122,7 +118,7 @@ def test_kl_schedules():
     cosine = dwp.KLSchedule("cosine", 0.0, 1.0, steps=10)
     values = [cosine(s) for s in range(11)]
     assert values[0] == pytest.approx(0) and values[-1] == pytest.approx(1)
-    assert all(a < b for a, b in zip(values, values[1:], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(values))
     geometric = dwp.KLSchedule("log_linear", 1e-8, 1.0, steps=8)
     assert geometric(4) == pytest.approx(1e-4) and geometric(100) == pytest.approx(1.0)
     assert dwp.KLSchedule("constant", end=0.1)(123) == 0.1
@@ -138,7 +134,10 @@ def test_param_groups_split_scales_and_skip_frozen():
     groups = dwp.param_groups(net, lr=1e-3, scale_lr=1e-4)
     means, scales = groups
     assert scales["lr"] == 1e-4 and means["lr"] == 1e-3
-    assert {id(p) for p in scales["params"]} == {id(net[0].weight_log_sigma), id(net[2].weight_log_sigma)}
+    assert {id(p) for p in scales["params"]} == {
+        id(net[0].weight_log_sigma),
+        id(net[2].weight_log_sigma),
+    }
     assert all(p is not net[1].weight for p in means["params"])
     torch.optim.Adam(groups)  # usable as is
 
@@ -150,14 +149,21 @@ def test_mean_field_vi_recovers_the_exact_posterior_of_linear_regression():
     torch.manual_seed(0)
     n, d, s, a = 40, 3, 0.5, 1.0
     x = torch.randn(n, d, dtype=torch.float64)
-    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + s * torch.randn(n, dtype=torch.float64)
+    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + s * torch.randn(
+        n, dtype=torch.float64
+    )
     precision = torch.eye(d, dtype=torch.float64) / a**2 + x.T @ x / s**2
     m = torch.linalg.solve(precision, x.T @ y / s**2)
     mf_std = precision.diagonal().rsqrt()
 
     layer = dwp.BayesLinear(
-        d, 1, bias=False, prior=dwp.NormalPrior(0.0, a), estimator="local_reparam",
-        init_log_sigma=-3.0, dtype=torch.float64,
+        d,
+        1,
+        bias=False,
+        prior=dwp.NormalPrior(0.0, a),
+        estimator="local_reparam",
+        init_log_sigma=-3.0,
+        dtype=torch.float64,
     )
     optimiser = torch.optim.Adam(layer.parameters(), lr=0.02)
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimiser, [1500, 2500], gamma=0.1)

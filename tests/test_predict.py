@@ -51,11 +51,15 @@ def test_entropy_decomposition_on_known_outputs():
 
 def test_sigmoid_entropies_are_per_channel():
     logits = torch.tensor([[[0.0, 3.0]]])
-    pred = dwp.predict(_Cycle([logits]), None, n_samples=3, task="classification", activation="sigmoid")
+    pred = dwp.predict(
+        _Cycle([logits]), None, n_samples=3, task="classification", activation="sigmoid"
+    )
     p = torch.sigmoid(logits)
     expected = -(p * p.log() + (1 - p) * (1 - p).log())
     torch.testing.assert_close(pred.predictive_entropy, expected)
-    torch.testing.assert_close(pred.mutual_information, torch.zeros_like(expected), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        pred.mutual_information, torch.zeros_like(expected), atol=1e-6, rtol=0
+    )
 
 
 def test_segmentation_shapes_and_epistemic_signal():
@@ -86,7 +90,14 @@ def test_predict_restores_the_model_state_and_handles_deterministic_models():
     assert det.n_samples == 1 and torch.equal(det.variance, torch.zeros(5, 1))
 
 
-@pytest.mark.parametrize(("kwargs", "error"), [({"n_samples": 0}, "n_samples"), ({"task": "x"}, "task"), ({"activation": "relu"}, "activation")])
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"n_samples": 0}, "n_samples"),
+        ({"task": "x"}, "task"),
+        ({"activation": "relu"}, "activation"),
+    ],
+)
 def test_predict_rejects_bad_arguments(kwargs, error):
     with pytest.raises(ValueError, match=error):
         dwp.predict(nn.Linear(2, 2), torch.randn(1, 2), **kwargs)

@@ -60,7 +60,9 @@ def test_prior_distribution_for_gaussian_priors_is_native():
     w = torch.randn(4, 2, 3, 3)
     d = prior_distribution(dwp.NormalPrior(0.0, 2.0), w, "conv.weight", kernel_dims=2)
     assert d.event_shape == w.shape and d.batch_shape == ()
-    torch.testing.assert_close(d.log_prob(w), torch.distributions.Normal(0.0, 2.0).log_prob(w).sum())
+    torch.testing.assert_close(
+        d.log_prob(w), torch.distributions.Normal(0.0, 2.0).log_prob(w).sum()
+    )
     moped = prior_distribution(dwp.PretrainedNormalPrior(scale_factor=0.1), w, "conv.weight", 2)
     torch.testing.assert_close(moped.base_dist.loc, w)  # the template bound to this weight
 
@@ -81,7 +83,7 @@ def test_registered_kl_and_lower_bound_log_prob():
 
 def test_prior_mismatch_is_reported_through_pyro():
     template = dwp.PretrainedNormalPrior(torch.randn(3, 3))
-    with pytest.raises(dwp.PriorMismatchError, match="head.weight"):
+    with pytest.raises(dwp.PriorMismatchError, match=r"head\.weight"):
         prior_distribution(template, torch.randn(4, 3), "head.weight")
 
 
@@ -90,7 +92,9 @@ def test_trace_elbo_uses_the_prior_log_prob():
     net = _net()
     bnn = PyroBNN(net, lambda out: dist.Normal(out, 1.0), n_data=10)
     pyro.clear_param_store()
-    loss = Trace_ELBO().differentiable_loss(bnn.model, bnn.guide, torch.randn(4, 3), torch.randn(4, 1))
+    loss = Trace_ELBO().differentiable_loss(
+        bnn.model, bnn.guide, torch.randn(4, 3), torch.randn(4, 1)
+    )
     loss.backward()
     assert torch.isfinite(loss) and net[0].weight_log_sigma.grad is not None
 

@@ -1,0 +1,202 @@
+"""Shared result writing for the benchmark scripts.
+
+Every benchmark calls :func:`write_results` once, which leaves two files in the results
+directory:
+
+* ``<name>.json``: the configuration, the environment the numbers were measured in and one
+  record per measured row, for machines (plots, regression checks);
+* ``<name>.md``: the Markdown table and the exact command that produced it, for people.
+
+Both files are replaced atomically, so an interrupted run never leaves a half-written
+result next to a complete one from an earlier run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["DEFAULT_OUT_DIR", "environment", "markdown_table", "write_results"]
+
+DEFAULT_OUT_DIR = Path("benchmarks/results")
+
+
+def _git_commit() -> str | None:
+    """The checked-out commit, or ``None`` outside a repository or without ``git``.
+
+    A benchmark must still write its results from an exported tarball or a repository
+    without commits, so every failure is tolerated.
+    """
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None
+
+
+def environment() -> dict[str, Any]:
+    """Describe the software and machine the numbers are measured on.
+
+    Returns
+    -------
+    dict
+        ``torch``, ``python``, ``platform``, ``machine``, ``cpu_count``, ``num_threads``
+        (torch's intra-op threads at the time of the call) and ``git_commit`` (``None``
+        when unavailable).
+    """
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "num_threads": torch.get_num_threads(),
+        "git_commit": _git_commit(),
+    }
+
+
+def _cell(value: Any) -> str:
+    # A literal "|" would split the cell; newlines would end the row.
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Render a GitHub-flavoured Markdown table.
+
+    Parameters
+    ----------
+    headers
+        Column titles.
+    rows
+        One sequence of cells per row, each as long as ``headers``; cells are formatted
+        with ``str`` (format numbers before passing them in).
+
+    Returns
+    -------
+    str
+        The table, without a trailing newline.
+
+    Raises
+    ------
+    ValueError
+        If a row has a different number of cells than there are headers.
+    """
+    lines = [
+        "| " + " | ".join(_cell(h) for h in headers) + " |",
+        "|" + "|".join("---" for _ in headers) + "|",
+    ]
+    for i, row in enumerate(rows):
+        if len(row) != len(headers):
+            raise ValueError(f"row {i} has {len(row)} cells, expected {len(headers)}")
+        lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def _current_umask() -> int:
+    # os.umask can only be read by setting it; restore it at once.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same directory.
+
+    ``os.replace`` is atomic only within one file system, hence the same directory; the
+    ``fsync`` makes sure the data, not just the rename, survives a crash.
+    """
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        # mkstemp creates the file owner-only (0600); results are meant to be shared, so
+        # give it the permissions a plain open() would have.
+        os.chmod(tmp_name, 0o666 & ~_current_umask())
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        # Also on KeyboardInterrupt: never leave the temporary file behind.
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def _default_command() -> str:
+    return shlex.join([Path(sys.executable).name, *sys.argv])
+
+
+def write_results(
+    name: str,
+    config: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]],
+    table_md: str,
+    out_dir: Path | str = DEFAULT_OUT_DIR,
+    *,
+    command: str | None = None,
+) -> tuple[Path, Path]:
+    """Write ``<name>.json`` and ``<name>.md`` to ``out_dir``, each atomically.
+
+    Parameters
+    ----------
+    name
+        Base name of the result files (e.g. ``"speed"`` or ``"speed_quick"``).
+    config
+        The benchmark's settings (JSON-serialisable).
+    rows
+        One JSON-serialisable record per measured row.
+    table_md
+        The human-readable Markdown table of the results.
+    out_dir
+        Directory for the files; created if missing.
+    command
+        The command line that reproduces the run.  Default: this process's ``sys.argv``;
+        pass it explicitly when the benchmark is called as a function (from a test or a
+        console script), where ``sys.argv`` belongs to someone else.
+
+    Returns
+    -------
+    tuple of Path
+        The JSON and the Markdown file.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command = _default_command() if command is None else command
+    env = environment()
+
+    payload = {
+        "name": name,
+        "command": command,
+        "config": dict(config),
+        "environment": env,
+        "rows": [dict(row) for row in rows],
+    }
+    json_path = out_dir / f"{name}.json"
+    _write_atomic(json_path, json.dumps(payload, indent=2) + "\n")
+
+    commit = env["git_commit"] or "unknown"
+    markdown = (
+        f"# {name}\n\n"
+        f"{table_md.rstrip()}\n\n"
+        f"Produced by:\n\n```\n{command}\n```\n\n"
+        f"torch {env['torch']}, Python {env['python']}, {env['platform']}, "
+        f"{env['num_threads']} threads, commit {commit}.\n"
+    )
+    md_path = out_dir / f"{name}.md"
+    _write_atomic(md_path, markdown)
+    return json_path, md_path
