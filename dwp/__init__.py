@@ -4,7 +4,8 @@ The public API, re-exported here::
 
     dwp.BayesConv1d / 2d / 3d, dwp.BayesConvTranspose1d / 2d / 3d, dwp.BayesLinear
     dwp.bayesianize, dwp.to_deterministic
-    dwp.priors.{NormalPrior, LogUniformPrior, PretrainedNormalPrior}
+    dwp.priors.{NormalPrior, LogUniformPrior, PretrainedNormalPrior, DeepWeightPrior}
+    dwp.KernelVAE, dwp.fit_kernel_vae, dwp.init_from_prior_
     dwp.kl, dwp.elbo, dwp.KLSchedule, dwp.param_groups
     dwp.estimator, dwp.sampling, dwp.set_estimator, dwp.set_mode
     dwp.predict, dwp.expected_calibration_error
@@ -16,7 +17,13 @@ from __future__ import annotations
 import importlib
 
 from . import likelihoods, priors
-from .convert import bayesian_layers, bayesianize, name_sites, to_deterministic
+from .convert import (
+    bayesian_layers,
+    bayesianize,
+    init_from_prior_,
+    name_sites,
+    to_deterministic,
+)
 from .elbo import ELBOTerms, KLSchedule, elbo, kl, kl_per_site, param_groups
 from .nn import (
     BayesConv1d,
@@ -31,7 +38,15 @@ from .nn import (
 )
 from .posterior import MeanFieldNormal
 from .predict import Prediction, expected_calibration_error, predict
-from .priors import LogUniformPrior, NormalPrior, PretrainedNormalPrior, Prior, PriorMismatchError
+from .priors import (
+    DeepWeightPrior,
+    LogUniformPrior,
+    NormalPrior,
+    PretrainedNormalPrior,
+    Prior,
+    PriorFileError,
+    PriorMismatchError,
+)
 from .settings import (
     Estimator,
     Mode,
@@ -41,6 +56,7 @@ from .settings import (
     set_mode,
     set_validation,
 )
+from .vae import KernelVAE, VAEFit, fit_kernel_vae
 
 __version__ = "0.1.0"
 
@@ -53,9 +69,11 @@ __all__ = [
     "BayesConvTranspose3d",
     "BayesLinear",
     "BayesianLayer",
+    "DeepWeightPrior",
     "ELBOTerms",
     "Estimator",
     "KLSchedule",
+    "KernelVAE",
     "LogUniformPrior",
     "MeanFieldNormal",
     "Mode",
@@ -64,12 +82,16 @@ __all__ = [
     "Prediction",
     "PretrainedNormalPrior",
     "Prior",
+    "PriorFileError",
     "PriorMismatchError",
+    "VAEFit",
     "bayesian_layers",
     "bayesianize",
     "elbo",
     "estimator",
     "expected_calibration_error",
+    "fit_kernel_vae",
+    "init_from_prior_",
     "kl",
     "kl_per_site",
     "likelihoods",

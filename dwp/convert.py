@@ -14,7 +14,13 @@ from .nn import DEFAULT_INIT_LOG_SIGMA, BayesianLayer, bayesian_twin
 from .priors import Prior
 from .settings import Estimator, Mode
 
-__all__ = ["bayesian_layers", "bayesianize", "name_sites", "to_deterministic"]
+__all__ = [
+    "bayesian_layers",
+    "bayesianize",
+    "init_from_prior_",
+    "name_sites",
+    "to_deterministic",
+]
 
 Selector = str | Iterable[str] | type | tuple[type, ...] | Callable[[str, nn.Module], bool] | None
 PriorSpec = Prior | Callable[[str, nn.Module], Prior] | None
@@ -235,3 +241,40 @@ def to_deterministic(module: nn.Module, inplace: bool = False) -> nn.Module:
             converted[id(layer)] = plain(layer)
         _replace(root, name, converted[id(layer)])
     return root
+
+
+@torch.no_grad()
+def init_from_prior_(
+    module: nn.Module, prior: Prior, *, include: Selector = None, exclude: Selector = None
+) -> nn.Module:
+    """Overwrite weights with samples from ``prior``, in place ("DWP initialisation").
+
+    Atanov et al. (2019) found that starting from kernels sampled from the deep weight
+    prior speeds up training and helps even without the Bayesian objective.  Works on plain
+    torch layers and on Bayesian layers (whose posterior means are overwritten); biases are
+    left alone.
+
+    Parameters
+    ----------
+    module
+        The network, modified in place and returned.
+    prior
+        Any prior that can :meth:`~dwp.priors.Prior.sample`; it is bound to each layer
+        first, so a layer it does not fit raises :class:`~dwp.priors.PriorMismatchError`.
+    include, exclude
+        Which conv / linear layers, as in :func:`bayesianize`.
+    """
+    included, patterns = _matcher(include, "include")
+    excluded, _ = _matcher(exclude, "exclude") if exclude is not None else (lambda n, m: False, [])
+    done = 0
+    for name, layer in module.named_modules():
+        is_layer = isinstance(layer, BayesianLayer) or bayesian_twin(type(layer)) is not None
+        if not is_layer or not included(name, layer) or excluded(name, layer):
+            continue
+        kernel_dims = 0 if isinstance(layer, nn.Linear) else len(layer.kernel_size)
+        site = prior.for_site(f"{name}.weight", layer.weight, kernel_dims)
+        layer.weight.copy_(site.sample(layer.weight.shape))
+        done += 1
+    if patterns and not done:
+        raise ValueError(f"include patterns {patterns} match no conv / linear layer")
+    return module

@@ -1,0 +1,313 @@
+"""The deep weight prior (Atanov et al. 2019): a kernel VAE as an implicit prior.
+
+For one kernel slice w with mean-field posterior q(w), the prior p(w) = ∫ p(w | z) p(z) dz
+has no closed-form KL; with the VAE's encoder r(z | w) as an auxiliary distribution,
+
+    KL(q(w) || p(w)) <= -H(q) + E_q(w)[ KL(r(z | w) || p(z)) - E_r(z | w) log p(w | z) ],
+
+with equality when r is the exact posterior p(z | w).  :meth:`DeepWeightSitePrior.kl`
+returns this bound summed over every kernel slice of a layer, estimated with
+reparameterised samples of w and z (H(q) and KL(r || p) in closed form).
+
+Who trains what: gradients reach the posterior (through encoder and decoder) and, by
+default, the encoder, which keeps tightening the bound on the target objective (Kuzina et
+al. 2019); ``train_encoder=False`` freezes it (the original code).  The decoder and p(z)
+are always frozen: their weights become buffers, so they are in the ``state_dict`` but not
+in ``parameters()`` and can never reach an optimiser.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..posterior import MeanFieldNormal
+from ..vae import KernelVAE, _normal_log_prob, _standard_normal_kl
+from .base import KLKind, Prior, PriorMismatchError
+
+__all__ = ["DeepWeightPrior", "DeepWeightSitePrior", "PriorFileError"]
+
+FORMAT = "dwp.DeepWeightPrior"
+FORMAT_VERSION = 1
+_LOG_2PI_E = math.log(2.0 * math.pi * math.e)
+
+
+class PriorFileError(ValueError):
+    """A saved prior file is unreadable, of another kind, or inconsistent."""
+
+
+def _freeze_as_buffers(module: nn.Module) -> None:
+    """Turn every parameter of ``module`` into a buffer of the same name (in place)."""
+    for sub in module.modules():
+        for name, param in list(sub.named_parameters(recurse=False)):
+            delattr(sub, name)
+            sub.register_buffer(name, param.detach().clone())
+
+
+class DeepWeightSitePrior(Prior):
+    """The deep weight prior of one layer: its group's VAE and the estimator options.
+
+    Created by :meth:`DeepWeightPrior.for_site` (through :func:`dwp.bayesianize`); the VAE
+    module is shared by every layer of the group.
+    """
+
+    kl_kind = KLKind.UPPER_BOUND
+
+    def __init__(
+        self, vae: KernelVAE, group: str, n_samples: int = 1, chunk_size: int | None = None
+    ) -> None:
+        super().__init__()
+        self.vae, self.group = vae, group
+        self.n_samples, self.chunk_size = n_samples, chunk_size
+
+    def _kernels(self, x: Tensor) -> Tensor:
+        return x.reshape(-1, *self.vae.kernel_shape)
+
+    def _bound_terms(self, loc: Tensor, log_scale: Tensor) -> Tensor:
+        """sum over kernels of the MC mean of KL(r(z | w) || p(z)) - log p(w | z)."""
+        total = loc.new_zeros(())
+        for _ in range(self.n_samples):
+            w = loc + log_scale.exp() * torch.randn_like(loc)
+            z_loc, z_scale = self.vae.encode(w)
+            z = z_loc + z_scale * torch.randn_like(z_loc)
+            w_loc, w_scale = self.vae.decode(z)
+            total = (
+                total
+                + (_standard_normal_kl(z_loc, z_scale) - _normal_log_prob(w, w_loc, w_scale)).sum()
+            )
+        return total / self.n_samples
+
+    def kl(self, posterior: MeanFieldNormal) -> Tensor:
+        """Upper bound on KL(q || p) summed over the layer's kernel slices (a scalar).
+
+        With ``chunk_size`` the kernels are processed in chunks, each under activation
+        checkpointing, so the VAE's activations for all kernels are never held at once
+        (the same random draws are replayed in the backward pass).
+        """
+        _check_kernel_shape(
+            posterior.name, posterior.shape, posterior.kernel_dims, self.vae.kernel_shape
+        )
+        loc, log_scale = self._kernels(posterior.loc), self._kernels(posterior.log_scale)
+        neg_entropy = -(log_scale.sum() + 0.5 * _LOG_2PI_E * loc.numel())
+        if self.chunk_size is None or len(loc) <= self.chunk_size:
+            return neg_entropy + self._bound_terms(loc, log_scale)
+        parts = [
+            checkpoint(self._bound_terms, l_chunk, s_chunk, use_reentrant=False)
+            for l_chunk, s_chunk in zip(
+                loc.split(self.chunk_size), log_scale.split(self.chunk_size), strict=True
+            )
+        ]
+        return neg_entropy + torch.stack(parts).sum()
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        """A lower bound on log p(value): the VAE's ELBO summed over the kernel slices."""
+        return self.vae.elbo(self._kernels(value)).sum()
+
+    def sample(self, shape: torch.Size | tuple[int, ...]) -> Tensor:
+        """A weight tensor of ``shape`` whose kernel slices are drawn from the VAE."""
+        n = math.prod(shape) // math.prod(self.vae.kernel_shape)
+        return self.vae.sample(n).reshape(shape)
+
+    def extra_repr(self) -> str:
+        return f"group={self.group!r}, n_samples={self.n_samples}, chunk_size={self.chunk_size}"
+
+    # The VAE is validated state: a checkpoint's VAE must have the same configuration.
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "group": self.group, "vae": self.vae.config()}
+
+
+def _check_kernel_shape(
+    name: str, shape: torch.Size, kernel_dims: int, kernel_shape: tuple[int, ...]
+) -> None:
+    """Raise :class:`PriorMismatchError` naming ``name`` unless the parameter's spatial
+    kernels have ``kernel_shape``."""
+    shape = tuple(shape)
+    trailing = shape[len(shape) - kernel_dims :] if kernel_dims else ()
+    if trailing != tuple(kernel_shape):
+        raise PriorMismatchError(
+            f"deep weight prior for {name!r}: the prior models {tuple(kernel_shape)} kernels, "
+            f"the parameter has shape {shape}"
+            + (" (a dense weight has no spatial kernels)" if kernel_dims == 0 else "")
+        )
+
+
+class DeepWeightPrior(Prior):
+    """Kernel VAEs as an implicit prior over the conv kernels of a network.
+
+    One VAE per group of layers; ``layer_groups`` maps the target network's layer names to
+    groups (the kernel bank's provenance gives it when source and target share an
+    architecture).  Pass the prior to :func:`dwp.bayesianize`; each chosen layer gets a
+    :class:`DeepWeightSitePrior` whose ``kl`` is the auxiliary upper bound.
+
+    Parameters
+    ----------
+    vaes
+        Fitted VAEs by group name (copied: the originals are left trainable).
+    layer_groups
+        Layer name -> group: a mapping (keys may be glob patterns) or a function returning a
+        group name or ``None``.  Default: every layer maps to the only group, if there is one.
+    n_samples
+        Monte Carlo samples of (w, z) per kernel and step (the original's ``--dwp_samples``).
+    chunk_size
+        Process at most this many kernels at once (activation checkpointing per chunk).
+    train_encoder
+        Keep the encoder trainable (default) or freeze it like the decoder.
+    metadata
+        Provenance to save with the prior (sources, layers, kernel counts, fit summaries).
+    """
+
+    kl_kind = KLKind.UPPER_BOUND
+
+    def __init__(
+        self,
+        vaes: Mapping[str, KernelVAE],
+        layer_groups: Mapping[str, str] | Callable[[str], str | None] | None = None,
+        *,
+        n_samples: int = 1,
+        chunk_size: int | None = None,
+        train_encoder: bool = True,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if not vaes:
+            raise ValueError("DeepWeightPrior needs at least one VAE")
+        if n_samples < 1 or (chunk_size is not None and chunk_size < 1):
+            raise ValueError(
+                f"n_samples and chunk_size must be >= 1, got {n_samples}, {chunk_size}"
+            )
+        self.vaes = nn.ModuleDict({g: copy.deepcopy(v) for g, v in vaes.items()})
+        for vae in self.vaes.values():
+            _freeze_as_buffers(vae.decoder)
+            if not train_encoder:
+                _freeze_as_buffers(vae.encoder)
+        self.layer_groups = layer_groups
+        self.n_samples, self.chunk_size, self.train_encoder = n_samples, chunk_size, train_encoder
+        self.metadata = dict(metadata or {})
+
+    @property
+    def groups(self) -> list[str]:
+        return list(self.vaes)
+
+    def group_of(self, layer: str) -> str:
+        """The group of ``layer``; :class:`PriorMismatchError` naming it if there is none."""
+        group = None
+        if callable(self.layer_groups):
+            group = self.layer_groups(layer)
+        elif self.layer_groups is not None:
+            group = self.layer_groups.get(layer)
+            if group is None:
+                group = next(
+                    (g for p, g in self.layer_groups.items() if fnmatch.fnmatchcase(layer, p)), None
+                )
+        elif len(self.vaes) == 1:
+            group = self.groups[0]
+        if group is None or group not in self.vaes:
+            raise PriorMismatchError(
+                f"deep weight prior: layer {layer!r} has no group"
+                + (f" ({group!r} is not one)" if group is not None else "")
+                + f"; the prior's groups are {self.groups}. Pass layer_groups= or exclude the layer."
+            )
+        return group
+
+    def for_site(self, name: str, weight: Tensor, kernel_dims: int) -> Prior:
+        layer = name.removesuffix(".weight")
+        group = self.group_of(layer)
+        _check_kernel_shape(name, weight.shape, kernel_dims, self.vaes[group].kernel_shape)
+        return DeepWeightSitePrior(self.vaes[group], group, self.n_samples, self.chunk_size)
+
+    def kl(self, posterior: MeanFieldNormal) -> Tensor:
+        """The bound for a posterior whose ``name`` identifies its layer and group."""
+        return self.for_site(posterior.name, posterior.loc, posterior.kernel_dims).kl(posterior)
+
+    def sample(self, shape: torch.Size | tuple[int, ...]) -> Tensor:
+        if len(self.vaes) != 1:
+            raise ValueError(
+                "sample() of a multi-group prior needs a layer: use prior.for_site(...)"
+            )
+        site = DeepWeightSitePrior(next(iter(self.vaes.values())), self.groups[0])
+        return site.sample(shape)
+
+    # -- saving ---------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the prior (VAEs, groups, options, provenance) to one file, atomically."""
+        from .. import __version__
+
+        if callable(self.layer_groups):
+            raise ValueError(
+                "a prior with a function as layer_groups cannot be saved; use a mapping"
+            )
+        payload = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "dwp_version": __version__,
+            "groups": {
+                g: {"config": vae.config(), "state_dict": vae.state_dict()}
+                for g, vae in self.vaes.items()
+            },
+            "layer_groups": dict(self.layer_groups or {}),
+            "options": {
+                "n_samples": self.n_samples,
+                "chunk_size": self.chunk_size,
+                "train_encoder": self.train_encoder,
+            },
+            "metadata": self.metadata,
+        }
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, **overrides: Any) -> DeepWeightPrior:
+        """Read a prior written by :meth:`save`, validating it; ``overrides`` replace saved
+        options (``n_samples``, ``chunk_size``, ``train_encoder``)."""
+        path = Path(path)
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as error:  # torch raises many kinds for a corrupt file
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+            raise PriorFileError(
+                f"{path}: not a readable prior file ({type(error).__name__}: {reason})"
+            ) from error
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise PriorFileError(f"{path}: not a {FORMAT} file")
+        if payload.get("format_version") != FORMAT_VERSION:
+            raise PriorFileError(
+                f"{path}: format version {payload.get('format_version')}, this dwp reads {FORMAT_VERSION}"
+            )
+        missing = {"groups", "layer_groups", "options", "metadata"} - payload.keys()
+        if missing:
+            raise PriorFileError(f"{path}: missing {sorted(missing)}")
+        vaes = {}
+        for group, entry in payload["groups"].items():
+            try:
+                vae = KernelVAE(**entry["config"])
+                vae.load_state_dict(entry["state_dict"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as error:
+                raise PriorFileError(f"{path}: group {group!r} is inconsistent: {error}") from error
+            vaes[group] = vae
+        unknown = set(payload["layer_groups"].values()) - vaes.keys()
+        if unknown:
+            raise PriorFileError(f"{path}: layer_groups refer to unknown groups {sorted(unknown)}")
+        options = {**payload["options"], **overrides}
+        return cls(vaes, payload["layer_groups"] or None, metadata=payload["metadata"], **options)
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}, n_samples={self.n_samples}, chunk_size={self.chunk_size}"
