@@ -5,7 +5,8 @@ The public API, re-exported here::
     dwp.BayesConv1d / 2d / 3d, dwp.BayesConvTranspose1d / 2d / 3d, dwp.BayesLinear
     dwp.bayesianize, dwp.to_deterministic
     dwp.priors.{NormalPrior, LogUniformPrior, PretrainedNormalPrior, DeepWeightPrior}
-    dwp.KernelVAE, dwp.fit_kernel_vae, dwp.init_from_prior_
+    dwp.collect_kernels, dwp.KernelBank, dwp.KernelVAE, dwp.fit_kernel_vae, dwp.init_from_prior_
+    dwp.plot.plot_prior_samples
     dwp.kl, dwp.elbo, dwp.KLSchedule, dwp.param_groups
     dwp.estimator, dwp.sampling, dwp.set_estimator, dwp.set_mode
     dwp.predict, dwp.expected_calibration_error
@@ -25,6 +26,7 @@ from .convert import (
     to_deterministic,
 )
 from .elbo import ELBOTerms, KLSchedule, elbo, kl, kl_per_site, param_groups
+from .kernels import KernelBank, KernelBankError, collect_kernels
 from .nn import (
     BayesConv1d,
     BayesConv2d,
@@ -73,6 +75,8 @@ __all__ = [
     "ELBOTerms",
     "Estimator",
     "KLSchedule",
+    "KernelBank",
+    "KernelBankError",
     "KernelVAE",
     "LogUniformPrior",
     "MeanFieldNormal",
@@ -87,6 +91,7 @@ __all__ = [
     "VAEFit",
     "bayesian_layers",
     "bayesianize",
+    "collect_kernels",
     "elbo",
     "estimator",
     "expected_calibration_error",

@@ -21,6 +21,7 @@ all-reduce gradients by *sum* instead of mean, divide the KL by ``R``.
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,6 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from .convert import bayesian_layers, name_sites
+from .posterior import MeanFieldNormal
+from .priors import Prior
 from .settings import validation_enabled
 
 __all__ = ["ELBOTerms", "KLSchedule", "elbo", "kl", "kl_per_site", "param_groups"]
@@ -43,9 +46,21 @@ def kl(model: nn.Module) -> Tensor:
     """Sum of every Bayesian layer's KL (weights and Bayesian biases) in ``model``.
 
     Returns a scalar tensor (0 for a model without Bayesian layers).  Exact when every prior
-    is exact, an upper bound when some prior's KL is a bound.
+    is exact, an upper bound when some prior's KL is a bound.  Sites whose priors share a
+    :meth:`~dwp.priors.Prior.batch_key` (e.g. every layer of one deep-weight-prior group)
+    are evaluated in one :meth:`~dwp.priors.Prior.kl_batch` call.
     """
-    terms = list(kl_per_site(model).values())
+    name_sites(model)
+    terms: list[Tensor] = []
+    batches: dict[Hashable, tuple[Prior, list[MeanFieldNormal]]] = {}
+    for _, layer in bayesian_layers(model):
+        for prior, posterior in layer.sites():
+            key = prior.batch_key()
+            if key is None:
+                terms.append(prior.kl(posterior))
+            else:
+                batches.setdefault(key, (prior, []))[1].append(posterior)
+    terms += [prior.kl_batch(posteriors) for prior, posteriors in batches.values()]
     if not terms:
         p = next(model.parameters(), None)
         return torch.zeros((), device=None if p is None else p.device)

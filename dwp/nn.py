@@ -143,12 +143,17 @@ class BayesianLayer(nn.Module):
         else:
             self.bias_prior = None
 
+    def sites(self) -> list[tuple[Prior, MeanFieldNormal]]:
+        """``(prior, posterior)`` of every Bayesian parameter: the weight, and the bias when
+        it is Bayesian."""
+        sites = [(self.weight_prior, self.weight_posterior)]
+        if self.bayesian_bias:
+            sites.append((self.bias_prior, self.bias_posterior))
+        return sites
+
     def kl(self) -> Tensor:
         """KL(q || p) of this layer (exact or an upper bound, as the priors say), summed."""
-        total = self.weight_prior.kl(self.weight_posterior)
-        if self.bayesian_bias:
-            total = total + self.bias_prior.kl(self.bias_posterior)
-        return total
+        return torch.stack([prior.kl(posterior) for prior, posterior in self.sites()]).sum()
 
     # -- forward -----------------------------------------------------------------------
     def _op(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from enum import Enum
 from typing import Any
 
@@ -54,6 +55,16 @@ class Prior(nn.Module):
     def kl(self, posterior: MeanFieldNormal) -> Tensor:
         """KL(q || p) for one site, **summed** over all its weights (a scalar tensor)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement kl()")
+
+    def batch_key(self) -> Hashable | None:
+        """Sites whose priors return the same (non-``None``) key are evaluated together by
+        one :meth:`kl_batch` call in :func:`dwp.kl` (e.g. all layers sharing a kernel VAE,
+        which then runs once per step instead of once per layer)."""
+        return None
+
+    def kl_batch(self, posteriors: Sequence[MeanFieldNormal]) -> Tensor:
+        """Sum of :meth:`kl` over several sites that share this prior's :meth:`batch_key`."""
+        return torch.stack([self.kl(p) for p in posteriors]).sum()
 
     def log_prob(self, value: Tensor) -> Tensor:
         """log p(value), summed over the site (a lower bound for implicit priors)."""
