@@ -113,7 +113,6 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # Pyro interop is imported on first use: most users of the layers never need Pyro.
-    if name == "pyro":
-        return importlib.import_module(".pyro", __name__)
+    if name in ("pyro", "plot"):  # imported on first use: Pyro models, matplotlib
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'dwp' has no attribute {name!r}")

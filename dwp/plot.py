@@ -35,8 +35,12 @@ def plot_prior_samples(
     seed: int = 0,
     groups: list[str] | None = None,
 ) -> None:
-    """Write a PNG: for each group, ``n`` source kernels (left) and ``n`` kernels sampled from
-    the prior's VAE (right), central slices for 3D kernels, one colour scale per row.
+    """Write a PNG: for each group, up to ``n`` source kernels (left) and ``n`` kernels
+    sampled from the prior's VAE (right), central slices for 3D kernels, one symmetric
+    colour scale per row.
+
+    Uses matplotlib's object-oriented API only: the caller's pyplot state and backend are
+    left alone, and nothing is written unless the whole figure was drawn.
 
     Parameters
     ----------
@@ -53,35 +57,40 @@ def plot_prior_samples(
     groups
         Groups to show (default: all of the prior's).
     """
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    groups = list(groups or prior.groups)
+    unknown = [g for g in groups if g not in prior.vaes]
+    if unknown:
+        raise KeyError(f"groups {unknown} are not in the prior (its groups: {prior.groups})")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
 
-    groups = groups or prior.groups
     generator = torch.Generator().manual_seed(seed)
-    fig, axes = plt.subplots(
-        len(groups), 2 * n, figsize=(0.6 * 2 * n + 1.5, 0.75 * len(groups) + 0.6), squeeze=False
-    )
-    with torch.random.fork_rng():
+    rows = []
+    with torch.random.fork_rng(), torch.no_grad():
         torch.manual_seed(seed)
-        for row, group in enumerate(groups):
+        for group in groups:
             source = bank.select(group)
             pick = torch.randperm(len(source), generator=generator)[:n]
-            with torch.no_grad():
-                samples = prior.vaes[group].sample(n)
-            images = torch.cat([central_slice(source[pick]), central_slice(samples)])
-            limit = float(images.abs().max()) or 1.0
-            for col, ax in enumerate(axes[row]):
-                ax.set_axis_off()
-                if col < len(images) and ((col < n and col < len(pick)) or col >= n):
-                    index = col if col < n else len(pick) + col - n
-                    ax.imshow(images[index], cmap="RdBu_r", vmin=-limit, vmax=limit)
-            axes[row][0].set_title(f"{group}: source", fontsize=7, loc="left")
-            axes[row][n].set_title("prior samples", fontsize=7, loc="left")
+            samples = prior.vaes[group].sample(n)
+            rows.append((group, central_slice(source[pick]), central_slice(samples)))
+
+    fig = Figure(figsize=(0.6 * 2 * n + 1.5, 0.75 * len(groups) + 0.6))
+    axes = fig.subplots(len(groups), 2 * n, squeeze=False)
+    for ax_row, (group, sources, samples) in zip(axes, rows, strict=True):
+        limit = float(torch.cat([sources, samples]).abs().max()) or 1.0
+        for ax in ax_row:
+            ax.set_axis_off()
+        for ax, image in zip(ax_row[:n], sources, strict=False):
+            ax.imshow(image.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit)
+        for ax, image in zip(ax_row[n:], samples, strict=True):
+            ax.imshow(image.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit)
+        ax_row[0].set_title(f"{group}: source", fontsize=7, loc="left")
+        ax_row[n].set_title("prior samples", fontsize=7, loc="left")
     fig.tight_layout(pad=0.2)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
+    FigureCanvasAgg(fig).print_png(buffer)
     with atomic_write(path) as f:
         f.write(buffer.getvalue())

@@ -14,7 +14,10 @@ Two ways in:
   :func:`dwp.bayesianize`: its guide samples every Bayesian layer's weight from the layer's
   own posterior parameters, its model from the layer's prior, so ``SVI`` optimises the same
   parameters as the native :func:`dwp.elbo` loss, and for the same weight sample the two
-  losses are equal.
+  losses are equal.  (For implicit priors such as the deep weight prior, Pyro also
+  evaluates every model site's ``log_prob`` -- a VAE pass whose result
+  ``TraceMeanField_ELBO`` discards when a KL is registered -- which costs time and
+  consumes random numbers: the losses then agree in expectation, not draw for draw.)
 """
 
 from __future__ import annotations
@@ -185,7 +188,9 @@ class PyroBNN:
         with sampling(False, self.net):  # the sampled weights replace the posterior means
             out = functional_call(self.net, weights, (x,))
         n_data = len(x) if self.n_data is None else self.n_data
-        with pyro.plate(f"{self.name}.data", n_data, subsample_size=len(x)):
+        # the batch is the subsample: the plate only scales by N / B (explicit indices keep
+        # Pyro from drawing a random permutation every step)
+        with pyro.plate(f"{self.name}.data", n_data, subsample=torch.arange(len(x))):
             likelihood = self.likelihood(out)
             extra = len(likelihood.batch_shape) - 1
             pyro.sample(f"{self.name}.obs", likelihood.to_event(extra), obs=y)

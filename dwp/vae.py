@@ -297,7 +297,7 @@ def gaussian_baselines(train: Tensor, val: Tensor) -> dict[str, float]:
     """Held-out mean log-likelihood per kernel of diagonal and full-covariance Gaussians."""
     x, y = train.flatten(1).double(), val.flatten(1).double()
     mean = x.mean(0)
-    cov = torch.cov(x.T) + 1e-6 * torch.eye(
+    cov = torch.cov(x.T, correction=int(len(x) > 1)) + 1e-6 * torch.eye(
         x.shape[1], dtype=x.dtype
     )  # ridge: rank-deficient banks
     full = torch.distributions.MultivariateNormal(mean, covariance_matrix=cov)
@@ -370,6 +370,10 @@ def fit_kernel_vae(
     kernels = kernels.detach().float().cpu()
     perm = torch.randperm(len(kernels), generator=generator)
     n_val = max(1, round(val_fraction * len(kernels)))
+    if n_val >= len(kernels):
+        raise ValueError(
+            f"val_fraction={val_fraction} holds out all {len(kernels)} kernels: none left to train on"
+        )
     val, train = kernels[perm[:n_val]], kernels[perm[n_val:]]
 
     with torch.random.fork_rng(), pyro.get_param_store().scope():

@@ -96,13 +96,16 @@ class Prior(nn.Module):
     ):
         state = state_dict.get(prefix + "_extra_state")
         if state is not None:
-            saved = state.get("prior_type") if isinstance(state, dict) else state
-            if saved != type(self).__qualname__:
-                error_msgs.append(
-                    f"prior mismatch for {prefix.rstrip('.')!r}: the checkpoint holds a "
-                    f"{saved} prior, the model a {type(self).__qualname__}"
-                )
-                return
+            saved = state if isinstance(state, dict) else {"prior_type": state}
+            # every field a prior records (its type; e.g. a deep prior's group and VAE
+            # configuration) must match, or the checkpoint belongs to another prior
+            for key, value in self.get_extra_state().items():
+                if saved.get(key) != value:
+                    error_msgs.append(
+                        f"prior mismatch for {prefix.rstrip('.')!r}: the checkpoint's {key} is "
+                        f"{saved.get(key)!r}, the model's {value!r}"
+                    )
+                    return
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

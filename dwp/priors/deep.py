@@ -134,7 +134,8 @@ class DeepWeightSitePrior(Prior):
     def extra_repr(self) -> str:
         return f"group={self.group!r}, n_samples={self.n_samples}, chunk_size={self.chunk_size}"
 
-    # The VAE is validated state: a checkpoint's VAE must have the same configuration.
+    # Validated on load (Prior._load_from_state_dict): a checkpoint's site must belong to
+    # the same group and have a VAE of the same configuration.
     def get_extra_state(self) -> dict[str, Any]:
         return {**super().get_extra_state(), "group": self.group, "vae": self.vae.config()}
 
@@ -390,6 +391,8 @@ class DeepWeightPrior(Prior):
         missing = {"groups", "layer_groups", "options", "metadata"} - payload.keys()
         if missing:
             raise PriorFileError(f"{path}: missing {sorted(missing)}")
+        if not isinstance(payload["groups"], dict) or not isinstance(payload["layer_groups"], dict):
+            raise PriorFileError(f"{path}: groups and layer_groups must be mappings")
         vaes = {}
         for group, entry in payload["groups"].items():
             try:
@@ -402,7 +405,12 @@ class DeepWeightPrior(Prior):
         if unknown:
             raise PriorFileError(f"{path}: layer_groups refer to unknown groups {sorted(unknown)}")
         options = {**payload["options"], **overrides}
-        return cls(vaes, payload["layer_groups"] or None, metadata=payload["metadata"], **options)
+        try:
+            return cls(
+                vaes, payload["layer_groups"] or None, metadata=payload["metadata"], **options
+            )
+        except (TypeError, ValueError) as error:
+            raise PriorFileError(f"{path}: invalid prior options: {error}") from error
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, n_samples={self.n_samples}, chunk_size={self.chunk_size}"
