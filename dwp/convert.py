@@ -151,6 +151,8 @@ def bayesianize(
     prior
         A :class:`~dwp.priors.Prior` for every chosen layer, or a function
         ``(name, layer) -> Prior`` choosing one per layer.  Default ``NormalPrior()``.
+        A prior object is copied (once per call): training the model, e.g. a deep weight
+        prior's encoder, never changes the object passed in.
         A prior that does not fit a layer (e.g. a kernel prior of another kernel shape)
         raises :class:`~dwp.priors.PriorMismatchError` naming the layer.
     include, exclude
@@ -178,6 +180,13 @@ def bayesianize(
     if init not in ("pretrained", "prior", "fresh"):
         raise ValueError(f"init must be 'pretrained', 'prior' or 'fresh', got {init!r}")
     root = module if inplace else copy.deepcopy(module)
+    # The model owns its prior state (a deep weight prior's encoder keeps training with it):
+    # copy prior objects once per call, so training never changes the object passed in and
+    # one prior can serve many models.  Layers of this model still share the copy.
+    if isinstance(prior, Prior):
+        prior = copy.deepcopy(prior)
+    if bias_prior is not None:
+        bias_prior = copy.deepcopy(bias_prior)
     included, patterns = _matcher(include, "include")
     excluded, _ = _matcher(exclude, "exclude") if exclude is not None else (lambda n, m: False, [])
     used_patterns: set[str] = set()

@@ -214,7 +214,8 @@ def test_gradients_reach_posterior_and_encoder_never_decoder(train_encoder):
     original = copy.deepcopy(vae.state_dict())
     prior = DeepWeightPrior({"g": vae}, train_encoder=train_encoder)
     net = dwp.bayesianize(_conv3d_net(), prior, include=KERNEL3, init_log_sigma=-3.0)
-    shared = prior.vaes["g"]
+    shared = getattr(net, KERNEL3[0]).weight_prior.vae  # the model's own copy of the VAE
+    assert shared is not prior.vaes["g"]
     assert all(getattr(net, n).weight_prior.vae is shared for n in KERNEL3)
     decoder = list(shared.decoder.buffers())
     encoder = list(shared.encoder.parameters()) or list(shared.encoder.buffers())
@@ -439,8 +440,16 @@ def test_layer_groups_by_glob_or_callable(layer_groups):
     net = dwp.bayesianize(_conv3d_net(), prior, include=KERNEL3)
     groups = {n: getattr(net, n).weight_prior.group for n in KERNEL3}
     assert groups == {"enc1": "enc", "enc2": "enc", "dec1": "dec"}
-    for name, group in groups.items():
-        assert getattr(net, name).weight_prior.vae is prior.vaes[group]
+    for name, group in groups.items():  # the model's copies, one per group
+        vae = getattr(net, name).weight_prior.vae
+        assert vae is not prior.vaes[group]
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(
+                vae.state_dict().values(), prior.vaes[group].state_dict().values(), strict=True
+            )
+        )
+    assert net.enc1.weight_prior.vae is net.enc2.weight_prior.vae
     assert prior.group_of("enc.9") == "enc" and prior.group_of("dec7") == "dec"
 
 
@@ -851,3 +860,27 @@ def test_pyro_and_dwp_losses_agree_in_expectation():
         pyro.clear_param_store()
     # a KL counted twice, or a data term scaled by B / N, would be off by hundreds of SE
     assert abs(p_mean - d_mean) < 5 * math.hypot(p_se, d_se)
+
+
+def test_bayesianize_copies_the_prior_so_models_do_not_share_trained_state():
+    # The encoder trains with the model: two models made from one prior object must not
+    # share it, and the object itself must stay as fitted (results must not depend on the
+    # order in which models are trained).
+    torch.manual_seed(0)
+    prior = dwp.DeepWeightPrior({"all": dwp.KernelVAE((3, 3))})
+    before = copy.deepcopy(prior.state_dict())
+    nets = [
+        dwp.bayesianize(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3)), prior)
+        for _ in range(2)
+    ]
+    encoder = [net[0].weight_prior.vae.encoder for net in nets]
+    assert encoder[0] is not encoder[1]
+    assert nets[0][0].weight_prior.vae is nets[0][1].weight_prior.vae  # one VAE per model
+    optimiser = torch.optim.SGD(nets[0].parameters(), lr=0.1)
+    dwp.kl(nets[0]).backward()
+    optimiser.step()
+    for key, value in prior.state_dict().items():
+        assert torch.equal(value, before[key]) if torch.is_tensor(value) else value == before[key]
+    assert not torch.equal(
+        encoder[0].net[0].weight, encoder[1].net[0].weight
+    )  # only the trained model's encoder moved
