@@ -1,0 +1,249 @@
+"""Write a cohort to disk: the Decathlon layout, or a CSV table for regression.
+
+Layout of ``out_dir``::
+
+    cohort.json          the generator's configuration and its hash (what is cached)
+    dataset.json         segmentation cohorts: Medical Segmentation Decathlon index
+    subjects.csv         regression cohorts: id, split, image, label, targets
+    imagesTr/ imagesTs/  float32 NIfTI images, <id>.nii.gz
+    labelsTr/ labelsTs/  uint8 label maps (test labels too, for evaluation)
+    ageing_map.nii.gz    brain_age only: where ageing acts, in template space
+    .subjects/<id>.json  per-subject metadata, written last: the subject is complete
+
+Every file is written to a temporary name and moved into place, so an interrupted run
+leaves only complete files; running again skips the finished subjects and produces the
+same bytes as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from tqdm.auto import tqdm
+
+from cohorts import ageing
+from cohorts.anatomy import check_resolution, load_anatomy
+from cohorts.subjects import check_cohort, subject, subject_id
+
+__all__ = ["GENERATOR_VERSION", "generate"]
+
+#: Bump when a change to the generator changes its output, to invalidate caches.
+GENERATOR_VERSION = 1
+
+CITATION = (
+    "Anatomy: MNI ICBM 2009 template (Fonov et al., NeuroImage 2011 and NeuroImage 2009; "
+    "Collins et al. 1999), as shipped with nilearn. Copyright (C) 1993-2009 Louis Collins, "
+    "McConnell Brain Imaging Centre, Montreal Neurological Institute, McGill University."
+)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
+    image = nib.Nifti1Image(array, np.asarray(affine))
+    image.header.set_xyzt_units("mm")
+    # gzip with mtime 0 and no file name in the header: same array, same bytes. Level 1
+    # because noisy float images barely compress further and level 9 is several times slower.
+    return gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
+
+
+def _check_counts(n_train: int, n_test: int) -> None:
+    for name, value in (("n_train", n_train), ("n_test", n_test)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    if n_train + n_test == 0:
+        raise ValueError("n_train + n_test must be at least 1 (got zero subjects)")
+
+
+def _config(cohort: str, resolution: int, seed: int) -> dict[str, Any]:
+    config = {
+        "cohort": cohort,
+        "resolution_mm": resolution,
+        "seed": int(seed),
+        "generator_version": GENERATOR_VERSION,
+    }
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    return {**config, "config_hash": digest[:16]}
+
+
+def _check_folder(out: Path, config: dict[str, Any], overwrite: bool) -> bool:
+    """Return whether finished subjects can be reused."""
+    manifest = out / "cohort.json"
+    if manifest.exists():
+        previous = json.loads(manifest.read_text())
+        if previous.get("config_hash") == config["config_hash"]:
+            return not overwrite
+        if not overwrite:
+            diff = {k: (previous.get(k), v) for k, v in config.items() if previous.get(k) != v}
+            raise ValueError(
+                f"out_dir {str(out)!r} holds a cohort made with another configuration "
+                f"(differences, old -> new: {diff}); pass overwrite=True (--overwrite) to "
+                "regenerate it, or choose another out_dir"
+            )
+        return False
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ValueError(
+            f"out_dir {str(out)!r} exists, is not empty and is not a cohort folder; choose "
+            "another out_dir or pass overwrite=True (--overwrite)"
+        )
+    return False
+
+
+def _jobs(cohort: str, n_train: int, n_test: int) -> Iterator[tuple[str, int]]:
+    yield from (("train", i) for i in range(n_train))
+    yield from (("test", i) for i in range(n_test))
+
+
+def _paths(cohort: str, split: str, index: int) -> dict[str, str]:
+    sid = subject_id(cohort, split, index)
+    suffix = "Tr" if split == "train" else "Ts"
+    return {
+        "id": sid,
+        "image": f"images{suffix}/{sid}.nii.gz",
+        "label": f"labels{suffix}/{sid}.nii.gz",
+        "meta": f".subjects/{sid}.json",
+    }
+
+
+def _write_subject(out: Path, record: dict[str, Any], paths: dict[str, str], labels: str) -> None:
+    """Write one subject's files; the metadata goes last and marks the subject complete."""
+    label = record["whole_tumour"] if labels == "whole" else record["label"]
+    _atomic_write(out / paths["image"], _nifti_bytes(record["image"], record["affine"]))
+    _atomic_write(out / paths["label"], _nifti_bytes(label, record["affine"]))
+    _atomic_write(out / paths["meta"], _json_bytes(record["meta"]))
+
+
+def generate(
+    cohort: str,
+    out_dir: str | os.PathLike[str],
+    n_train: int,
+    n_test: int = 0,
+    resolution: float = 2,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+    whole_tumour: bool = False,
+) -> Path:
+    """Generate a synthetic cohort on the MNI152 anatomy, or finish an interrupted one.
+
+    Parameters
+    ----------
+    cohort : str
+        ``"ms_source"``, ``"tumour_target"``, ``"brain_age"`` or ``"lesion_count"``.
+    out_dir : path
+        Folder to write (created if needed).
+    n_train, n_test : int
+        Subjects per split; at least one in all. Subject ``i`` does not depend on them, so a
+        cohort can be grown later with the same seed.
+    resolution : float
+        Voxel size in mm: 4 (tests), 2 (default) or 1 (the template's own; also 3).
+    seed : int
+        Cohort seed; same seed, same files, bit for bit.
+    overwrite : bool
+        Regenerate every subject, also when ``out_dir`` holds another configuration.
+    progress : bool
+        Show a progress bar.
+    whole_tumour : bool
+        ``tumour_target`` only: write binary whole-tumour labels instead of 1 core, 2 enhancing
+        rim, 3 oedema.
+
+    Returns
+    -------
+    pathlib.Path
+        ``dataset.json`` (segmentation cohorts) or ``subjects.csv`` (regression cohorts).
+
+    Raises
+    ------
+    ValueError
+        Unknown cohort, zero subjects, an unsupported resolution, ``whole_tumour`` for another
+        cohort, or an ``out_dir`` holding something else.
+    """
+    spec = check_cohort(cohort)
+    res = check_resolution(resolution)
+    _check_counts(n_train, n_test)
+    if whole_tumour and cohort != "tumour_target":
+        raise ValueError("whole_tumour=True applies to the 'tumour_target' cohort only")
+    out = Path(out_dir)
+    config = _config(cohort, res, seed)
+    labels = "whole" if whole_tumour else "multi"
+    config = {**config, "labels": labels} if cohort == "tumour_target" else config
+    if cohort == "tumour_target":
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+        config["config_hash"] = digest[:16]
+    reuse = _check_folder(out, config, overwrite)
+    for folder in (".", "imagesTr", "labelsTr", "imagesTs", "labelsTs", ".subjects"):
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        # Temporary files of a run that was killed mid-write.
+        for stale in (out / folder).glob(".*.tmp"):
+            stale.unlink()
+    _atomic_write(out / "cohort.json", _json_bytes({**config, "citation": CITATION}))
+
+    anatomy = load_anatomy(res)
+    if cohort == "brain_age":
+        _atomic_write(
+            out / "ageing_map.nii.gz", _nifti_bytes(ageing.ageing_map(anatomy), anatomy.affine)
+        )
+    rows = []
+    jobs = list(_jobs(cohort, int(n_train), int(n_test)))
+    for split, index in tqdm(jobs, desc=cohort, unit="subject", disable=not progress):
+        paths = _paths(cohort, split, index)
+        done = reuse and all((out / paths[k]).exists() for k in ("image", "label", "meta"))
+        if done:
+            meta = json.loads((out / paths["meta"]).read_text())
+        else:
+            record = subject(cohort, index, res, seed, split=split)
+            _write_subject(out, record, paths, labels)
+            meta = record["meta"]
+        rows.append((split, paths, meta))
+
+    if spec.task == "segmentation":
+        label_names = {"0": "background", "1": "tumour"} if whole_tumour else spec.labels
+        index_file = out / "dataset.json"
+        dataset = {
+            "name": cohort,
+            "description": spec.description,
+            "reference": CITATION,
+            "licence": "synthetic data on the MNI ICBM152 template (see reference)",
+            "tensorImageSize": "3D",
+            "modality": {"0": spec.modality},
+            "labels": label_names,
+            "numTraining": int(n_train),
+            "numTest": int(n_test),
+            "training": [
+                {"image": f"./{p['image']}", "label": f"./{p['label']}"}
+                for split, p, _ in rows
+                if split == "train"
+            ],
+            # The Decathlon lists test images only; their labels are in labelsTs/.
+            "test": [f"./{p['image']}" for split, p, _ in rows if split == "test"],
+            "generator": config,
+        }
+        _atomic_write(index_file, _json_bytes(dataset))
+        return index_file
+
+    index_file = out / "subjects.csv"
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["id", "split", "image", "label", *spec.targets])
+    for split, p, meta in rows:
+        writer.writerow([p["id"], split, p["image"], p["label"], *(meta[t] for t in spec.targets)])
+    _atomic_write(index_file, buffer.getvalue().encode())
+    return index_file
