@@ -1,0 +1,220 @@
+"""Segmentation losses of the ``unet3d`` application: the paper's loss and the ELBO data term.
+
+Kuzina et al. (2019) train the 3D U-Net on ``0.01 * BCE + Dice``.  The network has two
+output channels (background, foreground) and a softmax, so the "BCE" is the two-class
+cross-entropy, i.e. the binary cross-entropy of ``sigmoid(logit_1 - logit_0)``.  The loss
+comes in two reductions, one for each family of training strategies:
+
+* :func:`paper_loss` -- **deterministic** strategies (RI: random init, PR: pretrained
+  init, PRf: pretrained and frozen).  A :class:`monai.losses.DiceCELoss` with its default
+  *mean* reductions: ``ce_weight * mean-over-voxels CE + dice_weight * mean-over-volumes
+  Dice loss``.  For a point estimate only the direction of the gradient matters, so the
+  mean is fine (and keeps the learning rate independent of the volume size).
+
+* :func:`elbo_data_term` -- **Bayesian** strategies (N(0, 1) prior, DWP, ...).  The ELBO
+  adds the data term to a KL *summed over every weight* (about 26,000 3x3x3 kernels in the
+  reference U-Net), so the data term must be a log-likelihood *summed over every voxel*
+  (:mod:`dwp.likelihoods`).  A mean-reduced CE is smaller by the voxel count (10^5 - 10^6
+  per volume) and the KL swamps it: the posterior collapses to the prior (see
+  ``shared/notes/dwp-method.md``, "Pitfalls measured here").  Following the MRI code
+  (``0.01 * cross_entropy(reduction="sum") + 0.99 * dice``, scaled by N/B) the data term is::
+
+      ce_weight * sum_{volumes, voxels} CE  +  dice_weight * sum_{volumes} DiceLoss(volume)
+
+  and :func:`dwp.elbo` multiplies it by ``n_data / batch_size``, which turns both sums
+  (over the minibatch's volumes) into unbiased estimates of the sums over the whole
+  training set.  ``ce_weight = 0.01`` acts as a likelihood temperature: the summed CE
+  is still of the order of ``0.01 * voxels * nats`` per volume, far above a mean, and
+  ``ce_weight=1`` gives the exact categorical likelihood.  The Dice term is not a
+  log-likelihood; it is at most ``dice_weight`` per volume, a shape regulariser that
+  keeps the paper's objective, and negligible next to the summed CE on real volumes.
+
+Dice and the background
+-----------------------
+Both losses use ``include_background=False`` by default: the Dice loss is computed on the
+foreground channel only (the reported metric is the foreground Dice too).  With a small
+lesion the background Dice is ~1 whatever the network does, so including it would halve
+the Dice gradient on the lesion and hide it behind a near-constant term.  The
+cross-entropy always uses both channels (the softmax needs them).  Pass
+``include_background=True`` to reproduce MONAI's default.
+
+Targets
+-------
+Integer label maps ``(B, D, H, W)`` or ``(B, 1, D, H, W)`` with values in
+``{0, ..., C - 1}`` (``{0, 1}`` for the paper's two classes); floating targets are accepted
+when their values are whole numbers (MONAI's loaders return floats).  Logits are
+``(B, C, D, H, W)``, before the softmax.  Shapes are always checked; the value checks (NaN
+logits, labels out of range) follow :func:`dwp.set_validation`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from monai.losses import DiceCELoss, DiceLoss
+from torch import Tensor
+
+from dwp.likelihoods import categorical_nll
+from dwp.settings import validation_enabled
+
+__all__ = [
+    "DataTerm",
+    "PaperLoss",
+    "check_segmentation_inputs",
+    "elbo_data_term",
+    "elbo_data_terms",
+    "paper_loss",
+]
+
+
+def check_segmentation_inputs(logits: Tensor, target: Tensor) -> Tensor:
+    """Validate ``logits`` ``(B, C, *spatial)`` and ``target``; return it as ``(B, *spatial)`` int64.
+
+    Raises :class:`ValueError` on a shape mismatch, on labels outside ``{0, ..., C - 1}``
+    or non-integer labels (the offending values are named), and on NaN logits.  The value
+    checks are skipped under ``dwp.set_validation(False)``.
+    """
+    if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
+        raise TypeError(
+            f"logits and target must be tensors, got {type(logits).__name__} and "
+            f"{type(target).__name__}"
+        )
+    if logits.dim() < 3:
+        raise ValueError(
+            f"logits must be (B, C, *spatial) with C >= 2 classes, got shape {tuple(logits.shape)}"
+        )
+    if not torch.is_floating_point(logits):
+        raise ValueError(f"logits must be floating point, got dtype {logits.dtype}")
+    n_classes = logits.shape[1]
+    if n_classes < 2:
+        raise ValueError(
+            f"logits need one channel per class (C >= 2, softmax), got C = {n_classes} in "
+            f"shape {tuple(logits.shape)}"
+        )
+    expected = (logits.shape[0], *logits.shape[2:])
+    if target.dim() == logits.dim() and target.shape[1] == 1:
+        target = target[:, 0]
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}: "
+            f"expected {expected} or {(expected[0], 1, *expected[1:])}"
+        )
+    if validation_enabled():
+        if torch.isnan(logits).any():
+            n_nan = int(torch.isnan(logits).sum())
+            raise ValueError(
+                f"logits contain {n_nan} NaN value(s): check the input batch and the network "
+                f"for divergence (dwp.set_validation(False) skips this check)"
+            )
+        values = torch.unique(target)
+        invalid = (values < 0) | (values >= n_classes)
+        if torch.is_floating_point(values):
+            invalid |= values != values.round()  # also catches NaN
+        bad = values[invalid]
+        if bad.numel():
+            shown = ", ".join(f"{v:g}" for v in bad[:10].tolist())
+            more = f" (and {bad.numel() - 10} more)" if bad.numel() > 10 else ""
+            raise ValueError(
+                f"target labels must be integers in {{0, ..., {n_classes - 1}}} for "
+                f"{n_classes} classes, got {shown}{more}"
+            )
+    return target.long()
+
+
+class PaperLoss(DiceCELoss):
+    """:class:`monai.losses.DiceCELoss` that validates its inputs and accepts ``(B, *spatial)`` targets.
+
+    Built by :func:`paper_loss`; call it as ``loss(logits, target)``.
+    """
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        target = check_segmentation_inputs(input, target)
+        return super().forward(input, target.unsqueeze(1))
+
+
+def paper_loss(
+    ce_weight: float = 0.01, dice_weight: float = 1.0, *, include_background: bool = False
+) -> PaperLoss:
+    """The paper's deterministic loss ``ce_weight * CE + dice_weight * Dice`` (RI / PR / PRf).
+
+    A :class:`monai.losses.DiceCELoss` (subclass :class:`PaperLoss`) with ``softmax=True``,
+    ``to_onehot_y=True``, ``lambda_ce=ce_weight``, ``lambda_dice=dice_weight`` and mean
+    reductions: CE averaged over voxels and volumes, foreground Dice loss computed per
+    volume and averaged over the batch (MONAI's default smoothing ``1e-5``).  Not for the
+    Bayesian ELBO: use :func:`elbo_data_term` there (summed reductions).
+    """
+    if ce_weight < 0 or dice_weight < 0:
+        raise ValueError(f"loss weights must be >= 0, got ce {ce_weight}, dice {dice_weight}")
+    return PaperLoss(
+        include_background=include_background,
+        to_onehot_y=True,
+        softmax=True,
+        reduction="mean",
+        lambda_ce=float(ce_weight),
+        lambda_dice=float(dice_weight),
+    )
+
+
+class DataTerm(NamedTuple):
+    """The ELBO data term and its two parts (for logging them apart)."""
+
+    total: Tensor
+    """``ce_weight * ce + dice_weight * dice``: pass it to :func:`dwp.elbo` as ``nll``."""
+    ce: Tensor
+    """Cross-entropy summed over voxels and volumes (unweighted, nats)."""
+    dice: Tensor
+    """Per-volume foreground Dice loss summed over the volumes (unweighted)."""
+
+
+def elbo_data_terms(
+    logits: Tensor,
+    target: Tensor,
+    ce_weight: float = 0.01,
+    dice_weight: float = 1.0,
+    *,
+    include_background: bool = False,
+) -> DataTerm:
+    """:func:`elbo_data_term` with its parts: ``DataTerm(total, ce, dice)``."""
+    if ce_weight < 0 or dice_weight < 0:
+        raise ValueError(f"loss weights must be >= 0, got ce {ce_weight}, dice {dice_weight}")
+    target = check_segmentation_inputs(logits, target)
+    ce = categorical_nll(logits, target)
+    dice_fn = DiceLoss(
+        include_background=include_background, to_onehot_y=True, softmax=True, reduction="none"
+    )
+    per_volume = dice_fn(logits, target.unsqueeze(1)).flatten(1).mean(1)  # mean over classes
+    dice = per_volume.sum()
+    return DataTerm(total=ce_weight * ce + dice_weight * dice, ce=ce, dice=dice)
+
+
+def elbo_data_term(
+    logits: Tensor,
+    target: Tensor,
+    ce_weight: float = 0.01,
+    dice_weight: float = 1.0,
+    *,
+    include_background: bool = False,
+) -> Tensor:
+    """Data term of the Bayesian strategies: the minibatch's loss **summed**, never averaged.
+
+    ``ce_weight * sum CE + dice_weight * sum_volumes DiceLoss``, the CE summed over every
+    voxel of every volume (:func:`dwp.likelihoods.categorical_nll`) and the foreground Dice
+    loss computed per volume and summed over the batch.  Pass it as ``nll`` to
+    ``dwp.elbo(nll, model, n_data=N, batch_size=B)``, which scales it by ``N / B`` to the
+    whole training set (see the module docstring for why the sums matter).
+
+    Parameters
+    ----------
+    logits
+        ``(B, C, D, H, W)`` network outputs before the softmax.
+    target
+        ``(B, D, H, W)`` or ``(B, 1, D, H, W)`` labels in ``{0, ..., C - 1}``.
+    ce_weight, dice_weight
+        The paper's weights (0.01 and 1; the MRI code used 0.01 and 0.99).
+    include_background
+        Also count the background channel in the Dice loss (averaged over classes).
+    """
+    return elbo_data_terms(
+        logits, target, ce_weight, dice_weight, include_background=include_background
+    ).total
