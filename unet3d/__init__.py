@@ -1,4 +1,15 @@
-"""unet3d: the 3D U-Net segmentation application built on :mod:`dwp` (see the issues)."""
+"""unet3d: the 3D U-Net segmentation application built on :mod:`dwp`.
+
+Modules (import the ones you need; ``losses`` and ``metrics`` import MONAI):
+
+* :mod:`unet3d.model`: ``UNet3D``, the MRI paper's network (appendix B), ``kernel3_layers``.
+* :mod:`unet3d.data`: Decathlon / CSV cases, ``SegmentationDataset`` (NIfTI via nibabel,
+  normalisation, crop/pad to multiples of 8, validation naming the file), ``save_nifti``.
+* :mod:`unet3d.losses`: the paper's loss (MONAI ``DiceCELoss``) and the summed ELBO data term.
+* :mod:`unet3d.metrics`: per-volume Dice, IoU and HD95 (MONAI).
+
+Training strategies, inference and the command line come with the rest of the unet3d issue.
+"""
 
 from .model import UNet3D, count_kernels, kernel3_layers
 
