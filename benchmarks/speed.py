@@ -1,28 +1,47 @@
-"""Training-step speed of Bayesian 3D convolutions relative to their deterministic twin.
+"""Speed of Bayesian 3D U-Net training: layer estimators, the deep weight prior, VAE fitting.
 
-Times one training step (forward, loss, backward, SGD step) of a U-Net-shaped 3D conv
-stack, once with plain ``nn.Conv3d`` layers and once per estimator with the same stack
-turned Bayesian by :func:`dwp.bayesianize`, and compares each Bayesian variant's median
-step time with the deterministic one measured in the same run.
+Three sections, each run by default and selectable with ``--sections``:
+
+``layers``
+    One training step (forward, loss + KL, backward, SGD step) of the reference
+    :class:`unet3d.UNet3D` (default widths, 726,480 parameters), once deterministic and once
+    per estimator with its 3x3x3 convs turned Bayesian by
+    ``dwp.bayesianize(net, include=kernel3_layers(net), estimator=...)`` (the paper keeps
+    the 1x1x1 convs deterministic), each as a ratio to the deterministic step.
+``kl``
+    What the deep weight prior adds to a training step: ``dwp.kl(model)`` and its
+    ``.backward()`` alone (no network forward), for the default MLP
+    :class:`dwp.KernelVAE` over UNet3D's 26,640 3x3x3 kernels (one VAE, and seven, one per
+    resolution group as in the MRI paper), over the 4x wider UNet3D's 426,048 kernels, and
+    for the paper's conv VAE; each as a ratio to the deterministic training step of the
+    U-Net it belongs to, measured in the same interleaved run.
+``fit``
+    Wall time of ``dwp.fit_kernel_vae`` (default settings, 50 epochs) on 100,000 kernels.
 
 Usage::
 
     python -m benchmarks.speed --seed 0            # full run, writes benchmarks/results/speed.*
-    python -m benchmarks.speed --quick --out /tmp  # smoke run (16^3, 3 rounds): speed_quick.*
+    python -m benchmarks.speed --sections kl       # one section
+    python -m benchmarks.speed --quick --out /tmp  # smoke run (tiny everything): speed_quick.*
 
 Methodology
 -----------
-* Every variant starts from the same weights (``bayesianize`` copies the deterministic
-  network's weights into the posterior means) and sees the same input.
-* Each variant is warmed up (allocator, oneDNN primitive caches), then the variants are
-  timed **round-robin** for ``--steps`` rounds, so slow drifts of the machine (thermal,
-  other load) hit every variant alike; the starting variant rotates each round so that no
-  variant always runs right after the same other one.
-* Reported: median and inter-quartile range of the step time, and the ratio of medians to
-  the deterministic baseline.  Wall times are machine-dependent and never asserted.
+* Every variant of a section is built from the same seeded weights and sees the same input.
+* Each variant is warmed up (allocator, oneDNN primitive caches), then the variants of a
+  section are timed **round-robin**, so slow drifts of the machine (thermal, other load)
+  hit every variant alike; the starting variant rotates each round.  Variants too slow for
+  every round (the 4x wider U-Net's step, the conv VAE) take part in a few rounds spread
+  evenly over the run.
+* Reported: median and inter-quartile range, and the ratio of medians to a baseline
+  measured in the same run.  Wall times are machine-dependent and never asserted.
+* glibc's allocator is tuned once, before anything runs, for every variant and baseline.
+* Other processes: each section records how many cores other processes kept busy on
+  average (``/proc/stat`` minus this process's CPU time).  On a 2-core machine a single
+  busy neighbour stalls every 2-thread op, inflating times several-fold; the fit, a
+  single unrepeated measurement without an IQR, is flagged ``noisy`` by this alone.
 * Memory: the bytes of distinct tensor storages autograd keeps for the backward pass
-  after one forward pass (activations plus the few weights it saves).  Unlike the
-  process-wide, monotone ``ru_maxrss``, this is a clean per-variant number on any device.
+  after one forward pass.  Unlike the process-wide, monotone ``ru_maxrss``, this is a
+  clean per-variant number on any device.
 """
 
 from __future__ import annotations
@@ -32,7 +51,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
-import itertools
+import os
 import shlex
 import statistics
 import sys
@@ -47,29 +66,56 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import dwp
+from unet3d import UNet3D, count_kernels, kernel3_layers
 
 from .report import DEFAULT_OUT_DIR, markdown_table, write_results
 
-__all__ = ["TARGETS", "UNetLikeStack", "main", "unet_like_stack"]
+__all__ = [
+    "FIT_TARGET_S",
+    "KL_TARGET",
+    "LAYER_TARGETS",
+    "SECTIONS",
+    "main",
+    "parse_args",
+    "tune_glibc_malloc",
+]
 
+SECTIONS = ("layers", "kl", "fit")
 #: Largest acceptable ratio of median step times, Bayesian / deterministic, per estimator.
-TARGETS: dict[str, float] = {"reparam": 1.25, "local_reparam": 2.3, "flipout": 2.5}
+LAYER_TARGETS: dict[str, float] = {"reparam": 1.25, "local_reparam": 2.3, "flipout": 2.5}
+#: Largest acceptable (KL bound forward + backward) / (deterministic training step), MLP VAE.
+KL_TARGET = 0.10
+#: Largest acceptable wall time of the VAE fit (seconds).
+FIT_TARGET_S = 120.0
 DETERMINISTIC = "deterministic"
+
 #: Fewer timed rounds give a median and IQR too noisy to compare against the targets.
 MIN_REPORT_STEPS = 10
 DEFAULT_STEPS = 10
-DEFAULT_SIZE = 48
 QUICK_STEPS = 3
+#: Timed repetitions of the slow variants (4x wider U-Net step, conv VAE bound).
+HEAVY_REPS = 3
+QUICK_HEAVY_REPS = 2
+DEFAULT_SIZE = 48
 QUICK_SIZE = 16
 WARMUP_STEPS = 2
-#: Three stride-2 levels must leave at least 2^3 voxels for InstanceNorm at the bottom.
+HEAVY_WARMUP_STEPS = 1
+#: UNet3D's three stride-2 levels need a multiple of 8 and 2^3 voxels at the bottom.
 MIN_SIZE = 16
 SGD_LR = 1e-3
 #: An IQR above this fraction of the median flags a variant's timings as noisy.
 NOISY_IQR_FRACTION = 0.2
-CHANNELS = (16, 32, 32, 64)
 
-ConvFactory = Callable[..., nn.Module]
+WIDTHS = (16, 32, 32, 64)
+WIDE_WIDTHS = (64, 128, 128, 256)  # "4x wider": 16x the 3x3x3 kernels
+QUICK_WIDTHS = (4, 8, 8, 16)
+QUICK_WIDE_WIDTHS = (8, 16, 16, 32)  # 2x in the smoke run, to keep it fast
+
+FIT_EPOCHS = 50
+FIT_KERNELS = 100_000
+FIT_SOURCES = 4
+QUICK_FIT_EPOCHS = 2
+QUICK_FIT_KERNELS = 3_000
 
 
 # -- the allocator -------------------------------------------------------------------------
@@ -83,12 +129,12 @@ def tune_glibc_malloc() -> str:
 
     By default glibc serves allocations above a few MiB with fresh ``mmap`` pages and
     returns freed heap tops to the OS, so every training step page-faults its large
-    activation tensors back in (measured here: ~45,000 faults and ~0.1 s of system time per
-    step of this stack).  Estimators that allocate more temporaries pay more, which
-    distorts the ratios.  Raising both thresholds is what the environment variables
+    activation tensors back in (measured on the earlier stand-in stack: ~45,000 faults and
+    ~0.1 s of system time per step).  Estimators that allocate more temporaries pay more,
+    which distorts the ratios.  Raising both thresholds is what the environment variables
     ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` (or jemalloc / tcmalloc, as
     PyTorch's CPU tuning guide recommends) do.  Applied once, before any variant runs, so
-    the baseline and every variant share it.
+    the baselines and every variant share it.
 
     Returns
     -------
@@ -105,134 +151,129 @@ def tune_glibc_malloc() -> str:
     return "glibc, mmap/trim thresholds 1 GiB" if ok else "system default (mallopt unavailable)"
 
 
-# -- the network ---------------------------------------------------------------------------
-def _preact(in_ch: int, out_ch: int, conv: ConvFactory, stride: int = 1) -> nn.Sequential:
-    """Pre-activation unit: InstanceNorm3d -> ReLU -> 3x3x3 conv (no bias: a norm follows)."""
-    return nn.Sequential(
-        nn.InstanceNorm3d(in_ch, affine=True),
-        nn.ReLU(),
-        conv(in_ch, out_ch, kernel_size=3, stride=stride, padding=1, bias=False),
-    )
+# -- other processes ----------------------------------------------------------------------
+#: Other processes using more than this many cores on average flag a section as disturbed.
+BUSY_OTHER_CORES = 0.2
 
 
-class UNetLikeStack(nn.Module):
-    """An encoder-decoder 3D conv stack with the shape of the paper's U-Net.
+def _busy_cpu_s() -> float | None:
+    """CPU seconds all processes have spent busy since boot (Linux ``/proc/stat``), or None."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    # user nice system idle iowait irq softirq steal ...: everything but idle and iowait
+    ticks = [int(v) for v in fields[1:9]]
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    return busy / os.sysconf("SC_CLK_TCK")
 
-    A stand-in for timing until the real ``unet3d.UNet3D`` lands: it has the same levels,
-    channel widths and kinds of layers, which is what the cost of a training step depends
-    on, but no claim to segment anything.
 
-    Levels of ``channels`` (default 16, 32, 32, 64) are joined by stride-2 pre-activation
-    convs (48^3 -> 24^3 -> 12^3 -> 6^3 for a 48^3 input).  The decoder reduces channels
-    with a 3x3x3 conv at the coarse level (cheaper than after upsampling), upsamples
-    trilinearly, adds the encoder's skip and applies one more unit; a 1x1x1 conv maps to
-    ``out_channels`` class scores.
+@dataclass
+class OtherLoad:
+    """Average number of cores that *other* processes kept busy during a block.
 
-    Parameters
-    ----------
-    conv
-        Factory with ``nn.Conv3d``'s signature, e.g. ``nn.Conv3d`` or ``dwp.BayesConv3d``.
-    in_channels, out_channels
-        Input modalities and output classes.
-    channels
-        Feature channels per resolution level, finest first.
+    On a 2-core machine one busy neighbour is enough to stall every 2-thread parallel op
+    of ours (measured: a 5-epoch VAE fit took 65 s instead of 6.4 s), so every section
+    records this as an objective noise indicator next to its IQRs.
     """
 
-    def __init__(
-        self,
-        conv: ConvFactory = nn.Conv3d,
-        in_channels: int = 1,
-        out_channels: int = 2,
-        channels: Sequence[int] = CHANNELS,
-    ) -> None:
-        super().__init__()
-        channels = tuple(channels)
-        pairs = list(itertools.pairwise(channels))
-        self.stem = conv(in_channels, channels[0], kernel_size=3, padding=1, bias=False)
-        self.encoder = nn.ModuleList(_preact(c, c, conv) for c in channels)
-        self.down = nn.ModuleList(_preact(fine, coarse, conv, stride=2) for fine, coarse in pairs)
-        # Decoder modules are stored coarsest first, the order in which forward uses them.
-        self.up = nn.ModuleList(_preact(coarse, fine, conv) for fine, coarse in reversed(pairs))
-        self.decoder = nn.ModuleList(_preact(fine, fine, conv) for fine, _ in reversed(pairs))
-        self.head = nn.Sequential(
-            nn.InstanceNorm3d(channels[0], affine=True),
-            nn.ReLU(),
-            conv(channels[0], out_channels, kernel_size=1),
-        )
+    cores: float | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.stem(x)
-        skips = []
-        for level, block in enumerate(self.encoder):
-            if level > 0:
-                x = self.down[level - 1](x)
-            x = block(x)
-            skips.append(x)
-        skips.pop()  # the bottleneck output is not a skip
-        for up, block in zip(self.up, self.decoder, strict=True):
-            skip = skips.pop()
-            # Upsample to the skip's size, not by 2: odd sizes round up on the way down.
-            x = F.interpolate(up(x), size=skip.shape[2:], mode="trilinear", align_corners=False)
-            x = block(x + skip)
-        return self.head(x)
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[OtherLoad]:
+        busy0, own0, wall0 = _busy_cpu_s(), _own_cpu_s(), time.perf_counter()
+        try:
+            yield self
+        finally:
+            busy1, own1, wall = _busy_cpu_s(), _own_cpu_s(), time.perf_counter() - wall0
+            if busy0 is not None and busy1 is not None and wall > 0:
+                self.cores = max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
 
 
-def unet_like_stack(conv: ConvFactory = nn.Conv3d) -> UNetLikeStack:
-    """The benchmark's U-Net-shaped stack (a stand-in for ``unet3d.UNet3D``).
-
-    Parameters
-    ----------
-    conv
-        Conv layer factory with ``nn.Conv3d``'s signature.
-
-    Returns
-    -------
-    UNetLikeStack
-        1 input channel, 2 output classes, channel widths 16, 32, 32, 64.
-    """
-    return UNetLikeStack(conv)
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
-# -- one variant and its measurements -------------------------------------------------------
+def _busy_note(section_loads: dict[str, float | None]) -> list[str]:
+    busy = {s: c for s, c in section_loads.items() if c is not None and c > BUSY_OTHER_CORES}
+    if not busy:
+        return []
+    listed = ", ".join(f"{s} {c:.2f}" for s, c in busy.items())
+    return [
+        f"**Machine busy**: other processes kept on average {listed} cores (of "
+        f"{os.cpu_count()}) busy during these sections; a busy neighbour stalls every "
+        "multi-threaded op, so their times are inflated (the fit's most: it is a single, "
+        "unrepeated measurement). Rerun on an idle machine, or pin --threads 1."
+    ]
+
+
+# -- one timed variant ----------------------------------------------------------------------
 @dataclass
 class Variant:
-    """One network under test, with its optimiser and the measurements taken so far."""
+    """One timed unit of work and the measurements taken so far.
 
+    ``forward`` does the first phase and returns a scalar tensor (the loss, or the KL
+    bound); ``backward`` consumes it.  Both phases are timed, separately and together.
+    """
+
+    section: str
     name: str
-    model: nn.Module
-    estimator: str | None
-    optimizer: torch.optim.Optimizer = field(init=False)
+    forward: Callable[[], Tensor]
+    backward: Callable[[Tensor], None]
+    reps: int
+    warmup: int = WARMUP_STEPS
+    #: Name of the variant whose median this one is divided by (itself for a baseline).
+    baseline: str = ""
+    target_ratio: float | None = None
+    #: Static facts for the results row (network, kernels, parameters...).
+    info: dict[str, Any] = field(default_factory=dict)
     step_s: list[float] = field(default_factory=list)
     forward_s: list[float] = field(default_factory=list)
     backward_s: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=SGD_LR)
-
-    @property
-    def bayesian(self) -> bool:
-        """Whether the network has Bayesian layers (and its loss a KL term)."""
-        return self.estimator is not None
+        self.baseline = self.baseline or self.name
 
 
-def build_variants(seed: int) -> list[Variant]:
-    """The deterministic stack and one Bayesian copy per estimator, all with equal weights."""
-    torch.manual_seed(seed)
-    base = unet_like_stack().train()
-    variants = [Variant(DETERMINISTIC, base, None)]
-    for est in TARGETS:
-        # bayesianize deep-copies `base`, so every variant starts from the same weights.
-        variants.append(Variant(est, dwp.bayesianize(base, estimator=est), est))
-    return variants
+def training_step(
+    model: nn.Module, x: Tensor, target: Tensor, bayesian: bool
+) -> tuple[Callable[[], Tensor], Callable[[Tensor], None]]:
+    """Forward/backward callables of one SGD training step of ``model``.
+
+    The loss is MSE against ``target`` plus, for Bayesian models, ``dwp.kl(model)`` (an
+    unweighted ELBO).  Forward covers zeroing the gradients, the forward pass, the loss and
+    the KL; backward the backward pass and the optimiser step.
+    """
+    optimizer = torch.optim.SGD(model.parameters(), lr=SGD_LR)
+
+    def forward() -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.mse_loss(model(x), target)
+        return loss + dwp.kl(model) if bayesian else loss
+
+    def backward(loss: Tensor) -> None:
+        loss.backward()
+        optimizer.step()
+
+    return forward, backward
 
 
-def _loss(variant: Variant, x: Tensor, target: Tensor) -> Tensor:
-    """MSE against a zero target, plus the KL for Bayesian variants (an unweighted ELBO)."""
-    loss = F.mse_loss(variant.model(x), target)
-    if variant.bayesian:
-        loss = loss + dwp.kl(variant.model)
-    return loss
+def kl_step(model: nn.Module) -> tuple[Callable[[], Tensor], Callable[[Tensor], None]]:
+    """Forward/backward callables of the KL bound alone: ``dwp.kl(model)``, ``.backward()``."""
+
+    def forward() -> Tensor:
+        model.zero_grad(set_to_none=True)
+        return dwp.kl(model)
+
+    def backward(kl: Tensor) -> None:
+        kl.backward()
+
+    return forward, backward
 
 
 @contextlib.contextmanager
@@ -250,47 +291,6 @@ def _gc_paused() -> Iterator[None]:
         gc.enable()
 
 
-def train_step(variant: Variant, x: Tensor, target: Tensor, record: bool = True) -> None:
-    """Run and time one training step: forward + loss (+ KL), backward, SGD step.
-
-    ``forward_s`` covers the forward pass, the loss and the KL; ``backward_s`` the
-    backward pass and the optimiser step.  ``record=False`` runs a warm-up step.
-    """
-    with _gc_paused():
-        start = time.perf_counter()
-        variant.optimizer.zero_grad(set_to_none=True)
-        loss = _loss(variant, x, target)
-        mid = time.perf_counter()
-        loss.backward()
-        variant.optimizer.step()
-        end = time.perf_counter()
-    variant.losses.append(loss.item())
-    if record:
-        variant.step_s.append(end - start)
-        variant.forward_s.append(mid - start)
-        variant.backward_s.append(end - mid)
-
-
-def saved_for_backward_mib(variant: Variant, x: Tensor, target: Tensor) -> float:
-    """MiB of distinct storages autograd keeps for the backward pass of one forward pass.
-
-    Storages are keyed by address so that views of one tensor (and a tensor saved by
-    several ops) count once.  The graph is discarded without a backward pass, so the
-    weights are left unchanged.
-    """
-    storages: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = _loss(variant, x, target)
-    del loss
-    return sum(storages.values()) / 2**20
-
-
 @contextlib.contextmanager
 def _gc_frozen() -> Iterator[None]:
     """Exempt every object alive now (torch's modules, the models) from collection.
@@ -306,21 +306,72 @@ def _gc_frozen() -> Iterator[None]:
         gc.unfreeze()
 
 
-def run_interleaved(variants: Sequence[Variant], x: Tensor, target: Tensor, steps: int) -> None:
-    """Warm every variant up, then time ``steps`` round-robin rounds over all variants."""
+def time_once(variant: Variant, record: bool = True) -> None:
+    """Run and time ``variant`` once; ``record=False`` runs a warm-up."""
+    with _gc_paused():
+        start = time.perf_counter()
+        loss = variant.forward()
+        mid = time.perf_counter()
+        variant.backward(loss)
+        end = time.perf_counter()
+    variant.losses.append(loss.item())
+    if record:
+        variant.step_s.append(end - start)
+        variant.forward_s.append(mid - start)
+        variant.backward_s.append(end - mid)
+
+
+def schedule(reps: Sequence[int], rounds: int) -> list[list[int]]:
+    """Indices of the variants that run in each round, the starting one rotating.
+
+    A variant with ``reps < rounds`` runs in ``reps`` rounds spread evenly over the run
+    (centred in equal slices), so that it samples the same drifts as the others.
+    """
+    runs_in: list[set[int]] = [
+        {min(rounds - 1, int((i + 0.5) * rounds / n)) for i in range(n)} for n in reps
+    ]
+    plan = []
+    for round_ in range(rounds):
+        members = [v for v, rounds_of in enumerate(runs_in) if round_ in rounds_of]
+        shift = round_ % len(members) if members else 0
+        plan.append(members[shift:] + members[:shift])
+    return plan
+
+
+def run_interleaved(variants: Sequence[Variant], label: str) -> None:
+    """Warm every variant up, then time them round-robin (see :func:`schedule`)."""
+    rounds = max(v.reps for v in variants)
     with _gc_frozen():
         for variant in variants:
-            for _ in range(WARMUP_STEPS):
-                train_step(variant, x, target, record=False)
-        n = len(variants)
-        for round_ in range(steps):
-            # Rotate the starting variant so none always follows the same neighbour.
-            for i in range(n):
-                train_step(variants[(round_ + i) % n], x, target)
-            print(f"round {round_ + 1}/{steps} done", file=sys.stderr, flush=True)
+            for _ in range(variant.warmup):
+                time_once(variant, record=False)
+        for round_, members in enumerate(schedule([v.reps for v in variants], rounds)):
+            for i in members:
+                time_once(variants[i])
+            print(f"[{label}] round {round_ + 1}/{rounds} done", file=sys.stderr, flush=True)
 
 
-# -- summary and report --------------------------------------------------------------------
+def saved_for_backward_mib(variant: Variant) -> float:
+    """MiB of distinct storages autograd keeps for the backward pass of one forward pass.
+
+    Storages are keyed by address so that views of one tensor (and a tensor saved by
+    several ops) count once.  The graph is discarded without a backward pass, so the
+    weights are left unchanged.
+    """
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = variant.forward()
+    del loss
+    return sum(storages.values()) / 2**20
+
+
+# -- summary -------------------------------------------------------------------------------
 def quartiles(times: Sequence[float]) -> tuple[float, float, float]:
     """First quartile, median and third quartile of at least two samples."""
     q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
@@ -328,19 +379,20 @@ def quartiles(times: Sequence[float]) -> tuple[float, float, float]:
 
 
 def summarise(variants: Sequence[Variant], saved_mib: dict[str, float]) -> list[dict[str, Any]]:
-    """One JSON-ready record per variant; ratios are against the deterministic median."""
-    # The same estimator for baseline and rows, so the baseline's own ratio is exactly 1.
-    baseline = quartiles(variants[0].step_s)[1]
+    """One JSON-ready record per variant; ``ratio`` is against its baseline's median."""
+    # The same estimator for baselines and rows, so a baseline's own ratio is exactly 1.
+    medians = {v.name: quartiles(v.step_s)[1] for v in variants}
     rows = []
     for v in variants:
         q1, median, q3 = quartiles(v.step_s)
-        target = TARGETS.get(v.name)
-        ratio = median / baseline
+        ratio = median / medians[v.baseline]
         rows.append(
             {
+                "section": v.section,
                 "variant": v.name,
-                "estimator": v.estimator,
-                "steps": len(v.step_s),
+                **v.info,
+                "reps": len(v.step_s),
+                "warmup": v.warmup,
                 "median_s": median,
                 "q1_s": q1,
                 "q3_s": q3,
@@ -349,12 +401,12 @@ def summarise(variants: Sequence[Variant], saved_mib: dict[str, float]) -> list[
                 "max_s": max(v.step_s),
                 "median_forward_s": statistics.median(v.forward_s),
                 "median_backward_s": statistics.median(v.backward_s),
-                "ratio_vs_deterministic": ratio,
-                "target_ratio": target,
-                "met": None if target is None else ratio <= target,
+                "baseline": v.baseline,
+                "ratio": ratio,
+                "target_ratio": v.target_ratio,
+                "met": None if v.target_ratio is None else ratio <= v.target_ratio,
                 "noisy": (q3 - q1) > NOISY_IQR_FRACTION * median,
                 "saved_for_backward_mib": saved_mib[v.name],
-                "parameters": sum(p.numel() for p in v.model.parameters()),
                 "loss_first": v.losses[0],
                 "loss_last": v.losses[-1],
                 "times_s": list(v.step_s),
@@ -363,7 +415,61 @@ def summarise(variants: Sequence[Variant], saved_mib: dict[str, float]) -> list[
     return rows
 
 
-def render_tables(rows: Sequence[dict[str, Any]], quick: bool) -> str:
+def _met(row: dict[str, Any]) -> str:
+    return "-" if row["met"] is None else ("yes" if row["met"] else "NO")
+
+
+def _noisy_note(rows: Sequence[dict[str, Any]]) -> list[str]:
+    noisy = [r["variant"] for r in rows if r.get("noisy")]
+    if not noisy:
+        return []
+    return [
+        f"**Noisy timings** (IQR > {NOISY_IQR_FRACTION:.0%} of the median) for "
+        f"{', '.join(noisy)}: the machine was busy or throttled; rerun, raise --steps, "
+        "or pin --threads below the number of cores."
+    ]
+
+
+def _join(notes: Sequence[str], *tables: str) -> str:
+    return "\n\n".join([*notes, *tables])
+
+
+# -- section: layer estimators --------------------------------------------------------------
+def layer_variants(seed: int, widths: Sequence[int], x: Tensor, reps: int) -> list[Variant]:
+    """The deterministic UNet3D and one copy per estimator with Bayesian 3x3x3 convs."""
+    torch.manual_seed(seed)
+    base = UNet3D(widths=widths).train()
+    target = torch.zeros(x.shape[0], base.n_classes, *x.shape[2:])
+    bayesian_layers = kernel3_layers(base)
+    models: list[tuple[str, nn.Module, str | None]] = [(DETERMINISTIC, base, None)]
+    for est in LAYER_TARGETS:
+        # bayesianize deep-copies `base`, so every variant starts from the same weights.
+        net = dwp.bayesianize(base, include=bayesian_layers, estimator=est)
+        models.append((est, net, est))
+    variants = []
+    for name, model, est in models:
+        forward, backward = training_step(model, x, target, bayesian=est is not None)
+        info = {
+            "estimator": est,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "bayesian_layers": 0 if est is None else len(bayesian_layers),
+        }
+        variants.append(
+            Variant(
+                "layers",
+                name,
+                forward,
+                backward,
+                reps,
+                baseline=DETERMINISTIC,
+                target_ratio=LAYER_TARGETS.get(name),
+                info=info,
+            )
+        )
+    return variants
+
+
+def render_layers(rows: Sequence[dict[str, Any]]) -> str:
     """The headline table (ratios vs targets) and a forward/backward/memory breakdown."""
     headline = markdown_table(
         ["variant", "median step (s)", "IQR", "ratio vs deterministic", "target", "met?"],
@@ -372,9 +478,9 @@ def render_tables(rows: Sequence[dict[str, Any]], quick: bool) -> str:
                 r["variant"],
                 f"{r['median_s']:.4f}",
                 f"{r['iqr_s']:.4f}",
-                f"{r['ratio_vs_deterministic']:.2f}x",
+                f"{r['ratio']:.2f}x",
                 "baseline" if r["target_ratio"] is None else f"<= {r['target_ratio']:.2f}x",
-                "-" if r["met"] is None else ("yes" if r["met"] else "NO"),
+                _met(r),
             ]
             for r in rows
         ],
@@ -385,6 +491,7 @@ def render_tables(rows: Sequence[dict[str, Any]], quick: bool) -> str:
             "median forward+loss+KL (s)",
             "median backward+SGD (s)",
             "saved for backward (MiB)",
+            "parameters",
         ],
         [
             [
@@ -392,38 +499,334 @@ def render_tables(rows: Sequence[dict[str, Any]], quick: bool) -> str:
                 f"{r['median_forward_s']:.4f}",
                 f"{r['median_backward_s']:.4f}",
                 f"{r['saved_for_backward_mib']:.1f}",
+                f"{r['parameters']:,}",
             ]
             for r in rows
         ],
     )
-    notes = []
-    if quick:
-        notes.append("**QUICK smoke run: too small and too short to compare with the targets.**")
-    noisy = [r["variant"] for r in rows if r["noisy"]]
-    if noisy:
-        notes.append(
-            f"**Noisy timings** (IQR > {NOISY_IQR_FRACTION:.0%} of the median) for "
-            f"{', '.join(noisy)}: the machine was busy or throttled; rerun, raise --steps, "
-            "or pin --threads below the number of cores."
+    return _join(_noisy_note(rows), headline, "Breakdown:", breakdown)
+
+
+def run_layers(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
+    """Time the layer estimators; return the rows, the section's config and its tables."""
+    torch.manual_seed(args.seed)
+    x = torch.randn(args.batch, 1, args.size, args.size, args.size)
+    variants = layer_variants(args.seed, args.widths, x, args.steps)
+    run_interleaved(variants, "layers")
+    # After the timing, so that it cannot disturb it; it leaves the weights unchanged.
+    saved = {v.name: saved_for_backward_mib(v) for v in variants}
+    rows = summarise(variants, saved)
+    config = {
+        "network": "unet3d.UNet3D",
+        "widths": list(args.widths),
+        "bayesian_layers": "kernel3_layers(net): the 3x3x3 convs; 1x1x1 convs deterministic",
+        "prior": "dwp.NormalPrior() (bayesianize's default)",
+        "input_shape": list(x.shape),
+        "steps": args.steps,
+        "warmup_steps": WARMUP_STEPS,
+        "loss": "mse(output, 0) + dwp.kl(model) for Bayesian variants",
+        "optimizer": f"SGD(lr={SGD_LR})",
+        "targets": LAYER_TARGETS,
+    }
+    return rows, config, render_layers(rows)
+
+
+# -- section: the deep weight prior's KL bound ----------------------------------------------
+def _dwp_network(
+    net: nn.Module,
+    vaes: dict[str, dwp.KernelVAE],
+    layer_groups: dict[str, str] | None = None,
+    kernel_fraction: float = 1.0,
+) -> nn.Module:
+    """``net`` with Bayesian 3x3x3 convs under a deep weight prior of ``vaes``."""
+    prior = dwp.DeepWeightPrior(vaes, layer_groups, kernel_fraction=kernel_fraction)
+    return dwp.bayesianize(net, prior, include=kernel3_layers(net))
+
+
+def kl_variants(
+    seed: int, widths: Sequence[int], wide_widths: Sequence[int], x: Tensor, reps: int, heavy: int
+) -> list[Variant]:
+    """Deterministic training steps of both U-Nets and the KL bounds measured against them."""
+    torch.manual_seed(seed)
+    kernel = (3, 3, 3)
+    net, wide = UNet3D(widths=widths).train(), UNet3D(widths=wide_widths).train()
+    target = torch.zeros(x.shape[0], net.n_classes, *x.shape[2:])
+    # The VAEs are untrained: the cost of the bound does not depend on their weights.
+    bank = dwp.collect_kernels(
+        net, group_by="resolution", include=kernel3_layers(net), example_input=x[:1]
+    )
+    groups = {g: len(k) for g, k in bank.groups().items()}
+    models = {
+        "kl_mlp_1vae": _dwp_network(net, {"all": dwp.KernelVAE(kernel)}),
+        "kl_mlp_7vae": _dwp_network(
+            net, {g: dwp.KernelVAE(kernel) for g in bank.group_names}, dict(bank.layer_groups)
+        ),
+        "kl_conv_1vae": _dwp_network(net, {"all": dwp.KernelVAE(kernel, architecture="conv")}),
+        "kl_mlp_1vae_wide": _dwp_network(wide, {"all": dwp.KernelVAE(kernel)}),
+        # not the default: an unbiased estimate on half the kernels per step
+        "kl_mlp_1vae_wide_half": _dwp_network(
+            wide, {"all": dwp.KernelVAE(kernel)}, kernel_fraction=0.5
+        ),
+    }
+    step, step_wide = "step_unet3d", "step_unet3d_wide"
+
+    def unet_info(widths_: Sequence[int], model: nn.Module) -> dict[str, Any]:
+        return {"widths": list(widths_), "kernels": count_kernels(model)}
+
+    def vae_info(model: nn.Module, arch: str, n_vaes: int) -> dict[str, Any]:
+        vae = next(m for m in model.modules() if isinstance(m, dwp.KernelVAE))
+        # decoder weights are buffers in a prior: count the whole state
+        size = sum(t.numel() for t in vae.state_dict().values())
+        return {"architecture": arch, "vaes": n_vaes, "vae_weights_each": size}
+
+    def dwp_variant(name: str, baseline: str, arch: str, n_vaes: int, **kw: Any) -> Variant:
+        model = models[name]
+        source = wide if baseline == step_wide else net
+        info = {
+            "what": "dwp.kl(model) + backward",
+            **unet_info(source.widths, source),
+            **vae_info(model, arch, n_vaes),
+        }
+        if n_vaes > 1:
+            info["groups"] = groups
+        return Variant(
+            "kl",
+            name,
+            *kl_step(model),
+            baseline=baseline,
+            target_ratio=None if arch == "conv" else KL_TARGET,
+            info=info,
+            **kw,
         )
-    header = "".join(f"{note}\n\n" for note in notes)
-    return f"{header}{headline}\n\nBreakdown:\n\n{breakdown}"
+
+    def step_variant(name: str, model: nn.Module, **kw: Any) -> Variant:
+        info = {
+            "what": f"deterministic UNet3D training step, input {list(x.shape)}",
+            **unet_info(model.widths, model),
+            "parameters": sum(p.numel() for p in model.parameters()),
+        }
+        return Variant(
+            "kl", name, *training_step(model, x, target, bayesian=False), info=info, **kw
+        )
+
+    slow = {"reps": heavy, "warmup": HEAVY_WARMUP_STEPS}
+    return [
+        step_variant(step, net, reps=reps),
+        dwp_variant("kl_mlp_1vae", step, "mlp", 1, reps=reps),
+        dwp_variant("kl_mlp_7vae", step, "mlp", len(groups), reps=reps),
+        dwp_variant("kl_conv_1vae", step, "conv", 1, **slow),
+        step_variant(step_wide, wide, **slow),
+        dwp_variant("kl_mlp_1vae_wide", step_wide, "mlp", 1, reps=reps),
+        dwp_variant("kl_mlp_1vae_wide_half", step_wide, "mlp", 1, reps=reps),
+    ]
+
+
+def render_kl(rows: Sequence[dict[str, Any]]) -> str:
+    """The ratio table and a forward/backward/memory breakdown."""
+    headline = markdown_table(
+        [
+            "variant",
+            "U-Net widths",
+            "3x3x3 kernels",
+            "VAE",
+            "reps",
+            "median (s)",
+            "IQR",
+            "ratio vs step",
+            "target",
+            "met?",
+        ],
+        [
+            [
+                r["variant"],
+                "-".join(map(str, r["widths"])),
+                f"{r['kernels']:,}",
+                "-" if "architecture" not in r else f"{r['vaes']} x {r['architecture']}",
+                r["reps"],
+                f"{r['median_s']:.4f}",
+                f"{r['iqr_s']:.4f}",
+                "baseline" if r["baseline"] == r["variant"] else f"{r['ratio']:.1%}",
+                (
+                    ("baseline" if r["baseline"] == r["variant"] else "none")
+                    if r["target_ratio"] is None
+                    else f"<= {r['target_ratio']:.0%}"
+                ),
+                _met(r),
+            ]
+            for r in rows
+        ],
+    )
+    breakdown = markdown_table(
+        ["variant", "ratio of", "median forward (s)", "median backward (s)", "saved (MiB)"],
+        [
+            [
+                r["variant"],
+                r["baseline"],
+                f"{r['median_forward_s']:.4f}",
+                f"{r['median_backward_s']:.4f}",
+                f"{r['saved_for_backward_mib']:.1f}",
+            ]
+            for r in rows
+        ],
+    )
+    return _join(_noisy_note(rows), headline, "Breakdown:", breakdown)
+
+
+def run_kl(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
+    """Time the KL bounds against the deterministic steps; rows, config and tables."""
+    torch.manual_seed(args.seed)
+    x = torch.randn(args.batch, 1, args.size, args.size, args.size)
+    variants = kl_variants(args.seed, args.widths, args.wide_widths, x, args.steps, args.heavy)
+    run_interleaved(variants, "kl")
+    saved = {v.name: saved_for_backward_mib(v) for v in variants}
+    rows = summarise(variants, saved)
+    config = {
+        "network": "unet3d.UNet3D",
+        "widths": list(args.widths),
+        "wide_widths": list(args.wide_widths),
+        "bayesian_layers": "kernel3_layers(net): the 3x3x3 convs; 1x1x1 convs deterministic",
+        "input_shape": list(x.shape),
+        "timed": "kl_*: dwp.kl(model) then .backward() (no network forward); step_*: "
+        "deterministic training step (mse(output, 0), backward, SGD)",
+        "vaes": "untrained KernelVAE((3, 3, 3)) (mlp: default hidden 64, latent 6; conv: the "
+        "MRI paper's); DeepWeightPrior defaults (n_samples 1, no chunking, encoder trained)",
+        "groups": "kl_mlp_7vae: collect_kernels(group_by='resolution') on UNet3D",
+        "steps": args.steps,
+        "heavy_reps": args.heavy,
+        "heavy_variants": ["kl_conv_1vae", "step_unet3d_wide"],
+        "heavy_note": f"the heavy variants run {args.heavy} timed reps (after "
+        f"{HEAVY_WARMUP_STEPS} warm-up) spread over the {args.steps} rounds; the others "
+        f"{args.steps} (after {WARMUP_STEPS})",
+        "target": f"MLP bound <= {KL_TARGET:.0%} of its U-Net's deterministic step; "
+        "conv VAE: no target",
+    }
+    return rows, config, render_kl(rows)
+
+
+# -- section: fitting the kernel VAE --------------------------------------------------------
+def fit_kernels(seed: int, widths: Sequence[int], n: int) -> Tensor:
+    """The first ``n`` 3x3x3 kernels of He-initialised UNet3Ds (as many as needed)."""
+    torch.manual_seed(seed)
+    per_net = count_kernels(UNet3D(widths=widths))
+    nets = [UNet3D(widths=widths) for _ in range(max(FIT_SOURCES, -(-n // per_net)))]
+    bank = dwp.collect_kernels(nets, group_by="all", include=kernel3_layers(nets[0]))
+    if len(bank) < n:
+        raise RuntimeError(f"collected {len(bank)} kernels, need {n}")
+    return bank.kernels[:n]
+
+
+def run_fit(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
+    """Time one VAE fit; rows, config and table."""
+    kernels = fit_kernels(args.seed, args.widths, args.fit_kernels)
+    # Early stopping must not end the run: patience beyond the budget, an unreachable
+    # learning-rate floor (ReduceLROnPlateau only ever multiplies by 0.1).
+    options = {
+        "epochs": args.fit_epochs,
+        "early_stopping": args.fit_epochs + 1,
+        "min_lr": 0.0,
+        "progress": False,
+        "seed": args.seed,
+    }
+    with _gc_paused(), OtherLoad().measure() as load:
+        start = time.perf_counter()
+        fit = dwp.fit_kernel_vae(kernels, **options)
+        wall = time.perf_counter() - start
+    epochs = len(fit.history)
+    row = {
+        "section": "fit",
+        "variant": "fit_kernel_vae_mlp",
+        "kernels": len(kernels),
+        "n_train": fit.n_train,
+        "n_val": fit.n_val,
+        "epochs_requested": args.fit_epochs,
+        "epochs_run": epochs,
+        "stopped": fit.stopped,
+        "reps": 1,
+        "median_s": wall,
+        "iqr_s": None,
+        "s_per_epoch": wall / max(epochs, 1),
+        "baseline": "target",
+        "ratio": wall / FIT_TARGET_S,
+        "target_s": FIT_TARGET_S,
+        "target_ratio": 1.0,
+        "met": wall < FIT_TARGET_S,
+        # one unrepeated measurement: no IQR, so other processes' load is the noise flag
+        "noisy": None if load.cores is None else load.cores > BUSY_OTHER_CORES,
+        "other_processes_cores": load.cores,
+        "best_val_elbo": fit.best_val_elbo,
+        "final_lr": fit.history[-1]["lr"] if fit.history else None,
+        "times_s": [wall],
+    }
+    table = markdown_table(
+        ["variant", "kernels", "epochs run", "wall (s)", "s / epoch", "target", "met?", "stopped"],
+        [
+            [
+                row["variant"],
+                f"{row['kernels']:,}",
+                f"{epochs} / {args.fit_epochs}",
+                f"{wall:.1f}",
+                f"{row['s_per_epoch']:.2f}",
+                f"< {FIT_TARGET_S:.0f} s",
+                _met(row),
+                row["stopped"],
+            ]
+        ],
+    )
+    config = {
+        "call": "dwp.fit_kernel_vae(kernels, epochs=E, early_stopping=E + 1, min_lr=0.0, "
+        "progress=False, seed=SEED); all other settings default (mlp, hidden 64, latent 6, "
+        "batch 256, Adam lr 1e-3, val_fraction 0.1)",
+        "options": options,
+        "kernels": len(kernels),
+        "kernel_source": f"first {len(kernels)} 3x3x3 kernels of He-initialised "
+        f"UNet3D(widths={tuple(args.widths)}) models (random init: the fit's cost does "
+        "not depend on the kernels' values)",
+        "timing": "one run, wall clock (includes the held-out ELBO per epoch and the "
+        "Gaussian baselines at the end)",
+        "target_s": FIT_TARGET_S,
+    }
+    return [row], config, table
 
 
 # -- command line --------------------------------------------------------------------------
+RUNNERS = {"layers": run_layers, "kl": run_kl, "fit": run_fit}
+TITLES = {
+    "layers": "layers: training step, Bayesian 3x3x3 convs vs deterministic UNet3D",
+    "kl": "kl: deep weight prior bound (forward + backward) vs deterministic training step",
+    "fit": "fit: dwp.fit_kernel_vae wall time",
+}
+
+
+def _sections(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SECTIONS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated subset of {','.join(SECTIONS)}, got {text!r}"
+        )
+    return [s for s in SECTIONS if s in names]  # canonical order, no duplicates
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.speed",
-        description="Time a training step of a U-Net-shaped 3D conv stack, deterministic vs "
-        "bayesianized (reparam, local_reparam, flipout).",
+        description="Time Bayesian UNet3D training steps (reparam, local_reparam, flipout), "
+        "the deep weight prior's KL bound and the kernel VAE fit.",
     )
     parser.add_argument("--seed", type=int, default=0, help="torch seed (default 0)")
+    parser.add_argument(
+        "--sections",
+        type=_sections,
+        default=list(SECTIONS),
+        help=f"comma-separated sections to run (default {','.join(SECTIONS)})",
+    )
     parser.add_argument(
         "--steps",
         type=int,
         default=None,
         help=f"timed rounds per variant (default {DEFAULT_STEPS}, {QUICK_STEPS} with --quick; "
-        f"at least {MIN_REPORT_STEPS} unless --quick)",
+        f"at least {MIN_REPORT_STEPS} unless --quick); the slow kl variants run "
+        f"{HEAVY_REPS} ({QUICK_HEAVY_REPS} with --quick)",
     )
     parser.add_argument(
         "--size",
@@ -450,13 +853,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: small volume, few rounds; written as speed_quick.*",
+        help=f"smoke run: {QUICK_SIZE}^3 volume, widths {QUICK_WIDTHS}, few rounds, "
+        f"{QUICK_FIT_EPOCHS} fit epochs on {QUICK_FIT_KERNELS} kernels; written as speed_quick.*",
     )
     return parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse and validate the command line, filling in the --quick-dependent defaults."""
+    """Parse and validate the command line, filling in the --quick-dependent settings."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.steps is None:
@@ -475,11 +879,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--batch must be positive")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be positive")
+    args.heavy = min(args.steps, QUICK_HEAVY_REPS if args.quick else HEAVY_REPS)
+    args.widths = QUICK_WIDTHS if args.quick else WIDTHS
+    args.wide_widths = QUICK_WIDE_WIDTHS if args.quick else WIDE_WIDTHS
+    args.fit_epochs = QUICK_FIT_EPOCHS if args.quick else FIT_EPOCHS
+    args.fit_kernels = QUICK_FIT_KERNELS if args.quick else FIT_KERNELS
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark, print the table and write ``speed[_quick].{json,md}``.
+    """Run the chosen sections, print the tables and write ``speed[_quick].{json,md}``.
 
     Parameters
     ----------
@@ -498,39 +907,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     allocator = "system default" if args.system_allocator else tune_glibc_malloc()
     start = time.perf_counter()
 
-    variants = build_variants(args.seed)
-    x = torch.randn(args.batch, 1, args.size, args.size, args.size)
-    target = torch.zeros(args.batch, 2, args.size, args.size, args.size)
-    run_interleaved(variants, x, target, args.steps)
-    # After the timing, so that it cannot disturb it; it leaves the weights unchanged.
-    saved_mib = {v.name: saved_for_backward_mib(v, x, target) for v in variants}
+    rows: list[dict[str, Any]] = []
+    section_configs: dict[str, Any] = {}
+    tables: list[str] = []
+    section_wall: dict[str, float] = {}
+    other_cores: dict[str, float | None] = {}
+    for section in args.sections:
+        t0 = time.perf_counter()
+        with OtherLoad().measure() as load:
+            section_rows, section_config, table = RUNNERS[section](args)
+        section_wall[section] = time.perf_counter() - t0
+        other_cores[section] = load.cores
+        section_config["other_processes_cores"] = load.cores
+        rows += section_rows
+        section_configs[section] = section_config
+        tables.append(f"## {TITLES[section]}\n\n{table}")
+        print(f"[{section}] done in {section_wall[section]:.1f} s", file=sys.stderr, flush=True)
 
-    rows = summarise(variants, saved_mib)
-    table = render_tables(rows, args.quick) + f"\n\nAllocator: {allocator}."
+    total = time.perf_counter() - start
+    notes = []
+    if args.quick:
+        notes.append("**QUICK smoke run: too small and too short to compare with the targets.**")
+    notes += _busy_note(other_cores)
+    walls = ", ".join(f"{s} {section_wall[s]:.0f} s" for s in args.sections)
+    loads = ", ".join(f"{s} {'n/a' if c is None else f'{c:.2f}'}" for s, c in other_cores.items())
+    footer = (
+        f"Allocator: {allocator}. Total {total:.0f} s ({walls}), "
+        f"{torch.get_num_threads()} threads, seed {args.seed}. Cores kept busy by other "
+        f"processes, on average: {loads}."
+    )
+    markdown = "\n\n".join([*notes, *tables, footer])
     config = {
         "seed": args.seed,
-        "steps": args.steps,
-        "warmup_steps": WARMUP_STEPS,
+        "sections": list(args.sections),
+        "quick": args.quick,
         "size": args.size,
         "batch": args.batch,
-        "input_shape": list(x.shape),
+        "steps": args.steps,
         "threads": torch.get_num_threads(),
         "allocator": allocator,
-        "quick": args.quick,
-        "network": "unet_like_stack (stand-in for unet3d.UNet3D)",
-        "channels": list(CHANNELS),
-        "loss": "mse(output, 0) + dwp.kl(model) for Bayesian variants",
-        "optimizer": f"SGD(lr={SGD_LR})",
         "validation": dwp.settings.validation_enabled(),
-        "targets": TARGETS,
-        "total_wall_s": time.perf_counter() - start,
+        **section_configs,
+        "section_wall_s": section_wall,
+        "other_processes_cores": other_cores,
+        "total_wall_s": total,
     }
     name = "speed_quick" if args.quick else "speed"
     command = shlex.join(["python", "-m", "benchmarks.speed", *argv])
-    json_path, md_path = write_results(name, config, rows, table, args.out, command=command)
+    json_path, md_path = write_results(name, config, rows, markdown, args.out, command=command)
 
-    print(table)
-    print(f"\ntotal {config['total_wall_s']:.1f} s; wrote {json_path} and {md_path}")
+    print(markdown)
+    print(f"\ntotal {total:.1f} s; wrote {json_path} and {md_path}")
     return 0
 
 

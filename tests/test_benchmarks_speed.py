@@ -15,26 +15,48 @@ import pytest
 import torch
 
 from benchmarks import report, speed
+from unet3d import UNet3D, count_kernels, kernel3_layers
 
-VARIANTS = ["deterministic", *speed.TARGETS]
+VARIANTS = {
+    "layers": ["deterministic", *speed.LAYER_TARGETS],
+    "kl": [
+        "step_unet3d",
+        "kl_mlp_1vae",
+        "kl_mlp_7vae",
+        "kl_conv_1vae",
+        "step_unet3d_wide",
+        "kl_mlp_1vae_wide",
+        "kl_mlp_1vae_wide_half",
+    ],
+    "fit": ["fit_kernel_vae_mlp"],
+}
+HEADINGS = {s: f"## {speed.TITLES[s]}" for s in speed.SECTIONS}
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """One ``--quick`` run shared by the tests below (it is the slow part)."""
+    """One ``--quick`` run of every section, shared by the tests below (the slow part)."""
     out = tmp_path_factory.mktemp("speed")
     assert speed.main(["--quick", "--seed", "3", "--out", str(out)]) == 0
     return out, json.loads((out / "speed_quick.json").read_text())
 
 
-def test_quick_run_writes_json_and_markdown(quick_run: tuple[Path, dict]) -> None:
+def _rows(result: dict, section: str) -> dict[str, dict]:
+    return {r["variant"]: r for r in result["rows"] if r["section"] == section}
+
+
+def test_quick_run_writes_one_json_and_one_markdown(quick_run: tuple[Path, dict]) -> None:
     out, result = quick_run
     assert sorted(p.name for p in out.iterdir()) == ["speed_quick.json", "speed_quick.md"]
     markdown = (out / "speed_quick.md").read_text()
     assert "QUICK" in markdown
+    positions = [markdown.index(HEADINGS[s]) for s in speed.SECTIONS]
+    assert positions == sorted(positions)  # one table per section, in order
     assert (
         "| variant | median step (s) | IQR | ratio vs deterministic | target | met? |" in markdown
     )
+    assert "| ratio vs step | target | met? |" in markdown
+    assert "| epochs run | wall (s) |" in markdown
     assert "python -m benchmarks.speed --quick --seed 3 --out" in markdown
     assert result["command"].startswith("python -m benchmarks.speed --quick")
 
@@ -44,61 +66,163 @@ def test_quick_run_records_config_and_environment(quick_run: tuple[Path, dict]) 
     config = result["config"]
     assert config["quick"] is True
     assert config["seed"] == 3
+    assert config["sections"] == list(speed.SECTIONS)
     assert config["steps"] == speed.QUICK_STEPS
     assert config["size"] == speed.QUICK_SIZE
-    assert config["targets"] == speed.TARGETS
+    assert config["layers"]["network"] == "unet3d.UNet3D"
+    assert config["layers"]["widths"] == list(speed.QUICK_WIDTHS)
+    assert config["layers"]["targets"] == speed.LAYER_TARGETS
+    assert config["kl"]["heavy_reps"] == speed.QUICK_HEAVY_REPS
+    fit = config["fit"]["options"]
+    assert fit["epochs"] == speed.QUICK_FIT_EPOCHS and fit["seed"] == 3
+    assert fit["early_stopping"] > fit["epochs"] and fit["min_lr"] == 0.0
+    assert set(config["section_wall_s"]) == set(speed.SECTIONS)
+    # the noise indicator for the unrepeated fit (None where /proc/stat is missing)
+    for cores in config["other_processes_cores"].values():
+        assert cores is None or cores >= 0
     assert result["environment"]["torch"] == torch.__version__
     assert {"python", "platform", "num_threads", "git_commit"} <= result["environment"].keys()
 
 
-def test_quick_run_has_one_row_per_variant(quick_run: tuple[Path, dict]) -> None:
+def test_every_row_has_numbers_ratio_and_target(quick_run: tuple[Path, dict]) -> None:
     _, result = quick_run
-    rows = {row["variant"]: row for row in result["rows"]}
-    assert list(rows) == VARIANTS
+    assert [r["section"] for r in result["rows"]] == [
+        s for s in speed.SECTIONS for _ in VARIANTS[s]
+    ]
+    for section, names in VARIANTS.items():
+        assert list(_rows(result, section)) == names
+    for row in result["rows"]:
+        assert row["median_s"] > 0 and all(t > 0 for t in row["times_s"])
+        assert len(row["times_s"]) == row["reps"]
+        assert row["ratio"] > 0
+        assert {"baseline", "target_ratio", "met"} <= row.keys()
+        if row["target_ratio"] is None:
+            assert row["met"] is None
+        else:
+            assert row["met"] == (row["ratio"] <= row["target_ratio"])
+
+
+def test_layer_rows(quick_run: tuple[Path, dict]) -> None:
+    _, result = quick_run
+    rows = _rows(result, "layers")
+    n_bayesian = len(kernel3_layers(UNet3D(widths=speed.QUICK_WIDTHS)))
     for name, row in rows.items():
         assert len(row["times_s"]) == speed.QUICK_STEPS
-        assert all(t > 0 for t in row["times_s"])
-        assert row["median_s"] > 0 and row["iqr_s"] >= 0
-        assert row["saved_for_backward_mib"] > 0
+        assert row["iqr_s"] >= 0 and row["saved_for_backward_mib"] > 0
+        assert row["baseline"] == "deterministic"
         if name == "deterministic":
-            assert row["ratio_vs_deterministic"] == 1.0
-            assert row["target_ratio"] is None and row["met"] is None
+            assert row["ratio"] == 1.0 and row["target_ratio"] is None
+            assert row["bayesian_layers"] == 0
         else:
-            assert row["ratio_vs_deterministic"] > 0
-            assert row["target_ratio"] == speed.TARGETS[name]
-            assert isinstance(row["met"], bool)
+            assert row["target_ratio"] == speed.LAYER_TARGETS[name]
+            assert row["bayesian_layers"] == n_bayesian
+            # a silently failed bayesianize would still time fine; the log-sigmas give it away
+            assert row["parameters"] > rows["deterministic"]["parameters"]
 
 
-def test_bayesian_variants_have_more_parameters(quick_run: tuple[Path, dict]) -> None:
-    # A silently failed bayesianize would still time fine; the log-sigmas give it away.
+def test_kl_rows(quick_run: tuple[Path, dict]) -> None:
     _, result = quick_run
-    params = {row["variant"]: row["parameters"] for row in result["rows"]}
-    for name in speed.TARGETS:
-        assert params[name] > params["deterministic"]
+    rows = _rows(result, "kl")
+    kernels = count_kernels(UNet3D(widths=speed.QUICK_WIDTHS))
+    wide_kernels = count_kernels(UNet3D(widths=speed.QUICK_WIDE_WIDTHS))
+    for name in ("step_unet3d", "step_unet3d_wide"):
+        assert rows[name]["baseline"] == name and rows[name]["ratio"] == 1.0
+        assert rows[name]["target_ratio"] is None
+    for name in ("kl_mlp_1vae", "kl_mlp_7vae", "kl_conv_1vae"):
+        assert rows[name]["baseline"] == "step_unet3d"
+        assert rows[name]["kernels"] == kernels
+    assert rows["kl_mlp_1vae_wide"]["baseline"] == "step_unet3d_wide"
+    assert (
+        rows["kl_mlp_1vae_wide"]["kernels"] == wide_kernels == rows["step_unet3d_wide"]["kernels"]
+    )
+    for name in ("kl_mlp_1vae", "kl_mlp_7vae", "kl_mlp_1vae_wide"):
+        assert rows[name]["architecture"] == "mlp"
+        assert rows[name]["target_ratio"] == speed.KL_TARGET
+    assert rows["kl_conv_1vae"]["architecture"] == "conv"
+    assert rows["kl_conv_1vae"]["target_ratio"] is None  # reported without a target
+    assert rows["kl_mlp_7vae"]["vaes"] == len(rows["kl_mlp_7vae"]["groups"]) == 7
+    assert sum(rows["kl_mlp_7vae"]["groups"].values()) == kernels
+    for name in ("kl_conv_1vae", "step_unet3d_wide"):
+        assert rows[name]["reps"] == speed.QUICK_HEAVY_REPS
+    assert rows["kl_mlp_1vae"]["reps"] == speed.QUICK_STEPS
+    for row in rows.values():
+        assert row["saved_for_backward_mib"] > 0
 
 
-def test_same_seed_same_computation(quick_run: tuple[Path, dict], tmp_path: Path) -> None:
+def test_fit_row(quick_run: tuple[Path, dict]) -> None:
+    _, result = quick_run
+    (row,) = _rows(result, "fit").values()
+    assert row["kernels"] == speed.QUICK_FIT_KERNELS == row["n_train"] + row["n_val"]
+    assert row["epochs_run"] == row["epochs_requested"] == speed.QUICK_FIT_EPOCHS
+    assert row["target_s"] == speed.FIT_TARGET_S
+    assert row["ratio"] == pytest.approx(row["median_s"] / speed.FIT_TARGET_S)
+    assert "other_processes_cores" in row and "noisy" in row
+
+
+def test_section_selection_and_same_seed_same_computation(
+    quick_run: tuple[Path, dict], tmp_path: Path
+) -> None:
     _, first = quick_run
-    speed.main(["--quick", "--seed", "3", "--steps", "2", "--out", str(tmp_path)])
+    argv = ["--quick", "--sections", "kl,layers", "--seed", "3", "--steps", "2"]
+    assert speed.main([*argv, "--out", str(tmp_path)]) == 0
     second = json.loads((tmp_path / "speed_quick.json").read_text())
-    for a, b in zip(first["rows"], second["rows"], strict=True):
-        # The first (warm-up) loss depends only on the seed, not on how many rounds follow.
-        assert a["loss_first"] == pytest.approx(b["loss_first"], rel=1e-5)
+    assert second["config"]["sections"] == ["layers", "kl"]  # canonical order
+    assert "fit" not in second["config"]
+    assert {r["section"] for r in second["rows"]} == {"layers", "kl"}
+    markdown = (tmp_path / "speed_quick.md").read_text()
+    assert HEADINGS["layers"] in markdown and HEADINGS["kl"] in markdown
+    assert HEADINGS["fit"] not in markdown
+    for section in ("layers", "kl"):
+        a, b = _rows(first, section), _rows(second, section)
+        assert list(a) == list(b)
+        for name in a:
+            # the first (warm-up) value depends only on the seed, not on the other
+            # sections or on how many rounds follow
+            assert a[name]["loss_first"] == pytest.approx(b[name]["loss_first"], rel=1e-5)
+
+
+def test_parse_args_sections() -> None:
+    assert speed.parse_args([]).sections == list(speed.SECTIONS)
+    assert speed.parse_args(["--sections", "fit,layers,fit"]).sections == ["layers", "fit"]
+    args = speed.parse_args(["--quick", "--sections", "fit"])
+    assert args.fit_epochs == speed.QUICK_FIT_EPOCHS and args.widths == speed.QUICK_WIDTHS
 
 
 @pytest.mark.parametrize(
     "argv",
-    [["--steps", "5"], ["--quick", "--steps", "1"], ["--quick", "--size", "20"], ["--batch", "0"]],
+    [
+        ["--steps", "5"],
+        ["--quick", "--steps", "1"],
+        ["--quick", "--size", "20"],
+        ["--size", "8"],
+        ["--batch", "0"],
+        ["--threads", "0"],
+        ["--sections", "kl,bogus"],
+        ["--sections", ""],
+        ["--sections", ","],
+        ["--bogus"],
+    ],
 )
-def test_rejects_unreportable_settings(argv: list[str]) -> None:
+def test_rejects_bad_flags(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         speed.parse_args(argv)
 
 
-def test_unet_like_stack_shapes() -> None:
-    net = speed.unet_like_stack()
-    assert net(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 2, 16, 16, 16)
-    assert sum(isinstance(m, torch.nn.Conv3d) for m in net.modules()) == 15
+def test_busy_note_names_only_disturbed_sections() -> None:
+    assert speed._busy_note({"layers": 0.0, "kl": None}) == []
+    (note,) = speed._busy_note({"layers": 0.05, "fit": 0.9})
+    assert "fit 0.90" in note and "layers" not in note
+
+
+def test_schedule_spreads_slow_variants_and_rotates() -> None:
+    plan = speed.schedule([10, 3, 10], 10)
+    assert [len(members) for members in plan].count(3) == 3
+    assert sum(1 in members for members in plan) == 3
+    assert sum(0 in members for members in plan) == 10
+    runs_of_slow = [i for i, members in enumerate(plan) if 1 in members]
+    assert runs_of_slow[0] > 0 and runs_of_slow[-1] < 9  # spread, not bunched at one end
+    firsts = {members[0] for members in plan}
+    assert firsts == {0, 1, 2}  # the starting variant rotates
 
 
 def test_write_results_is_atomic_and_complete(tmp_path: Path) -> None:
