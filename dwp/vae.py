@@ -36,37 +36,45 @@ def default_latent_dim(kernel_shape: tuple[int, ...]) -> int:
     return 4 if math.prod(kernel_shape) >= 25 else 2
 
 
-class _MLPEncoder(nn.Module):
-    def __init__(self, n_in: int, hidden: int, latent: int) -> None:
+class _GaussianMLP(nn.Module):
+    """Two ELU hidden layers, output split into a location and a floored softplus scale.
+
+    The state-dict layout (``net.0``, ``net.2``, ``net.4``) is part of the saved-prior format.
+    """
+
+    def __init__(self, n_in: int, hidden: int, n_out: int, min_scale: float) -> None:
         super().__init__()
+        self.min_scale = min_scale
+        # in-place ELU: after a Linear its input is not needed for the backward pass, and
+        # the in-place version computes its gradient from the output instead of another exp
         self.net = nn.Sequential(
             nn.Linear(n_in, hidden), nn.ELU(inplace=True),
-            nn.Linear(hidden, hidden), nn.ELU(inplace=True),
-            nn.Linear(hidden, 2 * latent),
-        )  # fmt: skip
-
-    def forward(self, w: Tensor) -> tuple[Tensor, Tensor]:
-        loc, raw = self.net(w.flatten(1)).chunk(2, dim=-1)
-        # contiguous: softplus on the strided half of a chunk is ~14x slower
-        return loc, F.softplus(raw.contiguous()) + 1e-4
-
-
-class _MLPDecoder(nn.Module):
-    def __init__(self, latent: int, hidden: int, kernel_shape: tuple[int, ...], min_scale: float):
-        super().__init__()
-        self.kernel_shape, self.min_scale = kernel_shape, min_scale
-        n_out = math.prod(kernel_shape)
-        self.net = nn.Sequential(
-            nn.Linear(latent, hidden), nn.ELU(inplace=True),
             nn.Linear(hidden, hidden), nn.ELU(inplace=True),
             nn.Linear(hidden, 2 * n_out),
         )  # fmt: skip
 
-    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        loc, raw = self.net(z).chunk(2, dim=-1)
-        # floor: a decoder scale that shrinks to 0 makes log p(w | z) unbounded (NaNs);
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        loc, raw = self.net(x).chunk(2, dim=-1)
         # contiguous: softplus on the strided half of a chunk is ~14x slower
-        scale = F.softplus(raw.contiguous()) + self.min_scale
+        return loc, F.softplus(raw.contiguous()) + self.min_scale
+
+
+class _MLPEncoder(_GaussianMLP):
+    def __init__(self, n_in: int, hidden: int, latent: int) -> None:
+        super().__init__(n_in, hidden, latent, min_scale=1e-4)
+
+    def forward(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        return super().forward(w.flatten(1))
+
+
+class _MLPDecoder(_GaussianMLP):
+    def __init__(self, latent: int, hidden: int, kernel_shape: tuple[int, ...], min_scale: float):
+        # the scale's floor: a decoder scale that shrinks to 0 makes log p(w | z) unbounded
+        super().__init__(latent, hidden, math.prod(kernel_shape), min_scale)
+        self.kernel_shape = kernel_shape
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        loc, scale = super().forward(z)
         shape = (-1, *self.kernel_shape)
         return loc.reshape(shape), scale.reshape(shape)
 
