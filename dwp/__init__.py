@@ -8,7 +8,7 @@ The public API, re-exported here::
     dwp.collect_kernels, dwp.KernelBank, dwp.KernelVAE, dwp.fit_kernel_vae, dwp.init_from_prior_
     dwp.plot.plot_prior_samples
     dwp.kl, dwp.elbo, dwp.KLSchedule, dwp.param_groups
-    dwp.estimator, dwp.sampling, dwp.set_estimator, dwp.set_mode
+    dwp.estimator, dwp.sampling, dwp.fixed_sample, dwp.set_estimator, dwp.set_mode
     dwp.predict, dwp.expected_calibration_error
     dwp.pyro (Pyro interop, imported on first use)
 """
@@ -53,6 +53,7 @@ from .settings import (
     Estimator,
     Mode,
     estimator,
+    fixed_sample,
     sampling,
     set_estimator,
     set_mode,
@@ -96,6 +97,7 @@ __all__ = [
     "estimator",
     "expected_calibration_error",
     "fit_kernel_vae",
+    "fixed_sample",
     "init_from_prior_",
     "kl",
     "kl_per_site",

@@ -19,12 +19,14 @@ import threading
 from collections.abc import Iterator
 from enum import Enum
 
+import torch
 from torch import nn
 
 __all__ = [
     "Estimator",
     "Mode",
     "estimator",
+    "fixed_sample",
     "sampling",
     "set_estimator",
     "set_mode",
@@ -176,3 +178,44 @@ def sampling(enabled: bool = True, model: nn.Module | None = None):
     if model is None:
         return _override_thread("mode", mode)
     return _override_layers(model, "mode", mode)
+
+
+@contextlib.contextmanager
+def fixed_sample(model: nn.Module, generator: torch.Generator | None = None) -> Iterator[None]:
+    """Context manager: draw ONE posterior sample of every Bayesian parameter of ``model``
+    and use it for every forward pass inside the block.
+
+    :func:`sampling` draws afresh on every forward pass (and ``local_reparam`` / ``flipout``
+    never form a weight sample at all), so a prediction assembled from several passes --
+    e.g. the windows of a sliding-window inference -- would mix networks.  Inside this
+    block each Bayesian layer holds ``mu + sigma * eps`` as its weight and runs in mean
+    mode, whatever its estimator; the posterior means are restored on exit, also on error.
+    Do not use the model from another thread meanwhile.
+
+    Parameters
+    ----------
+    model
+        A network with Bayesian layers.
+    generator
+        Source of ``eps`` (default: the global generator).
+    """
+    from .nn import BayesianLayer  # local import: nn imports this module
+
+    layers = [m for m in model.modules() if isinstance(m, BayesianLayer)]
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                for _, posterior in layer.sites():
+                    mean = posterior.loc  # the layer's parameter itself
+                    eps = torch.randn(
+                        mean.shape, generator=generator, device=mean.device, dtype=mean.dtype
+                    )
+                    saved.append((mean, mean.detach().clone()))
+                    mean.add_(posterior.log_scale.exp() * eps)
+        with sampling(False, model):
+            yield
+    finally:
+        with torch.no_grad():
+            for param, value in saved:
+                param.copy_(value)

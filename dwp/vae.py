@@ -259,6 +259,12 @@ def _standard_normal_kl(loc: Tensor, scale: Tensor) -> Tensor:
     return (0.5 * (loc.pow(2) + scale.pow(2)) - scale.log() - 0.5).sum(-1)
 
 
+def _normal_nll_sum(x: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
+    """-sum log N(x | loc, scale^2) over everything (a scalar), with few temporaries."""
+    z = (x - loc) / scale
+    return 0.5 * z.square().sum() + scale.log().sum() + 0.5 * _LOG_2PI * x.numel()
+
+
 def _normal_log_prob(x: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
     """log N(x | loc, scale^2) summed over all but the first dim."""
     lp = -0.5 * ((x - loc) / scale).pow(2) - scale.log() - 0.5 * _LOG_2PI

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .._io import atomic_write
 from ..posterior import MeanFieldNormal
-from ..vae import KernelVAE, VAEFit, _normal_log_prob, _standard_normal_kl, fit_kernel_vae
+from ..vae import KernelVAE, VAEFit, _normal_nll_sum, _standard_normal_kl, fit_kernel_vae
 from .base import KLKind, Prior, PriorMismatchError
 
 if TYPE_CHECKING:
@@ -42,6 +42,8 @@ __all__ = ["DeepWeightPrior", "DeepWeightSitePrior", "PriorFileError"]
 
 FORMAT = "dwp.DeepWeightPrior"
 FORMAT_VERSION = 1
+#: layers with fewer kernels than this share one VAE call per step (see ``kl_batch``)
+_BATCH_BELOW = 4096
 _LOG_2PI_E = math.log(2.0 * math.pi * math.e)
 
 
@@ -86,13 +88,16 @@ class DeepWeightSitePrior(Prior):
         """sum over kernels of the MC mean of KL(r(z | w) || p(z)) - log p(w | z)."""
         total = loc.new_zeros(())
         for _ in range(self.n_samples):
-            w = loc + log_scale.exp() * torch.randn_like(loc)
+            # sums taken as early as possible: on large layers the cost is memory traffic
+            # through kernel-sized temporaries, not the VAE's matmuls
+            w = torch.addcmul(loc, log_scale.exp(), torch.randn_like(loc))
             z_loc, z_scale = self.vae.encode(w)
-            z = z_loc + z_scale * torch.randn_like(z_loc)
+            z = torch.addcmul(z_loc, z_scale, torch.randn_like(z_loc))
             w_loc, w_scale = self.vae.decode(z)
             total = (
                 total
-                + (_standard_normal_kl(z_loc, z_scale) - _normal_log_prob(w, w_loc, w_scale)).sum()
+                + _standard_normal_kl(z_loc, z_scale).sum()
+                + _normal_nll_sum(w, w_loc, w_scale)
             )
         return total / self.n_samples
 
@@ -115,9 +120,25 @@ class DeepWeightSitePrior(Prior):
             _check_kernel_shape(
                 posterior.name, posterior.shape, posterior.kernel_dims, self.vae.kernel_shape
             )
-        loc = torch.cat([self._kernels(p.loc) for p in posteriors])
-        log_scale = torch.cat([self._kernels(p.log_scale) for p in posteriors])
-        neg_entropy = -(log_scale.sum() + 0.5 * _LOG_2PI_E * loc.numel())
+        neg_entropy = -sum(p.log_scale.sum() + 0.5 * _LOG_2PI_E * p.loc.numel() for p in posteriors)
+        # Batching saves the per-call overhead of small layers; large layers go alone, as
+        # concatenating them would only copy their kernels (and gradients) once more.
+        per_kernel = math.prod(self.vae.kernel_shape)
+        small, large = [], []
+        for p in posteriors:
+            (small if p.loc.numel() < _BATCH_BELOW * per_kernel else large).append(p)
+        calls = [[p] for p in large] + ([small] if small else [])
+        terms = [
+            self._vae_terms(
+                torch.cat([self._kernels(p.loc) for p in call]),
+                torch.cat([self._kernels(p.log_scale) for p in call]),
+            )
+            for call in calls
+        ]
+        return neg_entropy + torch.stack(terms).sum()
+
+    def _vae_terms(self, loc: Tensor, log_scale: Tensor) -> Tensor:
+        """The bound without the entropy, for kernels ``(M, *k)``: subsampled, chunked."""
         scale = 1.0
         if self.kernel_fraction < 1.0:
             # unbiased: a uniform random subset of m kernels, its sum scaled by M / m
@@ -126,14 +147,14 @@ class DeepWeightSitePrior(Prior):
             scale = len(loc) / m
             loc, log_scale = loc[keep], log_scale[keep]
         if self.chunk_size is None or len(loc) <= self.chunk_size:
-            return neg_entropy + scale * self._bound_terms(loc, log_scale)
+            return scale * self._bound_terms(loc, log_scale)
         parts = [
             checkpoint(self._bound_terms, l_chunk, s_chunk, use_reentrant=False)
             for l_chunk, s_chunk in zip(
                 loc.split(self.chunk_size), log_scale.split(self.chunk_size), strict=True
             )
         ]
-        return neg_entropy + scale * torch.stack(parts).sum()
+        return scale * torch.stack(parts).sum()
 
     def log_prob(self, value: Tensor) -> Tensor:
         """A lower bound on log p(value): the VAE's ELBO summed over the kernel slices."""

@@ -1,0 +1,171 @@
+"""Sliding-window inference: shapes, probabilities, MC uncertainty, NIfTI output, errors."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import cohorts
+import dwp
+from unet3d import UNet3D
+from unet3d.data import load_decathlon
+from unet3d.inference import VolumePrediction, predict_case, predict_volume
+
+pytest.importorskip("monai")
+
+WIDTHS = (2, 4, 4, 8)
+ODD = (20, 28, 36)  # no axis divisible by 8
+
+
+def tiny(n_classes: int = 2, in_channels: int = 1, seed: int = 0) -> UNet3D:
+    torch.manual_seed(seed)
+    return UNet3D(in_channels, n_classes, widths=WIDTHS)
+
+
+def bayesian(seed: int = 0) -> torch.nn.Module:
+    return dwp.bayesianize(tiny(seed=seed), init_log_sigma=0.0)
+
+
+def volume(shape=ODD, channels: int = 1, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand((channels, *shape), generator=g)
+
+
+def test_odd_shapes_and_probabilities():
+    model = tiny(n_classes=3)
+    pred = predict_volume(model, volume(), roi_size=16, overlap=0.25)
+    assert isinstance(pred, VolumePrediction)
+    assert pred.probabilities.shape == (3, *ODD)
+    assert pred.mask.shape == pred.mutual_information.shape == ODD
+    assert pred.predictive_entropy.shape == ODD
+    assert torch.allclose(pred.probabilities.sum(0), torch.ones(ODD), atol=1e-5)
+    assert torch.equal(pred.mask, pred.probabilities.argmax(0))
+    assert pred.foreground.shape == ODD
+
+
+def test_deterministic_zero_mi_and_repeatable():
+    model = tiny()
+    x = volume()
+    a = predict_volume(model, x, n_samples=4, roi_size=16, overlap=0.25)
+    b = predict_volume(model, x, n_samples=4, roi_size=16, overlap=0.25)
+    assert a.n_samples == 1
+    assert torch.count_nonzero(a.mutual_information) == 0
+    assert torch.equal(a.probabilities, b.probabilities)
+    assert (a.predictive_entropy >= 0).all()
+
+
+def test_single_window_equals_forward_pass():
+    model = tiny().eval()
+    x = volume((16, 16, 16))
+    pred = predict_volume(model, x, roi_size=16)
+    direct = model(x[None]).softmax(1)[0]
+    assert torch.allclose(pred.probabilities, direct, atol=1e-5)
+
+
+def test_small_volume_padded_to_window():
+    # smaller than the minimum window on every axis: MONAI pads, maps come back cropped
+    pred = predict_volume(tiny(), volume((5, 9, 13)), roi_size=64)
+    assert pred.probabilities.shape == (2, 5, 9, 13)
+
+
+def test_bayesian_mi_and_mean_differs_from_mean_weights():
+    model = bayesian()
+    x = volume()
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    pred = predict_volume(model, x, n_samples=3, roi_size=16, overlap=0.25, seed=0)
+    assert pred.n_samples == 3
+    assert (pred.mutual_information >= 0).all()
+    assert pred.mutual_information.max() > 1e-4
+    assert torch.allclose(pred.probabilities.sum(0), torch.ones(ODD), atol=1e-5)
+    # the posterior means are put back after the weight samples
+    for k, v in model.named_parameters():
+        assert torch.equal(v, before[k]), k
+    means = predict_volume(model, x, n_samples=3, roi_size=16, overlap=0.25, sample=False)
+    assert means.n_samples == 1
+    assert torch.count_nonzero(means.mutual_information) == 0
+    assert not torch.allclose(pred.probabilities, means.probabilities, atol=1e-3)
+    # sample=False is the deterministic twin's prediction
+    twin = predict_volume(dwp.to_deterministic(model), x, roi_size=16, overlap=0.25)
+    assert torch.allclose(twin.probabilities, means.probabilities, atol=1e-5)
+    # a seed makes Bayesian predictions repeatable without touching the global RNG
+    state = torch.get_rng_state()
+    again = predict_volume(model, x, n_samples=3, roi_size=16, overlap=0.25, seed=0)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(again.probabilities, pred.probabilities)
+
+
+def test_one_weight_sample_per_pass():
+    # a pass is one network: with one window per pass the result is that network's output,
+    # so two windows covering the same voxels within one pass agree exactly
+    model = bayesian()
+    x = volume((16, 16, 16)).repeat(1, 2, 1, 1)  # two identical halves along D
+    pred = predict_volume(model, x, n_samples=1, roi_size=16, overlap=0.0, seed=1)
+    assert torch.allclose(pred.probabilities[:, :16], pred.probabilities[:, 16:], atol=1e-6)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_mode_restored(training):
+    for model in (tiny(), bayesian()):
+        model.train(training)
+        predict_volume(model, volume(), n_samples=2, roi_size=16, overlap=0.0)
+        assert all(m.training == training for m in model.modules())
+        for layer in model.modules():
+            if isinstance(layer, dwp.BayesianLayer):
+                assert layer.mode is dwp.Mode.AUTO
+
+
+def test_errors():
+    model = tiny()
+    x = volume((16, 16, 16))
+    with pytest.raises(ValueError, match="n_samples"):
+        predict_volume(model, x, n_samples=0, roi_size=16)
+    for roi in (12, (16, 16, 20), 8, (16, 16)):
+        with pytest.raises(ValueError, match="roi_size"):
+            predict_volume(model, x, roi_size=roi)
+    with pytest.raises(ValueError, match="3 classes are expected"):
+        predict_volume(model, x, roi_size=16, n_classes=3)
+    with pytest.raises(ValueError, match=">= 2"):
+        predict_volume(tiny(n_classes=1), x, roi_size=16)
+    with pytest.raises(ValueError, match="channels, the model takes 1"):
+        predict_volume(model, volume((16, 16, 16), channels=2), roi_size=16)
+    with pytest.raises(ValueError, match=r"\(C, D, H, W\)"):
+        predict_volume(model, x[0], roi_size=16)
+    with pytest.raises(ValueError, match="overlap"):
+        predict_volume(model, x, roi_size=16, overlap=1.0)
+    assert model.training  # restored even when an error was raised inside
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tumour")
+    cohorts.generate(
+        "tumour_target", root, n_train=2, n_test=1, resolution=4, progress=False, whole_tumour=True
+    )
+    return root
+
+
+@pytest.mark.parametrize("make", [tiny, bayesian])
+def test_predict_case_writes_nifti(cohort, tmp_path, make):
+    case = load_decathlon(cohort, "test")[0]
+    source = nib.load(case.image)
+    model = make()
+    paths = predict_case(model, case, tmp_path / "out", n_samples=2, roi_size=32, seed=0)
+    assert set(paths) == {"prob", "mask", "mi"}
+    expected = {"prob": np.float32, "mask": np.uint8, "mi": np.float32}
+    for key, path in paths.items():
+        assert path.name == f"{case.id}_{key}.nii.gz"
+        img = nib.load(path)
+        assert img.shape == source.shape[:3]
+        assert np.allclose(img.affine, source.affine)
+        assert img.get_data_dtype() == expected[key]
+        assert img.header.get_zooms()[:3] == source.header.get_zooms()[:3]
+    prob = np.asanyarray(nib.load(paths["prob"]).dataobj)
+    mask = np.asanyarray(nib.load(paths["mask"]).dataobj)
+    mi = np.asanyarray(nib.load(paths["mi"]).dataobj)
+    assert prob.min() >= 0 and prob.max() <= 1
+    assert set(np.unique(mask)) <= {0, 1}
+    assert np.array_equal(mask == 1, prob > 0.5)
+    assert (mi >= 0).all()
+    assert (mi.max() > 0) == (make is bayesian)
