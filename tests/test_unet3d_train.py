@@ -1,0 +1,259 @@
+"""unet3d.train / unet3d.strategies: every strategy learns, freezing, restarts, resume, DDP."""
+
+import csv
+import json
+import os
+import runpy
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import cohorts
+import dwp
+from unet3d.data import load_decathlon
+from unet3d.strategies import STRATEGIES, ModelSpec, PretrainedFrozenStrategy, get_strategy
+from unet3d.train import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+WIDTHS = (2, 4, 4, 8)
+
+
+class VolumeSet(torch.utils.data.Dataset):
+    """Random 16^3 volumes whose foreground is the bright voxels (easy to learn)."""
+
+    def __init__(self, n, seed=0, size=16):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(n, 1, size, size, size, generator=g)
+        self.labels = (self.images[:, 0] > 0.5).long()
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "label": self.labels[i]}
+
+
+def _config(tmp_path, strategy="random_init", **overrides):
+    options = dict(
+        strategy=strategy,
+        out_dir=tmp_path,
+        epochs=3,
+        lr=1e-2,
+        widths=WIDTHS,
+        seed=0,
+        progress=False,
+    )
+    options.update(overrides)
+    return TrainConfig(**options)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return VolumeSet(4, seed=0), VolumeSet(2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, data):
+    out = tmp_path_factory.mktemp("source")
+    train(_config(out, epochs=1), *data)
+    return out / "last.pt"
+
+
+@pytest.fixture(scope="module")
+def prior_file(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("prior") / "prior.pt"
+    dwp.DeepWeightPrior({"g": dwp.KernelVAE((3, 3, 3), hidden=4)}).save(path)
+    return path
+
+
+def _options(name, source, prior_file):
+    return {
+        "random_init": {},
+        "pretrained": {"source": source},
+        "pretrained_frozen": {"source": source, "freeze_depth": 2},
+        "normal_prior": {"beta": 1.0},
+        "dwp": {"prior_path": prior_file, "init": "prior"},
+    }[name]
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_lowers_its_loss(tmp_path, data, source, prior_file, name):
+    config = _config(tmp_path, name, strategy_options=_options(name, source, prior_file))
+    result = train(config, *data)
+    losses = [r["train_loss"] for r in result.history]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    assert all(0 <= r["val_dice"] <= 1 for r in result.history)
+    assert (tmp_path / "best.pt").is_file() and (tmp_path / "last.pt").is_file()
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    assert json.loads((tmp_path / "metrics.json").read_text())[-1]["epoch"] == 2
+    if get_strategy(name, **_options(name, source, prior_file)).bayesian:
+        assert {"train_kl", "train_data_term", "train_ce", "train_dice"} <= set(rows[0])
+
+
+def test_frozen_layers_stay_unchanged(tmp_path, data, source):
+    strategy = PretrainedFrozenStrategy(source=source, freeze_depth=1)
+    result = train(_config(tmp_path, strategy=strategy.name), *data, strategy=strategy)
+    before = torch.load(source, weights_only=True)["model"]
+    after = result.model.state_dict()
+    trainable = ("init_conv.", "out.")
+    frozen_names = [k for k in before if not k.startswith(trainable)]
+    assert frozen_names and all(torch.equal(before[k], after[k]) for k in frozen_names)
+    assert all(not torch.equal(before[k], after[k]) for k in before if k.startswith(trainable))
+    # an explicit list overrides the depth
+    model = PretrainedFrozenStrategy(source=source, trainable=["up3"]).build_model(
+        ModelSpec(widths=WIDTHS)
+    )
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"up3"}
+
+
+def test_restarts_write_one_checkpoint_per_cycle(tmp_path, data):
+    result = train(_config(tmp_path, epochs=1, restarts=2, lr_patience=0), *data)
+    names = sorted(p.name for p in tmp_path.glob("source_restart*.pt"))
+    assert names == ["source_restart0.pt", "source_restart1.pt", "source_restart2.pt"]
+    assert [r["cycle"] for r in result.history] == [0, 1, 2]
+    assert all(r["lr"] == 1e-2 for r in result.history)  # reset at every restart
+
+
+def test_stops_when_the_learning_rate_reaches_its_floor(tmp_path, data):
+    result = train(_config(tmp_path, epochs=50, lr_patience=0, min_lr=1e-2), *data)
+    assert result.stop_reason == "min_lr" and len(result.history) == 1
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(tmp_path, data):
+    # normal_prior samples weight noise: the RNG state must be restored too
+    options = {"strategy_options": {"beta": 1.0, "init_log_sigma": -3.0}, "epochs": 4}
+    full = train(_config(tmp_path / "full", "normal_prior", **options), *data)
+
+    def stop_after_two(epoch, record):
+        if epoch == 1:
+            raise Interrupt
+
+    config = _config(tmp_path / "cut", "normal_prior", **options)
+    with pytest.raises(Interrupt):
+        train(config, *data, on_epoch_end=stop_after_two)
+    assert len(json.loads((tmp_path / "cut" / "metrics.json").read_text())) == 2
+    resumed = train(config, *data, resume=True)
+    a, b = dict(full.model.named_parameters()), dict(resumed.model.named_parameters())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in resumed.history]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in full.history]
+    # a finished run resumes to itself
+    again = train(config, *data, resume=True)
+    assert len(again.history) == 4
+
+
+def test_trains_on_decathlon_cases(tmp_path):
+    root = cohorts.generate(
+        "tumour_target",
+        tmp_path / "data",
+        n_train=3,
+        resolution=4,
+        progress=False,
+        whole_tumour=True,
+    )
+    cases = load_decathlon(root, "train")
+    config = _config(tmp_path / "run", epochs=1, size=16, batch_size=2)
+    result = train(config, cases[:2], cases[2:])
+    assert len(result.history) == 1 and (tmp_path / "run" / "best.pt").is_file()
+
+
+DDP_SCRIPT = """
+import sys
+
+import torch
+
+from unet3d.train import TrainConfig, train
+
+
+class VolumeSet(torch.utils.data.Dataset):
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(n, 1, 16, 16, 16, generator=g)
+        self.labels = (self.images[:, 0] > 0.5).long()
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "label": self.labels[i]}
+
+
+def config(out_dir, batch_size):
+    return TrainConfig(
+        strategy="normal_prior",
+        # mean mode: no weight noise, so runs with different process counts are comparable
+        strategy_options={"beta": 1.0, "mode": "mean", "init_log_sigma": -3.0, "scale_lr": 1e-5},
+        out_dir=out_dir, epochs=2, lr=1e-5, optimizer="sgd", batch_size=batch_size,
+        widths=(2, 4, 4, 8), seed=0, progress=False,
+    )
+
+
+def run(out_dir, batch_size):
+    return train(config(out_dir, batch_size), VolumeSet(8, 0), VolumeSet(2, 1))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    run(sys.argv[1], 2)
+"""
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_equals_single_process(tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script),
+        str(tmp_path / "ddp"),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+
+    single = runpy.run_path(str(script))["run"](tmp_path / "single", 4)  # global batch 4
+    params = dict(single.model.named_parameters())
+    assert ddp["step"] == 4 and len(ddp["history"]) == 2
+    moved = 0
+    for key, value in params.items():
+        torch.testing.assert_close(ddp["model"][key], value, atol=1e-6, rtol=1e-5, msg=key)
+        if key.endswith("_log_sigma"):
+            # only the KL moves them (mean mode): 4 SGD steps of lr * (1 - sigma^2) each;
+            # a KL counted twice (or not at all) would be off by ~4e-5 >> atol
+            moved += 1
+            step = (value + 3.0).abs().max()
+            assert 3e-5 < step < 5e-5, (key, step)
+    assert moved
+    history = torch.load(tmp_path / "single" / "last.pt", weights_only=True)["history"]
+    assert history[0]["train_kl"] == pytest.approx(ddp["history"][0]["train_kl"], rel=1e-6)
+
+
+def test_corrupt_checkpoints_raise_errors_naming_the_file(tmp_path):
+    from unet3d.strategies import CheckpointError, load_state_dict
+
+    truncated = tmp_path / "last.pt"
+    torch.save({"model": {"w": torch.zeros(3)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match=r"last\.pt"):
+        load_state_dict(truncated)
+    foreign = tmp_path / "list.pt"
+    torch.save([1, 2, 3], foreign)
+    with pytest.raises(CheckpointError, match=r"list\.pt"):
+        load_state_dict(foreign)

@@ -1,0 +1,403 @@
+"""Training strategies of the ``unet3d`` application: what network to build, how to score it.
+
+One training loop (:func:`unet3d.train.train`) runs every strategy; a strategy decides
+
+* the network (:meth:`Strategy.build_model`): a plain :class:`~unet3d.model.UNet3D`, one
+  loaded from a source checkpoint, or its variational version (:func:`dwp.bayesianize` of
+  the 3x3x3 convs, :func:`~unet3d.model.kernel3_layers`);
+* the training loss (:meth:`Strategy.loss`): the paper's ``0.01 * CE + Dice`` with mean
+  reductions (:func:`unet3d.losses.paper_loss`) for the deterministic strategies, the
+  negative ELBO (:func:`dwp.elbo` of the *summed* data term
+  :func:`unet3d.losses.elbo_data_term`) for the Bayesian ones;
+* the optimiser's parameter groups (:meth:`Strategy.param_groups`): frozen parameters are
+  left out, posterior scales get their own learning rate (:func:`dwp.param_groups`).
+
+Registry (:data:`STRATEGIES`, :func:`get_strategy`):
+
+=====================  ==============================================================
+``random_init``        He-initialised U-Net (RI, the paper's baseline)
+``pretrained``         every layer fine-tuned from a source checkpoint (PR)
+``pretrained_frozen``  source weights, the middle blocks frozen (PRf); ``freeze_depth``
+``normal_prior``       variational U-Net with an N(0, 1) prior (the Bayesian control)
+``dwp``                variational U-Net with a :class:`dwp.DeepWeightPrior` (DWP)
+=====================  ==============================================================
+
+Under ``DistributedDataParallel`` pass the *unwrapped* model and the *local* batch size to
+:meth:`Strategy.loss`: the KL is then counted once per global step (see :mod:`dwp.elbo`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+import dwp
+
+from .losses import elbo_data_terms, paper_loss
+from .model import UNet3D, kernel3_layers
+
+__all__ = [
+    "STRATEGIES",
+    "BayesianStrategy",
+    "CheckpointError",
+    "DWPStrategy",
+    "ModelSpec",
+    "NormalPriorStrategy",
+    "PretrainedFrozenStrategy",
+    "PretrainedStrategy",
+    "RandomInitStrategy",
+    "Strategy",
+    "block_names",
+    "get_strategy",
+    "load_state_dict",
+    "read_checkpoint",
+]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The U-Net's shape: what :meth:`Strategy.build_model` needs from the training config."""
+
+    in_channels: int = 1
+    n_classes: int = 2
+    widths: tuple[int, ...] = (16, 32, 32, 64)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is unreadable or not what it should be."""
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """``torch.load`` (tensors and plain containers only) with errors that name the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # a truncated or foreign file raises many kinds
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({type(error).__name__}: {reason})"
+        ) from error
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """A model state dict from ``path``: a raw state dict, or a checkpoint of
+    :func:`unet3d.train.train` (``best.pt``, ``last.pt``, ``source_restart{k}.pt``; key
+    ``"model"``)."""
+    payload = read_checkpoint(path)
+    if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
+        payload = payload["model"]
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: not a state dict or a unet3d checkpoint")
+    return payload
+
+
+def block_names(model: nn.Module) -> list[str]:
+    """The U-Net's blocks from input to output: ``init_conv``, ``down1``..``down6``,
+    ``up1``..``up3``, ``out`` (its direct children, in order)."""
+    return [name for name, _ in model.named_children()]
+
+
+class Strategy:
+    """Interface of a training strategy (subclass it and register it in :data:`STRATEGIES`).
+
+    Attributes
+    ----------
+    bayesian : bool
+        Whether :meth:`loss` is the negative ELBO (summed data term scaled by ``N / B``).
+    """
+
+    name: str = "strategy"
+    bayesian: bool = False
+
+    def build_model(self, spec: ModelSpec) -> nn.Module:
+        """The network to train (seed torch before calling it)."""
+        raise NotImplementedError
+
+    def loss(
+        self,
+        model: nn.Module,
+        logits: Tensor,
+        target: Tensor,
+        n_data: int,
+        batch_size: int,
+        step: int,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Training loss of one minibatch and its terms for logging.
+
+        Parameters
+        ----------
+        model
+            The unwrapped network (not the DDP wrapper).
+        logits, target
+            ``(B, C, D, H, W)`` outputs and ``(B, D, H, W)`` labels.
+        n_data
+            Training-set size ``N`` (global).
+        batch_size
+            This process's minibatch size (the local one under DDP).
+        step
+            Optimisation steps taken so far (for KL schedules).
+        """
+        raise NotImplementedError
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
+        """Optimiser parameter groups; parameters with ``requires_grad=False`` left out."""
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+
+    def describe(self) -> dict[str, Any]:
+        """Plain options for logs and checkpoints."""
+        return {"name": self.name}
+
+
+@dataclass
+class RandomInitStrategy(Strategy):
+    """RI: a He-initialised U-Net trained on the paper's loss."""
+
+    ce_weight: float = 0.01
+    dice_weight: float = 1.0
+    name: str = field(default="random_init", init=False)
+
+    def __post_init__(self) -> None:
+        self._loss = paper_loss(self.ce_weight, self.dice_weight)
+
+    def build_model(self, spec: ModelSpec) -> nn.Module:
+        return UNet3D(spec.in_channels, spec.n_classes, spec.widths, init="he")
+
+    def loss(
+        self,
+        model: nn.Module,
+        logits: Tensor,
+        target: Tensor,
+        n_data: int,
+        batch_size: int,
+        step: int,
+    ) -> tuple[Tensor, dict[str, float]]:
+        value = self._loss(logits, target)
+        return value, {"loss": float(value.detach())}
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "ce_weight": self.ce_weight, "dice_weight": self.dice_weight}
+
+
+@dataclass
+class PretrainedStrategy(RandomInitStrategy):
+    """PR: every layer fine-tuned from a source checkpoint (``source``)."""
+
+    source: str | os.PathLike | None = None
+    name: str = field(default="pretrained", init=False)
+
+    def build_model(self, spec: ModelSpec) -> nn.Module:
+        if self.source is None:
+            raise ValueError(f"strategy {self.name!r} needs source=<checkpoint path>")
+        model = super().build_model(spec)
+        model.load_state_dict(load_state_dict(self.source))
+        return model
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "source": str(self.source)}
+
+
+@dataclass
+class PretrainedFrozenStrategy(PretrainedStrategy):
+    """PRf: source weights; only the first and last blocks train, the middle is frozen.
+
+    Parameters
+    ----------
+    freeze_depth
+        Number of blocks kept trainable at *each* end of the chain
+        ``init_conv, down1..down6, up1..up3, out`` (:func:`block_names`): 1 trains
+        ``init_conv`` and ``out``, 2 adds ``down1`` and ``up3``, and so on.
+    trainable
+        An explicit list of block names (or qualified parameter-name prefixes) to train
+        instead; overrides ``freeze_depth``.
+    """
+
+    freeze_depth: int = 1
+    trainable: Sequence[str] | None = None
+    name: str = field(default="pretrained_frozen", init=False)
+
+    def trainable_prefixes(self, model: nn.Module) -> list[str]:
+        """The blocks (parameter-name prefixes) left trainable."""
+        if self.trainable is not None:
+            return list(self.trainable)
+        blocks = block_names(model)
+        k = int(self.freeze_depth)
+        if k < 0:
+            raise ValueError(f"freeze_depth must be >= 0, got {k}")
+        return blocks[:k] + [b for b in blocks[len(blocks) - k :] if b not in blocks[:k]]
+
+    def build_model(self, spec: ModelSpec) -> nn.Module:
+        model = super().build_model(spec)
+        prefixes = self.trainable_prefixes(model)
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(name == q or name.startswith(q + ".") for q in prefixes))
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(f"no parameter matches the trainable blocks {prefixes}")
+        return model
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "freeze_depth": self.freeze_depth,
+            "trainable": None if self.trainable is None else list(self.trainable),
+        }
+
+
+@dataclass
+class BayesianStrategy(Strategy):
+    """Common part of the variational strategies: ELBO loss, separate scale learning rate.
+
+    Parameters
+    ----------
+    beta
+        KL weight: a constant or a :class:`dwp.KLSchedule` (called with the step).
+    scale_lr
+        Learning rate of the posterior log-sigmas (default ``lr / 10``); see
+        :func:`dwp.param_groups`.
+    init_log_sigma, estimator, mode
+        Passed to :func:`dwp.bayesianize` (``mode="mean"`` trains without weight noise,
+        which makes runs comparable across process counts).
+    ce_weight, dice_weight
+        Weights of the summed data term (:func:`unet3d.losses.elbo_data_term`).
+    """
+
+    beta: float | dwp.KLSchedule = 1.0
+    scale_lr: float | None = None
+    init_log_sigma: float = -5.0
+    estimator: str = "reparam"
+    mode: str = "auto"
+    ce_weight: float = 0.01
+    dice_weight: float = 1.0
+    bayesian: bool = field(default=True, init=False)
+
+    def prior(self) -> dwp.Prior:
+        """The weight prior of the 3x3x3 convs."""
+        raise NotImplementedError
+
+    def base_model(self, spec: ModelSpec) -> nn.Module:
+        """The deterministic U-Net whose 3x3x3 convs become Bayesian."""
+        return UNet3D(spec.in_channels, spec.n_classes, spec.widths, init="he")
+
+    init: Literal["pretrained", "prior", "fresh"] = "pretrained"
+
+    def build_model(self, spec: ModelSpec) -> nn.Module:
+        base = self.base_model(spec)
+        return dwp.bayesianize(
+            base,
+            self.prior(),
+            include=kernel3_layers(base),
+            init=self.init,
+            init_log_sigma=self.init_log_sigma,
+            estimator=self.estimator,
+            mode=self.mode,
+            inplace=True,
+        )
+
+    def beta_at(self, step: int) -> float:
+        """KL weight at ``step``."""
+        return float(self.beta(step) if callable(self.beta) else self.beta)
+
+    def loss(
+        self,
+        model: nn.Module,
+        logits: Tensor,
+        target: Tensor,
+        n_data: int,
+        batch_size: int,
+        step: int,
+    ) -> tuple[Tensor, dict[str, float]]:
+        data = elbo_data_terms(logits, target, self.ce_weight, self.dice_weight)
+        terms = dwp.elbo(
+            data.total, model, n_data=n_data, batch_size=batch_size, beta=self.beta_at(step)
+        )
+        logged = terms.as_dict()
+        logged.update(ce=float(data.ce.detach()), dice=float(data.dice.detach()))
+        return terms.loss, logged
+
+    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
+        scale_lr = lr / 10 if self.scale_lr is None else self.scale_lr
+        return dwp.param_groups(model, lr, scale_lr)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "beta": repr(self.beta) if callable(self.beta) else self.beta,
+            "scale_lr": self.scale_lr,
+            "init_log_sigma": self.init_log_sigma,
+            "estimator": self.estimator,
+            "mode": self.mode,
+            "init": self.init,
+        }
+
+
+@dataclass
+class NormalPriorStrategy(BayesianStrategy):
+    """Variational U-Net with an N(0, 1) prior on the 3x3x3 kernels (Bayesian baseline);
+    posterior means start from He initialisation."""
+
+    name: str = field(default="normal_prior", init=False)
+
+    def prior(self) -> dwp.Prior:
+        return dwp.NormalPrior(0.0, 1.0)
+
+
+@dataclass
+class DWPStrategy(BayesianStrategy):
+    """Variational U-Net with a deep weight prior (``prior``: a file of
+    :meth:`dwp.DeepWeightPrior.save`, or the prior itself).
+
+    ``init="prior"`` starts the posterior means from prior samples (DWP initialisation);
+    ``init="pretrained"`` from the source checkpoint ``source`` (He init without one).
+    """
+
+    prior_path: str | os.PathLike | dwp.DeepWeightPrior | None = None
+    source: str | os.PathLike | None = None
+    prior_options: dict[str, Any] = field(default_factory=dict)
+    init: Literal["pretrained", "prior", "fresh"] = "prior"
+    name: str = field(default="dwp", init=False)
+
+    def prior(self) -> dwp.Prior:
+        if self.prior_path is None:
+            raise ValueError("strategy 'dwp' needs prior_path=<DeepWeightPrior file>")
+        if isinstance(self.prior_path, dwp.DeepWeightPrior):
+            return self.prior_path
+        return dwp.DeepWeightPrior.load(self.prior_path, **self.prior_options)
+
+    def base_model(self, spec: ModelSpec) -> nn.Module:
+        model = super().base_model(spec)
+        if self.source is not None:
+            model.load_state_dict(load_state_dict(self.source))
+        return model
+
+    def describe(self) -> dict[str, Any]:
+        path = self.prior_path
+        shown = "<in memory>" if isinstance(path, dwp.DeepWeightPrior) else str(path)
+        return {**super().describe(), "prior": shown, "source": str(self.source)}
+
+
+#: Strategy classes by name.
+STRATEGIES: dict[str, Callable[..., Strategy]] = {
+    "random_init": RandomInitStrategy,
+    "pretrained": PretrainedStrategy,
+    "pretrained_frozen": PretrainedFrozenStrategy,
+    "normal_prior": NormalPriorStrategy,
+    "dwp": DWPStrategy,
+}
+
+
+def get_strategy(name: str | Strategy, **options: Any) -> Strategy:
+    """A strategy by registry name with its options (a :class:`Strategy` passes through)."""
+    if isinstance(name, Strategy):
+        if options:
+            raise TypeError("options are only accepted with a strategy name")
+        return name
+    try:
+        cls = STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; choose from {sorted(STRATEGIES)}") from None
+    return cls(**options)
