@@ -42,8 +42,9 @@ __all__ = ["DeepWeightPrior", "DeepWeightSitePrior", "PriorFileError"]
 
 FORMAT = "dwp.DeepWeightPrior"
 FORMAT_VERSION = 1
-#: layers with fewer kernels than this share one VAE call per step (see ``kl_batch``)
-_BATCH_BELOW = 4096
+#: layers with fewer kernels than this share one VAE call per step (see ``kl_batch``): a
+#: call costs ~1 ms of overhead, concatenating a layer ~0.1 us per kernel (CPU, measured)
+_BATCH_BELOW = 8192
 _LOG_2PI_E = math.log(2.0 * math.pi * math.e)
 
 
