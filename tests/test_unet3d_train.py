@@ -127,7 +127,7 @@ def test_stops_when_the_learning_rate_reaches_its_floor(tmp_path, data):
 
 
 class Interrupt(Exception):
-    pass
+    """Raised by a callback to stop a run midway, as a crash would."""
 
 
 def test_resume_equals_uninterrupted(tmp_path, data):
