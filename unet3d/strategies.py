@@ -28,6 +28,7 @@ Under ``DistributedDataParallel`` pass the *unwrapped* model and the *local* bat
 
 from __future__ import annotations
 
+import abc
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -103,7 +104,7 @@ def block_names(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_children()]
 
 
-class Strategy:
+class Strategy(abc.ABC):
     """Interface of a training strategy (subclass it and register it in :data:`STRATEGIES`).
 
     Attributes
@@ -115,10 +116,11 @@ class Strategy:
     name: str = "strategy"
     bayesian: bool = False
 
+    @abc.abstractmethod
     def build_model(self, spec: ModelSpec) -> nn.Module:
         """The network to train (seed torch before calling it)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def loss(
         self,
         model: nn.Module,
@@ -143,7 +145,6 @@ class Strategy:
         step
             Optimisation steps taken so far (for KL schedules).
         """
-        raise NotImplementedError
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
         """Optimiser parameter groups; parameters with ``requires_grad=False`` left out."""
@@ -275,9 +276,9 @@ class BayesianStrategy(Strategy):
     dice_weight: float = 1.0
     bayesian: bool = field(default=True, init=False)
 
+    @abc.abstractmethod
     def prior(self) -> dwp.Prior:
         """The weight prior of the 3x3x3 convs."""
-        raise NotImplementedError
 
     def base_model(self, spec: ModelSpec) -> nn.Module:
         """The deterministic U-Net whose 3x3x3 convs become Bayesian."""
