@@ -6,6 +6,8 @@
 * :func:`predict_case`: a :class:`unet3d.data.Case` -> ``<id>_prob.nii.gz`` (foreground
   probability, float32), ``<id>_mask.nii.gz`` (uint8) and ``<id>_mi.nii.gz`` (float32) on
   the input file's grid, with its affine and header.
+* :func:`load_model`: the network of a :func:`unet3d.train.train` checkpoint (``best.pt``,
+  ``last.pt``), rebuilt from the training config stored in it, with its training config.
 
 Windows are blended with MONAI's :func:`monai.inferers.sliding_window_inference`
 (Gaussian-weighted overlap).  MONAI is imported when a prediction is made.
@@ -30,6 +32,7 @@ entropies are the only volumes kept, so memory does not grow with ``n_samples``.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,9 +49,16 @@ from dwp.predict import entropy
 from dwp.settings import sampling
 
 from .data import Case, Normalise, SegmentationDataset, save_nifti, uncrop
-from .model import SIZE_DIVISOR
+from .model import SIZE_DIVISOR, UNet3D
 
-__all__ = ["MIN_ROI", "VolumePrediction", "predict_case", "predict_volume"]
+__all__ = [
+    "MIN_ROI",
+    "TrainedModel",
+    "VolumePrediction",
+    "load_model",
+    "predict_case",
+    "predict_volume",
+]
 
 #: Smallest window side: three stride-2 levels leave 2 voxels, the least InstanceNorm takes.
 MIN_ROI = 2 * SIZE_DIVISOR
@@ -342,3 +352,162 @@ def predict_case(
         key: save_nifti(array, out / f"{case.id}_{key}.nii.gz", affine, header)
         for key, array in maps.items()
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained models
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A network rebuilt from a training checkpoint, with what it was trained on.
+
+    Attributes
+    ----------
+    model
+        :class:`unet3d.UNet3D`, its 3x3x3 convs Bayesian for a variational strategy, in
+        ``eval()`` mode, on CPU.
+    config
+        The run's :meth:`unet3d.train.TrainConfig.as_dict` (``normalise``, ``modality``,
+        ``n_classes``, ``size``... are what prediction must reuse).
+    strategy
+        The strategy's :meth:`~unet3d.strategies.Strategy.describe` (at least ``name``).
+    bayesian
+        Whether ``model`` has Bayesian layers (posterior samples make sense).
+    path
+        The checkpoint read.
+    epoch
+        The (0-based) epoch the weights are from, when the checkpoint records it.
+    """
+
+    model: nn.Module
+    config: dict[str, Any]
+    strategy: dict[str, Any]
+    bayesian: bool
+    path: Path
+    epoch: int | None
+
+
+def _is_prior_key(key: str) -> bool:
+    parts = key.split(".")
+    return "weight_prior" in parts or "bias_prior" in parts
+
+
+def _run_description(path: Path, payload: dict[str, Any]) -> tuple[dict, dict]:
+    """The ``(config, strategy)`` JSON of a checkpoint, or of the ``last.pt`` beside it."""
+    from .strategies import CheckpointError, read_checkpoint
+
+    source, described = path, payload
+    if "config" not in payload:
+        # A best.pt of an earlier layout holds only the model, epoch and metrics; the run's
+        # last.pt (same folder, same architecture) still describes it.
+        sibling = path.parent / "last.pt"
+        if sibling.resolve() == path.resolve() or not sibling.is_file():
+            raise CheckpointError(
+                f"{path}: no training config in the checkpoint (and no last.pt beside it) "
+                "to rebuild the network from"
+            )
+        source, described = sibling, read_checkpoint(sibling)
+        if not isinstance(described, dict) or "config" not in described:
+            raise CheckpointError(f"{sibling}: no training config in this checkpoint either")
+    try:
+        config = json.loads(described["config"])
+        strategy = json.loads(described.get("strategy") or "{}")
+    except (TypeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{source}: malformed training config ({error})") from error
+    if not isinstance(config, dict) or not isinstance(strategy, dict):
+        raise CheckpointError(f"{source}: the training config is not a JSON object")
+    return config, strategy
+
+
+def load_model(checkpoint: str | os.PathLike) -> TrainedModel:
+    """Rebuild the network of a :func:`unet3d.train.train` checkpoint for prediction.
+
+    The U-Net's shape (``in_channels``, ``n_classes``, ``widths``) comes from the training
+    config stored in the checkpoint (or, for a ``best.pt`` of an earlier layout, in the
+    ``last.pt`` beside it); which layers are Bayesian from the weights themselves (those
+    with a ``weight_log_sigma``), so checkpoints of custom strategies load too.
+
+    The weight prior is *not* restored: prediction never evaluates it, so neither the prior
+    file of a ``dwp`` run nor the source checkpoint of a ``pretrained`` one has to exist
+    any more.  The Bayesian layers get a placeholder :class:`dwp.NormalPrior`, so the
+    returned model's ``dwp.kl`` is meaningless; continue training with
+    ``train(..., resume=True)`` instead.
+
+    Parameters
+    ----------
+    checkpoint
+        ``best.pt`` or ``last.pt`` of a training run.
+
+    Returns
+    -------
+    TrainedModel
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    unet3d.strategies.CheckpointError
+        An unreadable file, one that is not a training checkpoint, no stored training
+        config, or weights that do not fit the network the config describes (naming the
+        file).
+    """
+    # strategies imports the losses, hence MONAI: only when a model is loaded
+    from .strategies import CheckpointError, read_checkpoint
+
+    path = Path(checkpoint)
+    payload = read_checkpoint(path)
+    if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
+        raise CheckpointError(f"{path}: not a unet3d training checkpoint (no 'model' entry)")
+    config, strategy = _run_description(path, payload)
+    state: dict[str, Tensor] = payload["model"]
+    try:
+        base = UNet3D(int(config["in_channels"]), int(config["n_classes"]), tuple(config["widths"]))
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(
+            f"{path}: the training config does not describe a UNet3D ({error!r})"
+        ) from error
+    suffix = ".weight_log_sigma"
+    bayesian_layers = sorted(k[: -len(suffix)] for k in state if k.endswith(suffix))
+    model: nn.Module = base
+    if bayesian_layers:
+        names = set(bayesian_layers)
+        model = dwp.bayesianize(
+            base,
+            dwp.NormalPrior(),  # placeholder: see the docstring
+            include=lambda name, layer: name in names,
+            bayesian_bias=any(k.endswith(".bias_log_sigma") for k in state),
+            inplace=True,
+        )
+        converted = {n for n, m in model.named_modules() if isinstance(m, BayesianLayer)}
+        if converted != names:
+            raise CheckpointError(
+                f"{path}: Bayesian layers {sorted(names - converted)} are not convolutions "
+                f"of UNet3D(widths={tuple(config['widths'])})"
+            )
+    weights = {k: v for k, v in state.items() if not _is_prior_key(k)}
+    try:
+        result = model.load_state_dict(weights, strict=False)
+    except RuntimeError as error:  # shape mismatches
+        reason = str(error).strip().splitlines()
+        raise CheckpointError(
+            f"{path}: the weights do not fit the UNet3D its config describes "
+            f"({' '.join(r.strip() for r in reason[1:4])})"
+        ) from error
+    missing = [k for k in result.missing_keys if not _is_prior_key(k)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"{path}: the weights do not fit the UNet3D its config describes (missing "
+            f"{missing[:5]}, unexpected {result.unexpected_keys[:5]})"
+        )
+    model.eval()
+    epoch = payload.get("epoch")
+    return TrainedModel(
+        model=model,
+        config=config,
+        strategy=strategy,
+        bayesian=bool(bayesian_layers),
+        path=path,
+        # last.pt records the number of epochs done, best.pt the epoch of its weights
+        epoch=None if epoch is None else int(epoch) - (1 if "optimizer" in payload else 0),
+    )

@@ -10,10 +10,15 @@ its initial value and a checkpoint ``source_restart{i}.pt`` is kept (cyclical re
 Every epoch it logs metrics (``metrics.csv``, ``metrics.json``: training loss terms, the
 validation loss and Dice, the learning rate), keeps ``best.pt`` (lowest validation loss)
 and ``last.pt`` (model, optimiser, scheduler, epoch, RNG state, history), all written
-atomically.  ``resume=True`` continues from ``last.pt`` and reaches bit for bit the same
-parameters as an uninterrupted run: the data order of epoch ``e`` depends on ``(seed, e)``
-only (:class:`~torch.utils.data.DistributedSampler` semantics, one replica without DDP),
-and the torch RNG state (weight noise of the Bayesian strategies) is checkpointed.
+atomically; both also hold the training config and the strategy's options as JSON strings
+(``"config"``, ``"strategy"``), from which :func:`unet3d.inference.load_model` rebuilds the
+network (a ``best.pt`` of an earlier run holds only the model, epoch and metrics: the
+loader then reads them from the ``last.pt`` beside it).
+
+``resume=True`` continues from ``last.pt`` and reaches bit for bit the same parameters as
+an uninterrupted run: the data order of epoch ``e`` depends on ``(seed, e)`` only
+(:class:`~torch.utils.data.DistributedSampler` semantics, one replica without DDP), and the
+torch RNG state (weight noise of the Bayesian strategies) is checkpointed.
 
 Data parallelism: launched under ``torchrun`` (``RANK`` / ``WORLD_SIZE`` set, world size
 > 1) it joins a ``gloo`` process group, wraps the model in
@@ -480,16 +485,26 @@ def _train(
                 finished = True
 
         if writer:
+            # What a reader needs to rebuild the network (unet3d.inference.load_model), in
+            # both checkpoints: best.pt is the one usually deployed.
+            described = {
+                "version": CHECKPOINT_VERSION,
+                "config": json.dumps(config.as_dict()),
+                "strategy": json.dumps(strategy.describe(), default=repr),
+            }
             if improved:
                 _save(
-                    {"model": model.state_dict(), "epoch": epoch - 1, "metrics": record},
+                    {
+                        **described,
+                        "model": model.state_dict(),
+                        "epoch": epoch - 1,
+                        "metrics": record,
+                    },
                     out_dir / "best.pt",
                 )
             _save(
                 {
-                    "version": CHECKPOINT_VERSION,
-                    "config": json.dumps(config.as_dict()),
-                    "strategy": json.dumps(strategy.describe(), default=repr),
+                    **described,
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
