@@ -1,0 +1,367 @@
+"""Training regressors and classifiers on image-level labels, deterministic or Bayesian.
+
+One loop for every network of this package (and any other ``(N, C, *spatial) -> (N, K)``
+module).  Whether it is Bayesian is read from the model: a network passed through
+:func:`make_bayesian` (or :func:`dwp.bayesianize`) is trained on the negative ELBO,
+
+    loss = nll_sum * N / B + beta * KL(q || p),
+
+with the Gaussian (regression) or categorical (classification) log-likelihood **summed over
+subjects** (:mod:`dwp.likelihoods`); a plain network on the same summed likelihood divided
+by ``B``.  With image-level labels and a handful of subjects the data term is tiny next to
+the KL of every weight, so ``beta`` (the KL weight) is exposed: choose it on validation data.
+
+Regression targets are standardised inside (``(y - shift) / scale``) and predictions mapped
+back; for Hydranet's set sums only scaled (``shift = 0``), so that sums stay sums.
+
+:meth:`FittedModel.predict` returns the predictive mean and the **epistemic** variance over
+posterior samples (:func:`dwp.predict`); zero for a deterministic network.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+import dwp
+
+from .hydranet import draw_sets, set_loss_backward, set_members, set_targets
+
+__all__ = [
+    "FittedModel",
+    "HydraConfig",
+    "TrainConfig",
+    "fit",
+    "kernel3_convs",
+    "make_bayesian",
+    "standardise_images",
+]
+
+Task = Literal["regression", "classification"]
+
+
+def kernel3_convs(model: nn.Module) -> list[str]:
+    """Qualified names of the 3x3x3 ``Conv3d`` layers (the sites of a 3x3x3 kernel prior)."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Conv3d) and tuple(m.kernel_size) == (3, 3, 3)
+    ]
+
+
+def make_bayesian(
+    model: nn.Module,
+    prior: dwp.Prior | None = None,
+    *,
+    kernel_prior: dwp.Prior | None = None,
+    estimator: str = "reparam",
+    init: Literal["pretrained", "prior", "fresh"] = "pretrained",
+    init_log_sigma: float = -5.0,
+) -> nn.Module:
+    """A Bayesian copy of ``model`` through :func:`dwp.bayesianize` (the U-Net's code path).
+
+    Parameters
+    ----------
+    model
+        Any network (BagNet3D, BaseRegressor, ...); left unchanged.
+    prior
+        Prior of every conv / linear layer not covered by ``kernel_prior``; default
+        ``dwp.NormalPrior()`` (N(0, 1)).
+    kernel_prior
+        Prior of the 3x3x3 convs only, e.g. a :class:`dwp.DeepWeightPrior` fitted on
+        3x3x3 kernels of source networks (``init="prior"`` starts them from its samples).
+    estimator, init_log_sigma
+        Passed to :func:`dwp.bayesianize`.
+    init
+        Initialisation of the layers under ``kernel_prior`` (the others keep their weights).
+    """
+    prior = dwp.NormalPrior() if prior is None else prior
+    if kernel_prior is not None:
+        names = kernel3_convs(model)
+        if not names:
+            raise ValueError(f"kernel_prior given but {type(model).__name__} has no 3x3x3 conv")
+        model = dwp.bayesianize(
+            model, kernel_prior, include=names, init=init,
+            estimator=estimator, init_log_sigma=init_log_sigma,
+        )  # fmt: skip
+    # the Bayesian layers made above have no twin, so this converts only the rest
+    return dwp.bayesianize(
+        model,
+        prior,
+        estimator=estimator,
+        init_log_sigma=init_log_sigma,
+        inplace=kernel_prior is not None,
+    )
+
+
+@dataclass(frozen=True)
+class HydraConfig:
+    """Hydranet set-sum training: sets of ``set_size`` items, each zeroed with ``p_zero``."""
+
+    set_size: int = 4
+    p_zero: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of :func:`fit`.
+
+    Attributes
+    ----------
+    steps, batch_size, lr, weight_decay
+        Adam(W) optimisation; ``batch_size`` counts images (Hydranet: images per step, i.e.
+        ``batch_size // set_size`` sets, at least one).
+    beta
+        KL weight of the ELBO (Bayesian networks only).
+    kl_warmup
+        Steps of a log-linear warm-up of beta from ``beta * 1e-4`` (0: constant).
+    scale_lr
+        Learning rate of the posterior log-sigmas (:func:`dwp.param_groups`).
+    noise_scale
+        Standard deviation of the Gaussian likelihood, in standardised target units.
+    hydranet
+        ``None`` for ordinary minibatches, or a :class:`HydraConfig`.
+    seed
+        Seed of the batches, the zero images and the weight samples.
+    """
+
+    steps: int = 200
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    beta: float = 1.0
+    kl_warmup: int = 0
+    scale_lr: float | None = 1e-4
+    noise_scale: float = 0.5
+    hydranet: HydraConfig | None = None
+    seed: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FittedModel:
+    """A trained network with its target scaling.
+
+    Attributes
+    ----------
+    model
+        The network (eval mode).
+    task
+        ``"regression"`` or ``"classification"``.
+    shift, scale
+        Regression targets were ``(y - shift) / scale`` in training, shape ``(K,)``.
+    history
+        ``step``, ``loss``, ``nll``, ``kl`` every 10 steps.
+    """
+
+    model: nn.Module
+    task: Task
+    shift: Tensor
+    scale: Tensor
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def bayesian(self) -> bool:
+        return any(isinstance(m, dwp.BayesianLayer) for m in self.model.modules())
+
+    def predict(
+        self, x: Tensor, n_samples: int = 16, *, batch_size: int = 4
+    ) -> tuple[Tensor, Tensor]:
+        """Predictive mean and epistemic variance over posterior samples.
+
+        Parameters
+        ----------
+        x
+            ``(N, C, D, H, W)``.
+        n_samples
+            Posterior samples (ignored by deterministic networks).
+        batch_size
+            Images per forward pass.
+
+        Returns
+        -------
+        tuple of Tensor
+            Regression: mean and variance ``(N, K)`` in target units.  Classification:
+            class probabilities ``(N, C)`` and their variance over samples.
+        """
+        _check_images(x, "x")
+        means, variances = [], []
+        for i in range(0, len(x), batch_size):
+            pred = dwp.predict(self.model, x[i : i + batch_size], n_samples, task=self.task)
+            means.append(pred.mean)
+            variances.append(pred.variance)
+        mean, variance = torch.cat(means), torch.cat(variances)
+        if self.task == "regression":
+            mean = mean * self.scale + self.shift
+            variance = variance * self.scale**2
+        return mean, variance
+
+
+def _check_images(x: Tensor, name: str) -> None:
+    if x.dim() != 5:
+        raise ValueError(f"{name} must be (N, C, D, H, W), got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} holds NaN or inf values")
+
+
+def fit(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    config: TrainConfig = TrainConfig(),
+    *,
+    task: Task = "regression",
+    augment: Callable[[Tensor], Tensor] | None = None,
+    progress: bool = False,
+) -> FittedModel:
+    """Train ``model`` (in place) on images ``x`` and image-level labels ``y``.
+
+    Parameters
+    ----------
+    model
+        ``(B, C, *spatial) -> (B, K)``; Bayesian if it holds :class:`dwp.BayesianLayer`\\ s.
+    x
+        ``(N, C, D, H, W)`` float images.
+    y
+        Regression: ``(N,)`` or ``(N, K)`` float targets.  Classification: ``(N,)`` integer
+        classes.
+    config
+        :class:`TrainConfig`.
+    task
+        ``"regression"`` (Gaussian likelihood) or ``"classification"`` (categorical).
+    augment
+        Optional ``(B, C, *spatial) -> (B, C, *spatial)`` applied to each training batch.
+
+    Returns
+    -------
+    FittedModel
+    """
+    _check_images(x, "x")
+    if len(y) != len(x):
+        raise ValueError(f"x has {len(x)} images but y has {len(y)} labels")
+    if task not in ("regression", "classification"):
+        raise ValueError(f"task must be 'regression' or 'classification', got {task!r}")
+    if config.hydranet is not None and task != "regression":
+        raise ValueError("Hydranet set sums need additive regression targets")
+    n = len(x)
+    if task == "regression":
+        y = y.reshape(n, -1).to(x.dtype)
+        if not torch.isfinite(y).all():
+            raise ValueError("y holds NaN or inf values")
+        hydra = config.hydranet is not None
+        shift = torch.zeros(y.shape[1], dtype=x.dtype) if hydra else y.mean(0)
+        scale = (y.std(0) if n > 1 else torch.ones(y.shape[1])).clamp_min(1e-8).to(x.dtype)
+        z = (y - shift) / scale
+    else:
+        if y.dtype.is_floating_point:
+            raise ValueError("classification labels y must be integers")
+        shift, scale, z = torch.zeros(1), torch.ones(1), y.long()
+
+    bayesian = any(isinstance(m, dwp.BayesianLayer) for m in model.modules())
+    optimiser = torch.optim.AdamW(
+        dwp.param_groups(model, lr=config.lr, scale_lr=config.scale_lr),
+        weight_decay=config.weight_decay,
+    )
+    schedule = (
+        dwp.KLSchedule(
+            "log_linear", start=config.beta * 1e-4, end=config.beta, steps=config.kl_warmup
+        )
+        if config.kl_warmup > 0 and config.beta > 0
+        else dwp.KLSchedule("constant", end=config.beta)
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    history: list[dict[str, float]] = []
+
+    def nll_of(out: Tensor, target: Tensor) -> Tensor:
+        if task == "classification":
+            return dwp.likelihoods.categorical_nll(out, target)
+        return dwp.likelihoods.gaussian_nll(out, target, config.noise_scale)
+
+    batches = _batches(n, config, generator)
+    model.train()
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        for step in tqdm(range(config.steps), desc="fit", disable=not progress):
+            optimiser.zero_grad(set_to_none=True)
+            beta = schedule(step)
+            if config.hydranet is None:
+                idx = next(batches)
+                xb = x[idx] if augment is None else augment(x[idx])
+                nll = nll_of(model(xb), z[idx])
+                if bayesian:
+                    terms = dwp.elbo(nll, model, n_data=n, batch_size=len(idx), beta=beta)
+                    loss, kl = terms.loss, terms.kl
+                else:
+                    loss, kl = nll / len(idx), torch.zeros(())
+                loss.backward()
+            else:
+                sets = next(batches)
+                members = set_members(x, sets)
+                if augment is not None:
+                    members = [augment(m) for m in members]
+                n_sets = -(-n // config.hydranet.set_size)
+                factor = n_sets / len(sets) if bayesian else 1.0 / len(sets)
+                nll, _ = set_loss_backward(
+                    model, members, set_targets(z, sets), lambda s, t, f=factor: nll_of(s, t) * f
+                )
+                nll = nll / factor
+                kl = dwp.kl(model) if bayesian else torch.zeros(())
+                if bayesian:
+                    (beta * kl).backward()
+                loss = nll * factor + beta * kl.detach()
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(
+                    f"training loss is {loss.item()} at step {step}: lower lr or check the data"
+                )
+            optimiser.step()
+            if step % 10 == 0 or step == config.steps - 1:
+                history.append(
+                    {
+                        "step": step,
+                        "loss": loss.item(),
+                        "nll": nll.item(),
+                        "kl": kl.item(),
+                        "beta": beta,
+                    }
+                )
+    model.eval()
+    return FittedModel(model, task, shift, scale, history)
+
+
+def _batches(n: int, config: TrainConfig, generator: torch.Generator):
+    """Endless minibatches: index tensors (without replacement within an epoch) or
+    :class:`~regression3d.hydranet.SetBatch` es of Hydranet sets."""
+    hydra = config.hydranet
+    if hydra is None:
+        size = min(config.batch_size, n)
+        while True:
+            order = torch.randperm(n, generator=generator)
+            for i in range(0, n - size + 1, size):
+                yield order[i : i + size]
+    else:
+        per_step = max(1, config.batch_size // hydra.set_size)
+        while True:
+            sets = draw_sets(n, hydra.set_size, hydra.p_zero, generator=generator)
+            for i in range(0, len(sets) - per_step + 1, per_step):
+                yield sets[i : i + per_step]
+
+
+def standardise_images(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Z-score each image (inside ``mask`` if given): ``(N, C, *spatial)`` float."""
+    dims = tuple(range(2, x.dim()))
+    if mask is None:
+        mean, std = x.mean(dims, keepdim=True), x.std(dims, keepdim=True)
+    else:
+        m = mask.to(x.dtype).expand_as(x)
+        count = m.sum(dims, keepdim=True).clamp_min(1)
+        mean = (x * m).sum(dims, keepdim=True) / count
+        std = (((x - mean) * m).pow(2).sum(dims, keepdim=True) / count).sqrt()
+    return (x - mean) / std.clamp_min(1e-8)
