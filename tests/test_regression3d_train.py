@@ -99,7 +99,11 @@ def test_hydranet_training_and_bagnet_classification_run() -> None:
 
     labels = (y > y.median()).long()
     clf = fit(
-        bagnet3d(9, width=1, out_features=2), x, labels, TrainConfig(steps=3), task="classification"
+        bagnet3d(9, width=1, out_features=2, norm="channel"),
+        x,
+        labels,
+        TrainConfig(steps=3),
+        task="classification",
     )
     probs, _ = clf.predict(x[:3])
     torch.testing.assert_close(probs.sum(1), torch.ones(3))
