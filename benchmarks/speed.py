@@ -1,6 +1,7 @@
-"""Speed of Bayesian 3D U-Net training: layer estimators, the deep weight prior, VAE fitting.
+"""Speed of Bayesian 3D U-Net training: layer estimators, the deep weight prior, VAE fitting,
+the unet3d application's strategies and inference.
 
-Three sections, each run by default and selectable with ``--sections``:
+Four sections, each run by default and selectable with ``--sections``:
 
 ``layers``
     One training step (forward, loss + KL, backward, SGD step) of the reference
@@ -17,11 +18,21 @@ Three sections, each run by default and selectable with ``--sections``:
     U-Net it belongs to, measured in the same interleaved run.
 ``fit``
     Wall time of ``dwp.fit_kernel_vae`` (default settings, 50 epochs) on 100,000 kernels.
+``unet3d``
+    One step of :func:`unet3d.train.train`'s loop (the strategy's loss and parameter
+    groups, Adam) of the default UNet3D at 64^3, batch 2, for every strategy of
+    :data:`unet3d.strategies.STRATEGIES`, as a ratio to ``random_init`` (interleaved as
+    above); then :func:`unet3d.inference.predict_volume` on a 240 x 240 x 155 volume
+    (64^3 windows, overlap 0.5): deterministic, and Bayesian with 1 and 8 posterior samples.
+    Each inference case runs once, in a fresh interpreter, which reports its wall time and
+    its peak RSS above the RSS after building the model and the input (``VmHWM`` reset
+    through ``/proc/self/clear_refs``).
 
 Usage::
 
     python -m benchmarks.speed --seed 0            # full run, writes benchmarks/results/speed.*
-    python -m benchmarks.speed --sections kl       # one section
+    python -m benchmarks.speed --sections kl       # one section; the other sections' results
+                                                   # in speed.json / speed.md are kept
     python -m benchmarks.speed --quick --out /tmp  # smoke run (tiny everything): speed_quick.*
 
 Methodology
@@ -41,7 +52,8 @@ Methodology
   single unrepeated measurement without an IQR, is flagged ``noisy`` by this alone.
 * Memory: the bytes of distinct tensor storages autograd keeps for the backward pass
   after one forward pass.  Unlike the process-wide, monotone ``ru_maxrss``, this is a
-  clean per-variant number on any device.
+  clean per-variant number on any device.  Inference, whose peak is the number that
+  matters, is measured as peak RSS instead, one fresh process per case.
 """
 
 from __future__ import annotations
@@ -51,10 +63,14 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
+import json
 import os
+import resource
 import shlex
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -67,7 +83,9 @@ from torch import Tensor, nn
 
 import dwp
 from unet3d import UNet3D, count_kernels, kernel3_layers
+from unet3d.strategies import STRATEGIES, ModelSpec, Strategy, get_strategy
 
+from . import report
 from .report import DEFAULT_OUT_DIR, markdown_table, write_results
 
 __all__ = [
@@ -80,7 +98,7 @@ __all__ = [
     "tune_glibc_malloc",
 ]
 
-SECTIONS = ("layers", "kl", "fit")
+SECTIONS = ("layers", "kl", "fit", "unet3d")
 #: Largest acceptable ratio of median step times, Bayesian / deterministic, per estimator.
 LAYER_TARGETS: dict[str, float] = {"reparam": 1.25, "local_reparam": 2.3, "flipout": 2.5}
 #: Largest acceptable (KL bound forward + backward) / (deterministic training step), MLP VAE.
@@ -116,6 +134,25 @@ FIT_KERNELS = 100_000
 FIT_SOURCES = 4
 QUICK_FIT_EPOCHS = 2
 QUICK_FIT_KERNELS = 3_000
+
+#: unet3d section: the issue's 64^3 training step (independent of --size) and a BraTS-sized
+#: volume (240 x 240 x 155) for sliding-window inference.
+STRATEGY_SIZE = 64
+BASELINE_STRATEGY = "random_init"
+#: Training-set size N of the ELBO's N / B scaling (it changes the loss, not the cost).
+STRATEGY_N_DATA = 10
+ADAM_LR = 1e-3
+INFERENCE_VOLUME = (240, 240, 155)
+INFERENCE_ROI = 64
+INFERENCE_OVERLAP = 0.5
+#: Posterior samples of the Bayesian inference cases (the deterministic case makes 1 pass).
+INFERENCE_SAMPLES = (1, 8)
+QUICK_INFERENCE_VOLUME = (24, 24, 20)
+QUICK_INFERENCE_ROI = 16
+#: One Bayesian case: every case costs a fresh interpreter (seconds of imports).
+QUICK_INFERENCE_SAMPLES = (2,)
+#: Prefix of the result line a fresh inference process prints on stdout.
+INFERENCE_RESULT_TAG = "SPEED_INFERENCE_RESULT "
 
 
 # -- the allocator -------------------------------------------------------------------------
@@ -194,8 +231,10 @@ class OtherLoad:
 
 
 def _own_cpu_s() -> float:
+    # children too: the unet3d section's inference processes are ours, not "other" load
+    # (their times count once they have been waited for, i.e. by the end of the block)
     t = os.times()
-    return t.user + t.system
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def _busy_note(section_loads: dict[str, float | None]) -> list[str]:
@@ -757,21 +796,6 @@ def run_fit(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, A
         "final_lr": fit.history[-1]["lr"] if fit.history else None,
         "times_s": [wall],
     }
-    table = markdown_table(
-        ["variant", "kernels", "epochs run", "wall (s)", "s / epoch", "target", "met?", "stopped"],
-        [
-            [
-                row["variant"],
-                f"{row['kernels']:,}",
-                f"{epochs} / {args.fit_epochs}",
-                f"{wall:.1f}",
-                f"{row['s_per_epoch']:.2f}",
-                f"< {FIT_TARGET_S:.0f} s",
-                _met(row),
-                row["stopped"],
-            ]
-        ],
-    )
     config = {
         "call": "dwp.fit_kernel_vae(kernels, epochs=E, early_stopping=E + 1, min_lr=0.0, "
         "progress=False, seed=SEED); all other settings default (mlp, hidden 64, latent 6, "
@@ -785,15 +809,392 @@ def run_fit(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, A
         "Gaussian baselines at the end)",
         "target_s": FIT_TARGET_S,
     }
-    return [row], config, table
+    return [row], config, render_fit([row])
+
+
+def render_fit(rows: Sequence[dict[str, Any]]) -> str:
+    """The fit's table (one row per fit)."""
+    return markdown_table(
+        ["variant", "kernels", "epochs run", "wall (s)", "s / epoch", "target", "met?", "stopped"],
+        [
+            [
+                r["variant"],
+                f"{r['kernels']:,}",
+                f"{r['epochs_run']} / {r['epochs_requested']}",
+                f"{r['median_s']:.1f}",
+                f"{r['s_per_epoch']:.2f}",
+                f"< {r['target_s']:.0f} s",
+                _met(r),
+                r["stopped"],
+            ]
+            for r in rows
+        ],
+    )
+
+
+# -- section: the unet3d application (strategies, sliding-window inference) ----------------
+def _strategy_models(
+    seed: int, widths: Sequence[int], source_dir: Path
+) -> list[tuple[str, Strategy, nn.Module]]:
+    """Every registered strategy's network, built the way :func:`unet3d.train.train` does."""
+    torch.manual_seed(seed)
+    spec = ModelSpec(widths=tuple(widths))
+    # pretrained needs a source checkpoint: any UNet3D of the same widths (the step's cost
+    # does not depend on the weights' values)
+    source = source_dir / "source.pt"
+    torch.save(UNet3D(widths=widths).state_dict(), source)
+    # an untrained default MLP kernel VAE, as in the kl section: the bound's cost does not
+    # depend on the VAE's weights either
+    prior = dwp.DeepWeightPrior({"all": dwp.KernelVAE((3, 3, 3))})
+    options: dict[str, dict[str, Any]] = {
+        "random_init": {},
+        "pretrained": {"source": source},
+        "pretrained_frozen": {"source": source},
+        "normal_prior": {},
+        "dwp": {"prior_path": prior},
+    }
+    missing = set(STRATEGIES) - set(options)
+    if missing:  # a new strategy must be added here, not silently skipped
+        raise RuntimeError(f"no benchmark options for strategies {sorted(missing)}")
+    built = []
+    for name in STRATEGIES:
+        torch.manual_seed(seed)  # every strategy starts from the same He initialisation
+        strategy = get_strategy(name, **options[name])
+        built.append((name, strategy, strategy.build_model(spec).train()))
+    return built
+
+
+def strategy_step(
+    strategy: Strategy, model: nn.Module, x: Tensor, target: Tensor, n_data: int
+) -> tuple[Callable[[], Tensor], Callable[[Tensor], None]]:
+    """Forward/backward callables of one step of :func:`unet3d.train.train`'s loop.
+
+    The strategy's own parameter groups (frozen blocks left out, posterior scales at their
+    own learning rate) with Adam, the recipe's optimiser; the strategy's loss (the paper's
+    loss, or the negative ELBO with the KL of every Bayesian layer).
+    """
+    optimizer = torch.optim.Adam(strategy.param_groups(model, ADAM_LR))
+    steps = [0]
+
+    def forward() -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = strategy.loss(model, model(x), target, n_data, x.shape[0], steps[0])
+        return loss
+
+    def backward(loss: Tensor) -> None:
+        loss.backward()
+        optimizer.step()
+        steps[0] += 1
+
+    return forward, backward
+
+
+def strategy_variants(
+    seed: int, widths: Sequence[int], x: Tensor, reps: int, source_dir: Path
+) -> list[Variant]:
+    """One training-step variant per strategy, each timed against ``random_init``."""
+    generator = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, 2, (x.shape[0], *x.shape[2:]), generator=generator)
+    variants = []
+    for name, strategy, model in _strategy_models(seed, widths, source_dir):
+        info = {
+            "kind": "train_step",
+            "strategy": name,
+            "bayesian": strategy.bayesian,
+            "widths": list(widths),
+            "input_shape": list(x.shape),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        }
+        step = strategy_step(strategy, model, x, target, STRATEGY_N_DATA)
+        variants.append(Variant("unet3d", name, *step, reps, baseline=BASELINE_STRATEGY, info=info))
+    return variants
+
+
+def _rss_mib() -> dict[str, float]:
+    """``VmRSS`` and ``VmHWM`` (peak RSS) of this process in MiB, from ``/proc/self/status``."""
+    out = {}
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) / 1024  # kB
+    return out
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's ``VmHWM`` to its current RSS (Linux >= 4.0); ``False`` if not."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def inference_worker(spec_json: str) -> None:
+    """Time and measure one :func:`unet3d.inference.predict_volume` call; print a JSON line.
+
+    Runs in a fresh interpreter (see :func:`run_inference_case`) so that the peak RSS
+    belongs to this case alone (in a process that ran anything before, glibc's free lists
+    would serve part of the prediction from memory already counted in the baseline): the
+    model and the input are built and one window is predicted as a warm-up, the peak is
+    reset to the current RSS (``/proc/self/clear_refs``), the prediction runs, and the new
+    peak minus that baseline is what inference needed on top of the model and the input.
+    """
+    spec = json.loads(spec_json)
+    torch.set_num_threads(spec["threads"])
+    if spec["tune_malloc"]:
+        tune_glibc_malloc()
+    from monai.inferers import sliding_window_inference  # noqa: F401  (in the baseline)
+
+    from unet3d.inference import predict_volume
+
+    torch.manual_seed(spec["seed"])
+    model = UNet3D(widths=spec["widths"])
+    if spec["bayesian"]:
+        model = dwp.bayesianize(model, include=kernel3_layers(model))
+    image = torch.rand(1, *spec["volume"])
+    # warm-up on one window (oneDNN primitives, MONAI's lazy imports), outside the timing;
+    # what it leaves resident is part of the baseline, as in any long-running predictor
+    predict_volume(model, image[:, : spec["roi"], : spec["roi"], : spec["roi"]], 1)
+    gc.collect()
+    exact = _reset_peak_rss()
+    before = _rss_mib()
+    with OtherLoad().measure() as load:
+        start = time.perf_counter()
+        prediction = predict_volume(
+            model,
+            image,
+            spec["samples"],
+            roi_size=spec["roi"],
+            overlap=spec["overlap"],
+            seed=spec["seed"],
+        )
+        wall = time.perf_counter() - start
+    after = _rss_mib()
+    peak = after["VmHWM"] if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = {
+        "wall_s": wall,
+        "passes": prediction.n_samples,
+        "baseline_rss_mib": before["VmRSS"],
+        "peak_rss_mib": peak,
+        "peak_above_baseline_mib": peak - before["VmRSS"],
+        "memory_method": (
+            "VmHWM after resetting it via /proc/self/clear_refs, minus VmRSS after model load"
+            if exact
+            else "ru_maxrss of the whole process (includes imports), minus VmRSS after model load"
+        ),
+        "other_processes_cores": load.cores,
+        "mean_mutual_information": float(prediction.mutual_information.mean()),
+    }
+    print(INFERENCE_RESULT_TAG + json.dumps(result), flush=True)
+
+
+def run_inference_case(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run :func:`inference_worker` in a fresh interpreter and return its result."""
+    code = (
+        "import sys; from benchmarks.speed import inference_worker; inference_worker(sys.argv[1])"
+    )
+    repo = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith(INFERENCE_RESULT_TAG)]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(
+            f"inference worker failed (status {done.returncode}):\n{done.stderr[-3000:]}"
+        )
+    return json.loads(lines[-1][len(INFERENCE_RESULT_TAG) :])
+
+
+def inference_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Sliding-window inference: deterministic, then Bayesian with 1 and many samples."""
+    cases = [("infer_deterministic", False, 1)] + [
+        (f"infer_bayesian_{n}", True, n) for n in args.inference_samples
+    ]
+    rows: list[dict[str, Any]] = []
+    for name, bayesian, samples in cases:
+        spec = {
+            "seed": args.seed,
+            "threads": torch.get_num_threads(),
+            "tune_malloc": not args.system_allocator,
+            "widths": list(args.strategy_widths),
+            "bayesian": bayesian,
+            "samples": samples,
+            "volume": list(args.inference_volume),
+            "roi": args.inference_roi,
+            "overlap": INFERENCE_OVERLAP,
+        }
+        print(f"[unet3d] inference {name} ...", file=sys.stderr, flush=True)
+        result = run_inference_case(spec)
+        wall = result["wall_s"]
+        rows.append(
+            {
+                "section": "unet3d",
+                "variant": name,
+                "kind": "inference",
+                "bayesian": bayesian,
+                "samples": samples,
+                "passes": result["passes"],
+                "widths": spec["widths"],
+                "volume": spec["volume"],
+                "roi": spec["roi"],
+                "overlap": spec["overlap"],
+                "reps": 1,
+                "median_s": wall,
+                "iqr_s": None,
+                "s_per_pass": wall / result["passes"],
+                "baseline": "infer_deterministic",
+                "ratio": None,  # filled in below
+                "target_ratio": None,
+                "met": None,
+                # one unrepeated measurement: other processes' load is the noise flag
+                "noisy": (
+                    None
+                    if result["other_processes_cores"] is None
+                    else result["other_processes_cores"] > BUSY_OTHER_CORES
+                ),
+                **{k: v for k, v in result.items() if k not in ("wall_s", "passes")},
+                "times_s": [wall],
+            }
+        )
+    for row in rows:
+        row["ratio"] = row["median_s"] / rows[0]["median_s"]
+    return rows
+
+
+def render_unet3d(rows: Sequence[dict[str, Any]]) -> str:
+    """Training steps per strategy (ratio to random_init) and the inference table."""
+    steps = [r for r in rows if r.get("kind") == "train_step"]
+    infer = [r for r in rows if r.get("kind") == "inference"]
+    parts = list(_noisy_note(steps))
+    if steps:
+        parts.append(
+            markdown_table(
+                [
+                    "strategy",
+                    "median step (s)",
+                    "IQR",
+                    "ratio vs random_init",
+                    "forward+loss (s)",
+                    "backward+Adam (s)",
+                    "saved for backward (MiB)",
+                    "trainable / parameters",
+                ],
+                [
+                    [
+                        r["variant"],
+                        f"{r['median_s']:.4f}",
+                        f"{r['iqr_s']:.4f}",
+                        f"{r['ratio']:.2f}x",
+                        f"{r['median_forward_s']:.4f}",
+                        f"{r['median_backward_s']:.4f}",
+                        f"{r['saved_for_backward_mib']:.1f}",
+                        f"{r['trainable_parameters']:,} / {r['parameters']:,}",
+                    ]
+                    for r in steps
+                ],
+            )
+        )
+    if infer:
+        parts.append("Sliding-window inference (`unet3d.inference.predict_volume`):")
+        parts.append(
+            markdown_table(
+                [
+                    "model",
+                    "samples",
+                    "volume",
+                    "window / overlap",
+                    "wall (s)",
+                    "s / pass",
+                    "ratio vs deterministic",
+                    "peak RSS above model + input (MiB)",
+                    "peak RSS (MiB)",
+                    "other cores busy",
+                ],
+                [
+                    [
+                        "Bayesian" if r["bayesian"] else "deterministic",
+                        r["samples"],
+                        "x".join(map(str, r["volume"])),
+                        f"{r['roi']}^3 / {r['overlap']}",
+                        f"{r['median_s']:.3g}",
+                        f"{r['s_per_pass']:.3g}",
+                        f"{r['ratio']:.2f}x",
+                        f"{r['peak_above_baseline_mib']:.0f}",
+                        f"{r['peak_rss_mib']:.0f}",
+                        "n/a"
+                        if r["other_processes_cores"] is None
+                        else f"{r['other_processes_cores']:.2f}",
+                    ]
+                    for r in infer
+                ],
+            )
+        )
+        parts.append(f"Peak memory: {infer[0]['memory_method']}, each case in a fresh process.")
+    return "\n\n".join(parts)
+
+
+def run_unet3d(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
+    """Time every strategy's training step and sliding-window inference."""
+    torch.manual_seed(args.seed)
+    size = args.strategy_size
+    x = torch.randn(args.batch, 1, size, size, size)
+    with tempfile.TemporaryDirectory(prefix="dwp-speed-") as tmp:
+        variants = strategy_variants(args.seed, args.strategy_widths, x, args.steps, Path(tmp))
+        run_interleaved(variants, "unet3d")
+        saved = {v.name: saved_for_backward_mib(v) for v in variants}
+    rows = summarise(variants, saved)
+    rows += inference_rows(args)
+    config = {
+        "network": "unet3d.UNet3D",
+        "widths": list(args.strategy_widths),
+        "strategies": "unet3d.strategies.get_strategy(name, ...).build_model(ModelSpec()); "
+        "pretrained / pretrained_frozen (freeze_depth 1) from a saved random UNet3D; "
+        "normal_prior and dwp with their defaults (reparam, beta 1); dwp with an untrained "
+        "default MLP KernelVAE (one group)",
+        "input_shape": list(x.shape),
+        "timed": "one step of unet3d.train's loop: zero_grad, forward, strategy.loss "
+        f"(n_data {STRATEGY_N_DATA}), backward, Adam(strategy.param_groups(model, "
+        f"{ADAM_LR})).step()",
+        "steps": args.steps,
+        "warmup_steps": WARMUP_STEPS,
+        "baseline": BASELINE_STRATEGY,
+        "inference": {
+            "call": "predict_volume(model, image, samples, roi_size=ROI, overlap=OVERLAP, "
+            "seed=SEED) (sw_batch_size 1, Gaussian blending, one weight sample per pass)",
+            "volume": list(args.inference_volume),
+            "roi": args.inference_roi,
+            "overlap": INFERENCE_OVERLAP,
+            "samples": [1, *args.inference_samples],
+            "bayesian_model": "dwp.bayesianize(UNet3D(), include=kernel3_layers(net))",
+            "timing": "one run per case, wall clock, each case in a fresh interpreter",
+        },
+    }
+    return rows, config, render_unet3d(rows)
 
 
 # -- command line --------------------------------------------------------------------------
-RUNNERS = {"layers": run_layers, "kl": run_kl, "fit": run_fit}
+RUNNERS = {"layers": run_layers, "kl": run_kl, "fit": run_fit, "unet3d": run_unet3d}
+#: Tables of a section from its rows (to rebuild the Markdown of merged results).
+RENDERERS: dict[str, Callable[[Sequence[dict[str, Any]]], str]] = {
+    "layers": render_layers,
+    "kl": render_kl,
+    "fit": render_fit,
+    "unet3d": render_unet3d,
+}
 TITLES = {
     "layers": "layers: training step, Bayesian 3x3x3 convs vs deterministic UNet3D",
     "kl": "kl: deep weight prior bound (forward + backward) vs deterministic training step",
     "fit": "fit: dwp.fit_kernel_vae wall time",
+    "unet3d": "unet3d: training step per strategy vs random_init; sliding-window inference",
 }
 
 
@@ -854,7 +1255,14 @@ def _parser() -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help=f"smoke run: {QUICK_SIZE}^3 volume, widths {QUICK_WIDTHS}, few rounds, "
-        f"{QUICK_FIT_EPOCHS} fit epochs on {QUICK_FIT_KERNELS} kernels; written as speed_quick.*",
+        f"{QUICK_FIT_EPOCHS} fit epochs on {QUICK_FIT_KERNELS} kernels, inference on "
+        f"{'x'.join(map(str, QUICK_INFERENCE_VOLUME))}; written as speed_quick.*",
+    )
+    parser.add_argument(
+        "--replace",
+        action="store_true",
+        help="write only the sections run (default: keep the other sections' results "
+        "already in the results file)",
     )
     return parser
 
@@ -884,11 +1292,117 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.wide_widths = QUICK_WIDE_WIDTHS if args.quick else WIDE_WIDTHS
     args.fit_epochs = QUICK_FIT_EPOCHS if args.quick else FIT_EPOCHS
     args.fit_kernels = QUICK_FIT_KERNELS if args.quick else FIT_KERNELS
+    args.strategy_size = QUICK_SIZE if args.quick else STRATEGY_SIZE
+    args.strategy_widths = QUICK_WIDTHS if args.quick else WIDTHS
+    args.inference_volume = QUICK_INFERENCE_VOLUME if args.quick else INFERENCE_VOLUME
+    args.inference_roi = QUICK_INFERENCE_ROI if args.quick else INFERENCE_ROI
+    args.inference_samples = QUICK_INFERENCE_SAMPLES if args.quick else INFERENCE_SAMPLES
     return args
+
+
+def _run_record(args: argparse.Namespace, command: str, allocator: str) -> dict[str, Any]:
+    """The settings of this run, kept per section when results are merged."""
+    return {
+        "command": command,
+        "git_commit": report.environment()["git_commit"],
+        "seed": args.seed,
+        "size": args.size,
+        "batch": args.batch,
+        "steps": args.steps,
+        "threads": torch.get_num_threads(),
+        "allocator": allocator,
+    }
+
+
+def merge_previous(
+    path: Path, sections: Sequence[str], rows: list[dict[str, Any]], config: dict[str, Any]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Add the sections of an earlier results file that this run did not measure.
+
+    Running one section (``--sections unet3d``) then updates its rows, config and tables in
+    ``speed.json`` / ``speed.md`` and keeps the others' as they were measured, each with
+    the command and commit that produced it (``config["section_runs"]``).
+
+    Returns
+    -------
+    rows, config
+        Merged, sections in :data:`SECTIONS` order; unchanged when there is nothing to keep.
+    """
+    try:
+        previous = json.loads(path.read_text())
+        old_config, old_rows = previous["config"], previous["rows"]
+        old_sections = list(old_config["sections"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return rows, config  # no (readable) earlier results: nothing to keep
+    if bool(old_config.get("quick")) != bool(config["quick"]):
+        return rows, config
+    kept = [s for s in old_sections if s in SECTIONS and s not in sections]
+    if not kept:
+        return rows, config
+    old_runs = old_config.get("section_runs") or {}
+    merged = dict(config)
+    order = [s for s in SECTIONS if s in kept or s in sections]
+    merged["sections"] = order
+    for key in ("section_wall_s", "other_processes_cores", "section_runs"):
+        both = {**(old_config.get(key) or {}), **config[key]}
+        merged[key] = {s: both[s] for s in order if s in both}
+    for section in kept:
+        merged[section] = old_config.get(section)
+        if section not in old_runs:  # a file written before section_runs existed
+            merged["section_runs"][section] = {
+                "command": previous.get("command"),
+                "git_commit": (previous.get("environment") or {}).get("git_commit"),
+                **{
+                    k: old_config.get(k)
+                    for k in ("seed", "size", "batch", "steps", "threads", "allocator")
+                },
+            }
+    by_section = {s: [r for r in old_rows if r.get("section") == s] for s in kept}
+    by_section.update({s: [r for r in rows if r["section"] == s] for s in sections})
+    return [r for s in order for r in by_section[s]], merged
+
+
+def _markdown(rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> tuple[str, str]:
+    """The Markdown body (notes, one table per section, footer) and the command(s)."""
+    sections = config["sections"]
+    runs = config["section_runs"]
+    walls, loads = config["section_wall_s"], config["other_processes_cores"]
+    notes = []
+    if config["quick"]:
+        notes.append("**QUICK smoke run: too small and too short to compare with the targets.**")
+    notes += _busy_note({s: loads.get(s) for s in sections})
+    tables = [
+        f"## {TITLES[s]}\n\n{RENDERERS[s]([r for r in rows if r['section'] == s])}"
+        for s in sections
+    ]
+    # one footer line and one command per run that contributed sections
+    commands: dict[str, list[str]] = {}
+    for s in sections:
+        commands.setdefault(runs[s]["command"], []).append(s)
+    footers = []
+    for members in commands.values():
+        run = runs[members[0]]
+        wall = ", ".join(f"{s} {walls[s]:.0f} s" for s in members if walls.get(s) is not None)
+        load = ", ".join(
+            f"{s} {'n/a' if loads.get(s) is None else f'{loads[s]:.2f}'}" for s in members
+        )
+        footers.append(
+            f"{', '.join(members)}: allocator {run['allocator']}; {wall}; {run['threads']} "
+            f"threads, seed {run['seed']}, commit {run['git_commit'] or 'unknown'}. Cores kept "
+            f"busy by other processes, on average: {load}."
+        )
+    if len(commands) > 1:
+        command = "\n".join(f"{c}  # {', '.join(m)}" for c, m in commands.items())
+    else:
+        command = next(iter(commands))
+    return "\n\n".join([*notes, *tables, *footers]), command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the chosen sections, print the tables and write ``speed[_quick].{json,md}``.
+
+    Sections not run keep their results from an existing ``speed[_quick].json`` in the
+    output folder (see :func:`merge_previous`; ``--replace`` writes only the sections run).
 
     Parameters
     ----------
@@ -905,38 +1419,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     allocator = "system default" if args.system_allocator else tune_glibc_malloc()
+    command = shlex.join(["python", "-m", "benchmarks.speed", *argv])
     start = time.perf_counter()
 
     rows: list[dict[str, Any]] = []
     section_configs: dict[str, Any] = {}
-    tables: list[str] = []
     section_wall: dict[str, float] = {}
     other_cores: dict[str, float | None] = {}
     for section in args.sections:
         t0 = time.perf_counter()
         with OtherLoad().measure() as load:
-            section_rows, section_config, table = RUNNERS[section](args)
+            section_rows, section_config, _ = RUNNERS[section](args)
         section_wall[section] = time.perf_counter() - t0
         other_cores[section] = load.cores
         section_config["other_processes_cores"] = load.cores
         rows += section_rows
         section_configs[section] = section_config
-        tables.append(f"## {TITLES[section]}\n\n{table}")
         print(f"[{section}] done in {section_wall[section]:.1f} s", file=sys.stderr, flush=True)
 
     total = time.perf_counter() - start
-    notes = []
-    if args.quick:
-        notes.append("**QUICK smoke run: too small and too short to compare with the targets.**")
-    notes += _busy_note(other_cores)
-    walls = ", ".join(f"{s} {section_wall[s]:.0f} s" for s in args.sections)
-    loads = ", ".join(f"{s} {'n/a' if c is None else f'{c:.2f}'}" for s, c in other_cores.items())
-    footer = (
-        f"Allocator: {allocator}. Total {total:.0f} s ({walls}), "
-        f"{torch.get_num_threads()} threads, seed {args.seed}. Cores kept busy by other "
-        f"processes, on average: {loads}."
-    )
-    markdown = "\n\n".join([*notes, *tables, footer])
+    run = _run_record(args, command, allocator)
     config = {
         "seed": args.seed,
         "sections": list(args.sections),
@@ -950,11 +1452,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         **section_configs,
         "section_wall_s": section_wall,
         "other_processes_cores": other_cores,
+        "section_runs": {s: run for s in args.sections},
         "total_wall_s": total,
     }
     name = "speed_quick" if args.quick else "speed"
-    command = shlex.join(["python", "-m", "benchmarks.speed", *argv])
-    json_path, md_path = write_results(name, config, rows, markdown, args.out, command=command)
+    if not args.replace:
+        rows, config = merge_previous(Path(args.out) / f"{name}.json", args.sections, rows, config)
+    markdown, commands = _markdown(rows, config)
+    json_path, md_path = write_results(name, config, rows, markdown, args.out, command=commands)
 
     print(markdown)
     print(f"\ntotal {total:.1f} s; wrote {json_path} and {md_path}")

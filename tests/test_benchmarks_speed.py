@@ -16,6 +16,7 @@ import torch
 
 from benchmarks import report, speed
 from unet3d import UNet3D, count_kernels, kernel3_layers
+from unet3d.strategies import STRATEGIES
 
 VARIANTS = {
     "layers": ["deterministic", *speed.LAYER_TARGETS],
@@ -29,6 +30,11 @@ VARIANTS = {
         "kl_mlp_1vae_wide_half",
     ],
     "fit": ["fit_kernel_vae_mlp"],
+    "unet3d": [
+        *STRATEGIES,
+        "infer_deterministic",
+        *(f"infer_bayesian_{n}" for n in speed.QUICK_INFERENCE_SAMPLES),
+    ],
 }
 HEADINGS = {s: f"## {speed.TITLES[s]}" for s in speed.SECTIONS}
 
@@ -57,6 +63,8 @@ def test_quick_run_writes_one_json_and_one_markdown(quick_run: tuple[Path, dict]
     )
     assert "| ratio vs step | target | met? |" in markdown
     assert "| epochs run | wall (s) |" in markdown
+    assert "| strategy | median step (s) | IQR | ratio vs random_init |" in markdown
+    assert "| peak RSS above model + input (MiB) |" in markdown
     assert "python -m benchmarks.speed --quick --seed 3 --out" in markdown
     assert result["command"].startswith("python -m benchmarks.speed --quick")
 
@@ -157,6 +165,64 @@ def test_fit_row(quick_run: tuple[Path, dict]) -> None:
     assert row["target_s"] == speed.FIT_TARGET_S
     assert row["ratio"] == pytest.approx(row["median_s"] / speed.FIT_TARGET_S)
     assert "other_processes_cores" in row and "noisy" in row
+
+
+def test_unet3d_rows(quick_run: tuple[Path, dict]) -> None:
+    _, result = quick_run
+    rows = _rows(result, "unet3d")
+    steps = {n: r for n, r in rows.items() if r["kind"] == "train_step"}
+    assert list(steps) == list(STRATEGIES)
+    base = steps["random_init"]
+    assert base["ratio"] == 1.0 and base["input_shape"] == [2, 1, *[speed.QUICK_SIZE] * 3]
+    for name, row in steps.items():
+        assert row["baseline"] == "random_init" and row["target_ratio"] is None
+        assert row["reps"] == speed.QUICK_STEPS and row["saved_for_backward_mib"] > 0
+        assert row["bayesian"] == (name in ("normal_prior", "dwp"))
+        if row["bayesian"]:  # log-sigmas (and the dwp encoders) on top of the weights
+            assert row["parameters"] > base["parameters"]
+        else:
+            assert row["parameters"] == base["parameters"]
+    frozen = steps["pretrained_frozen"]
+    assert 0 < frozen["trainable_parameters"] < frozen["parameters"]
+
+    infer = {n: r for n, r in rows.items() if r["kind"] == "inference"}
+    assert infer["infer_deterministic"]["ratio"] == 1.0
+    for name, row in infer.items():
+        assert row["volume"] == list(speed.QUICK_INFERENCE_VOLUME)
+        assert row["roi"] == speed.QUICK_INFERENCE_ROI
+        assert row["passes"] == (row["samples"] if row["bayesian"] else 1)
+        assert row["peak_rss_mib"] >= row["baseline_rss_mib"] > 0
+        assert row["peak_above_baseline_mib"] >= 0 and "VmHWM" in row["memory_method"]
+        # the Bayesian passes really sample: their disagreement is the mutual information
+        assert (row["mean_mutual_information"] > 0) == (row["samples"] > 1), name
+
+
+def test_running_one_section_keeps_the_others_results(
+    quick_run: tuple[Path, dict], tmp_path: Path
+) -> None:
+    out, first = quick_run
+    for name in ("speed_quick.json", "speed_quick.md"):
+        (tmp_path / name).write_bytes((out / name).read_bytes())
+    assert speed.main(["--quick", "--sections", "fit", "--seed", "4", "--out", str(tmp_path)]) == 0
+    merged = json.loads((tmp_path / "speed_quick.json").read_text())
+    assert merged["config"]["sections"] == list(speed.SECTIONS)
+    assert [r["section"] for r in merged["rows"]] == [r["section"] for r in first["rows"]]
+    for section in ("layers", "kl", "unet3d"):  # kept as measured
+        assert _rows(merged, section) == _rows(first, section)
+        assert merged["config"][section] == first["config"][section]
+    assert _rows(merged, "fit") != _rows(first, "fit")  # measured again
+    runs = merged["config"]["section_runs"]
+    assert runs["fit"]["seed"] == 4 and runs["layers"]["seed"] == 3
+    markdown = (tmp_path / "speed_quick.md").read_text()
+    assert all(HEADINGS[s] in markdown for s in speed.SECTIONS)
+    assert "--sections fit --seed 4" in markdown and "--quick --seed 3" in markdown
+
+    # --replace writes the sections run, and only those
+    argv = ["--quick", "--sections", "fit", "--replace", "--out", str(tmp_path)]
+    assert speed.main(argv) == 0
+    replaced = json.loads((tmp_path / "speed_quick.json").read_text())
+    assert replaced["config"]["sections"] == ["fit"]
+    assert {r["section"] for r in replaced["rows"]} == {"fit"}
 
 
 def test_section_selection_and_same_seed_same_computation(
