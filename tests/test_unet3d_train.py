@@ -257,3 +257,80 @@ def test_corrupt_checkpoints_raise_errors_naming_the_file(tmp_path):
     torch.save([1, 2, 3], foreign)
     with pytest.raises(CheckpointError, match=r"list\.pt"):
         load_state_dict(foreign)
+
+
+DDP_RESUME_SCRIPT = """
+import sys
+
+import torch
+import torch.distributed as dist
+
+from unet3d.train import TrainConfig, train
+
+
+class VolumeSet(torch.utils.data.Dataset):
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(n, 1, 16, 16, 16, generator=g)
+        self.labels = (self.images[:, 0] > 0.5).long()
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "label": self.labels[i]}
+
+
+class Interrupt(Exception):
+    pass
+
+
+def config(out_dir):
+    # weight noise and Adam: the RNG and optimiser states must both be resumed
+    return TrainConfig(
+        strategy="normal_prior", strategy_options={"beta": 1.0, "init_log_sigma": -3.0},
+        out_dir=out_dir, epochs=3, lr=1e-2, batch_size=2, widths=(2, 4, 4, 8), seed=0,
+        progress=False,
+    )
+
+
+def stop_after_first_epoch(epoch, record):
+    if epoch == 0:
+        raise Interrupt  # on every rank, after the epoch's checkpoint, as a crash would
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")  # one group for the three runs; train() joins it
+    root = sys.argv[1]
+    data = VolumeSet(8, 0), VolumeSet(2, 1)
+    train(config(root + "/full"), *data)
+    try:
+        train(config(root + "/cut"), *data, on_epoch_end=stop_after_first_epoch)
+    except Interrupt:
+        pass
+    else:
+        raise SystemExit("the run was not interrupted")
+    train(config(root + "/cut"), *data, resume=True)
+    dist.destroy_process_group()
+"""
+
+
+def test_ddp_resume_equals_uninterrupted_ddp(tmp_path):
+    script = tmp_path / "ddp_resume.py"
+    script.write_text(textwrap.dedent(DDP_RESUME_SCRIPT))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    full = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert full["step"] == resumed["step"] == 6  # 3 epochs of 8 volumes, global batch 4
+    for key, value in full["model"].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, resumed["model"][key]), key
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in resumed["history"]]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in full["history"]]

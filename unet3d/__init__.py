@@ -7,8 +7,11 @@ Modules (import the ones you need; ``losses`` and ``metrics`` import MONAI):
   normalisation, crop/pad to multiples of 8, validation naming the file), ``save_nifti``.
 * :mod:`unet3d.losses`: the paper's loss (MONAI ``DiceCELoss``) and the summed ELBO data term.
 * :mod:`unet3d.metrics`: per-volume Dice, IoU and HD95 (MONAI).
-
-Training strategies, inference and the command line come with the rest of the unet3d issue.
+* :mod:`unet3d.strategies`, :mod:`unet3d.train`: the five transfer strategies and the one
+  training loop (paper recipe, restarts, exact resume, DDP).
+* :mod:`unet3d.inference`: sliding-window Monte Carlo prediction to NIfTI maps;
+  ``load_model`` rebuilds a trained checkpoint's network.
+* :mod:`unet3d.cli`: the command line, ``unet3d train | predict`` (``python -m unet3d``).
 """
 
 from .model import UNet3D, count_kernels, kernel3_layers
