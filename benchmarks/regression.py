@@ -385,12 +385,12 @@ def plot_local_maps(test: Cohort, bag: dict[str, Any], path: Path) -> None:
     axes = fig.subplots(2, 1 + len(RECEPTIVE_FIELDS))
     z = test.x.shape[-1] // 2
     for r, i in enumerate(rows):
-        axes[r, 0].imshow(test.x[i, 0, :, :, z].T, cmap="gray", origin="lower")
+        axes[r, 0].imshow(test.x[i, 0, :, :, z].numpy().T, cmap="gray", origin="lower")
         axes[r, 0].set_title(f"age {ages[i]:.0f}", fontsize=9)
         for c, rf in enumerate(RECEPTIVE_FIELDS, start=1):
             local = bag["local_maps"][rf][i]
             up = r3d.upsample_to_input(local, 8, tuple(test.x.shape[2:]), test.affine)
-            axes[r, c].imshow(test.x[i, 0, :, :, z].T, cmap="gray", origin="lower")
+            axes[r, c].imshow(test.x[i, 0, :, :, z].numpy().T, cmap="gray", origin="lower")
             im = axes[r, c].imshow(up[:, :, z].T, cmap="magma", origin="lower", alpha=0.6)
             axes[r, c].set_title(f"RF {rf}: mean {local.mean():.0f}", fontsize=9)
             fig.colorbar(im, ax=axes[r, c], fraction=0.046, pad=0.02)
@@ -565,8 +565,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = shlex.join(
         ["python", "-m", "benchmarks.regression", *(sys.argv[1:] if argv is None else argv)]
     )
-    preset = PRESETS[args.preset]
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _run(args, command)
+    finally:  # a caller (a test, a notebook) keeps its own setting
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace, command: str) -> int:
+    preset = PRESETS[args.preset]
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     out = Path(args.out)
