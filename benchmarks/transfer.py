@@ -42,7 +42,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,14 +91,15 @@ class Preset:
     Target runs: ``steps`` optimiser steps per run whatever the training size (epochs
     ``= ceil(steps / batches per epoch)``, so small sets are not trained for less), or the
     paper's epoch budget when ``steps`` is 0; the ReduceLROnPlateau patience in epochs;
-    ``*_beta`` the KL weights; ``dwp_init`` how DWP posterior means start (``"prior"``:
+    ``*_beta`` the KL weights, each chosen from ``beta_grid`` (when not empty) by the
+    validation Dice of the smallest training set, split 0; ``dwp_init`` how DWP posterior means start (``"prior"``:
     samples of the prior, the original paper's DWP initialisation; ``"fresh"``: He init;
     ``"pretrained"``: the source network's weights); ``freeze_depth`` of PRf;
     ``eval_samples`` posterior samples averaged at test time (0: posterior means).
     """
 
     resolution: int = 4
-    crop: tuple[int, int, int] = (48, 56, 48)
+    crop: tuple[int, int, int] = (40, 48, 40)
     widths: tuple[int, ...] = (16, 32, 32, 64)
     n_source: int = 24
     n_source_val: int = 4
@@ -117,13 +118,14 @@ class Preset:
     vae_architecture: str = "mlp"
     latent_dim: int = 6
     kernel_min_norm: float = 0.0
-    steps: int = 80
+    steps: int = 100
     epochs: int = 500
     lr: float = 1e-3
     patience: int = 10
     min_lr: float = 1e-6
     dwp_beta: float = 1e-3
     normal_beta: float = 1e-3
+    beta_grid: tuple[float, ...] = ()
     dwp_init: str = "prior"
     freeze_depth: int = 1
     eval_samples: int = 0
@@ -164,6 +166,7 @@ PRESETS: dict[str, Preset] = {
         source_restarts=1,
         vae_epochs=2,
         steps=2,
+        beta_grid=(1e-3, 1e-2),
     ),
     # The paper's sizes and schedule (for a GPU): 2 mm volumes, 10 source nets with 10
     # restarts, train to convergence (ReduceLROnPlateau to the floor, at most 500 epochs).
@@ -633,6 +636,48 @@ def run_cell(
 
 
 # ---------------------------------------------------------------------------------------------
+# Settings chosen on validation data
+
+#: The KL weight of each Bayesian method, chosen from ``Preset.beta_grid`` when it is set.
+BETA_FIELD = {"dwp": "dwp_beta", "normal_prior": "normal_beta"}
+
+
+def tuning_cell(preset: Preset, method: str) -> Cell:
+    """Where settings are chosen: the smallest training set, split 0 (validation Dice)."""
+    return Cell(method, preset.sizes[0], 0)
+
+
+def choose_beta(
+    preset: Preset, method: str, score: Callable[[Preset], float | None]
+) -> tuple[Preset, dict[str, Any] | None]:
+    """The preset with ``method``'s KL weight set to the ``beta_grid`` value of highest
+    validation Dice (``score(candidate_preset)``; the test set is never looked at).
+
+    Ties go to the smaller weight.  Without a grid (or for a method without a KL weight)
+    the preset is returned unchanged with ``None``.  A candidate scored ``None`` (a cell
+    not run yet, in :func:`merge`) makes the choice impossible: ``ValueError``.
+    """
+    if not preset.beta_grid or method not in BETA_FIELD:
+        return preset, None
+    name = BETA_FIELD[method]
+    scores = {beta: score(preset.replace(**{name: beta})) for beta in preset.beta_grid}
+    missing = [beta for beta, value in scores.items() if value is None]
+    if missing:
+        raise ValueError(f"{method}: no validation result for beta {missing}; run those cells")
+    chosen = max(sorted(scores), key=lambda beta: scores[beta])
+    cell = tuning_cell(preset, method)
+    selection = {
+        "method": method,
+        "setting": name,
+        "size": cell.size,
+        "split": cell.split,
+        "val_dice": {f"{b:g}": v for b, v in scores.items()},
+        "chosen": chosen,
+    }
+    return preset.replace(**{name: chosen}), selection
+
+
+# ---------------------------------------------------------------------------------------------
 # Orchestration
 
 
@@ -648,6 +693,7 @@ class Plan:
     records: list[dict[str, Any]] = field(default_factory=list)
     wall_seconds: float | None = None
     subjects: dict[str, list[str]] | None = None
+    selections: list[dict[str, Any]] = field(default_factory=list)
 
 
 def run(
@@ -674,17 +720,36 @@ def run(
     if "dwp" in methods:
         prior = fit_prior(preset, data.key, sources, work, seed, progress)
 
-    folders = {}
-    for method in methods:
-        options = _strategy_options(preset, method, sources, prior)
-        name, key = method_folder(preset, method, seed, data.key)
-        folders[method] = (work / "runs" / name, options)
-        (work / "runs" / name).mkdir(parents=True, exist_ok=True)
-        _write_json(work / "runs" / name / "config.json", key)
     datasets = Datasets(preset, data)
+
+    def runs_folder(candidate: Preset, method: str) -> tuple[Path, dict[str, Any]]:
+        name, key = method_folder(candidate, method, seed, data.key)
+        folder = work / "runs" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / "config.json").exists():
+            _write_json(folder / "config.json", key)
+        return folder, _strategy_options(candidate, method, sources, prior)
+
+    selections = []
+    for method in sorted(methods & set(BETA_FIELD)):
+
+        def score(candidate: Preset, method: str = method) -> float:
+            cell = tuning_cell(candidate, method)
+            folder, options = runs_folder(candidate, method)
+            record = run_cell(
+                cell, candidate, data, datasets, folder / cell.folder(), options, seed
+            )
+            return record["val_dice"]
+
+        preset, selection = choose_beta(preset, method, score)
+        if selection:
+            _log(f"{method}: beta {selection['chosen']:g} chosen on validation {selection}")
+            selections.append(selection)
+
+    folders = {method: runs_folder(preset, method) for method in methods}
     roles = {"pool": data.pool, "val": data.val, "test": data.test}
     subjects = {role: [c.id for c in cases] for role, cases in roles.items()}
-    plan = Plan(preset, seed, data.key, sources, prior, subjects=subjects)
+    plan = Plan(preset, seed, data.key, sources, prior, subjects=subjects, selections=selections)
     done = sum((folders[c.method][0] / c.folder() / "result.json").exists() for c in cells)
     bar = tqdm(total=len(cells), initial=done, desc="transfer grid", disable=not progress)
     for cell in cells:
@@ -721,29 +786,48 @@ def merge(
     }
     source_id = _digest(_source_key(preset, seed, data_key["source"]))
     prior_id = _digest(_prior_key(preset, seed, _source_key(preset, seed, data_key["source"])))
-    found: dict[tuple, dict[str, Any]] = {}
-    sources = prior = None
-    for work in map(Path, work_dirs):
+    work_dirs = [Path(w) for w in work_dirs]
+    for work in work_dirs:
         if not work.is_dir():
             raise FileNotFoundError(f"--merge: {work} is not a folder")
-        if sources is None and (work / f"source-{source_id}" / "sources.json").exists():
-            sources = json.loads((work / f"source-{source_id}" / "sources.json").read_text())
-        if prior is None and (work / f"prior-{prior_id}" / "prior.json").exists():
-            prior = json.loads((work / f"prior-{prior_id}" / "prior.json").read_text())
-        for method in preset.methods:
-            name, _ = method_folder(preset, method, seed, data_key)
+
+    def stage(name: str) -> dict[str, Any] | None:
+        for work in work_dirs:
+            if (work / name).exists():
+                return json.loads((work / name).read_text())
+        return None
+
+    def records(candidate: Preset, method: str) -> dict[tuple, dict[str, Any]]:
+        name, _ = method_folder(candidate, method, seed, data_key)
+        found: dict[tuple, dict[str, Any]] = {}
+        for work in work_dirs:
             for path in sorted((work / "runs" / name).glob("n*/split*/result.json")):
                 record = json.loads(path.read_text())
                 cell = (record["method"], record["size"], record["split"])
                 if cell in found and not math.isclose(found[cell]["dice"], record["dice"]):
                     raise ValueError(f"{path}: disagrees with another copy of cell {cell}")
                 found[cell] = record
+        return found
+
+    sources = stage(f"source-{source_id}/sources.json")
+    prior = stage(f"prior-{prior_id}/prior.json")
+    selections = []
+    for method in sorted(set(preset.methods) & set(BETA_FIELD)):
+
+        def score(candidate: Preset, method: str = method) -> float | None:
+            cell = tuning_cell(candidate, method)
+            record = records(candidate, method).get((method, cell.size, cell.split))
+            return None if record is None else record["val_dice"]
+
+        preset, selection = choose_beta(preset, method, score)
+        if selection:
+            selections.append(selection)
+    found = {k: v for method in preset.methods for k, v in records(preset, method).items()}
     wanted = {(c.method, c.size, c.split) for c in grid(preset)}
-    records = [found[k] for k in sorted(found) if k in wanted]
-    missing = len(wanted) - len(records)
-    if missing:
-        _log(f"{missing} of {len(wanted)} cells have no result yet; the report shows the rest")
-    return Plan(preset, seed, data_key, sources, prior, records)
+    rows = [found[k] for k in sorted(found) if k in wanted]
+    if len(rows) < len(wanted):
+        _log(f"{len(wanted) - len(rows)} of {len(wanted)} cells have no result yet")
+    return Plan(preset, seed, data_key, sources, prior, rows, selections=selections)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -828,6 +912,21 @@ def render(summary: Mapping[str, Any], plan_info: Mapping[str, Any], preset: Pre
             "Paired Dice differences across splits (same training subsets), paired t-test:\n\n"
             + markdown_table(["difference", "train size", "mean (std)", "p"], rows)
         )
+    selections = plan_info.get("selections")
+    if selections:
+        rows = [
+            [
+                LABELS[sel["method"]],
+                f"n={sel['size']}, split {sel['split']}",
+                ", ".join(f"{b}: {v:.3f}" for b, v in sel["val_dice"].items()),
+                f"{sel['chosen']:g}",
+            ]
+            for sel in selections
+        ]
+        parts.append(
+            "KL weight chosen on validation Dice (never the test set):\n\n"
+            + markdown_table(["method", "cell", "validation Dice by beta", "chosen"], rows)
+        )
     diag = plan_info.get("diagnostics")
     if diag:
         parts.append(diag)
@@ -901,12 +1000,14 @@ def write_report(plan: Plan, out: Path, name: str, command: str | None = None) -
     """Write ``<name>.md``, ``<name>.json`` (config and every run's record) and ``<name>.png``."""
     records = plan.records
     summary = summarise(records, plan.preset)
-    text = render(summary, {"diagnostics": diagnostics(plan)}, plan.preset)
+    info = {"diagnostics": diagnostics(plan), "selections": plan.selections}
+    text = render(summary, info, plan.preset)
     config = {
         "preset": dataclasses.asdict(plan.preset),
         "seed": plan.seed,
         "data": plan.data_key,
         "subjects": plan.subjects,
+        "selections": plan.selections,
         "sources": plan.sources,
         "prior": plan.prior,
         "wall_seconds": plan.wall_seconds,

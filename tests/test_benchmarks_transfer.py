@@ -36,12 +36,22 @@ def ci_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     return SimpleNamespace(root=root, work=work, out=out, args=args, payload=payload)
 
 
-def _results(work: Path) -> dict[tuple, Path]:
+def _results(work: Path, payload: dict) -> dict[tuple, Path]:
+    """The result file of every cell of the report (not the other tuning candidates)."""
+    chosen = {(r["method"], r["size"], r["split"]): r["dice"] for r in payload["rows"]}
     out = {}
     for path in work.glob("runs/*/n*/split*/result.json"):
         record = json.loads(path.read_text())
-        out[record["method"], record["size"], record["split"]] = path
+        cell = (record["method"], record["size"], record["split"])
+        if record["dice"] == chosen[cell] and record["strategy"] == _strategy(payload, cell):
+            out[cell] = path
+    assert len(out) == N_CELLS
     return out
+
+
+def _strategy(payload: dict, cell: tuple) -> dict:
+    (row,) = [r for r in payload["rows"] if (r["method"], r["size"], r["split"]) == cell]
+    return row["strategy"]
 
 
 def test_ci_preset_writes_every_file(ci_run: SimpleNamespace) -> None:
@@ -90,7 +100,7 @@ def test_subsets_are_nested_and_shared(ci_run: SimpleNamespace) -> None:
 
 
 def test_rerun_is_cached_and_one_cell_recomputes_identically(ci_run: SimpleNamespace) -> None:
-    results = _results(ci_run.work)
+    results = _results(ci_run.work, ci_run.payload)
     stamps = {k: p.stat().st_mtime_ns for k, p in results.items()}
     assert transfer.main([*ci_run.args, "--no-progress"]) == 0
     assert {k: p.stat().st_mtime_ns for k, p in results.items()} == stamps
@@ -105,9 +115,12 @@ def test_rerun_is_cached_and_one_cell_recomputes_identically(ci_run: SimpleNames
     assert after["test"]["dice"] == pytest.approx(before["test"]["dice"], abs=1e-6)
 
 
-def test_merge_of_two_work_folders_gives_the_same_table(ci_run: SimpleNamespace) -> None:
+def test_merge_of_two_work_folders_gives_the_same_table(
+    ci_run: SimpleNamespace, capsys: pytest.CaptureFixture[str]
+) -> None:
     machines = [ci_run.root / "machine_a", ci_run.root / "machine_b"]
-    for (_, _, split), path in _results(ci_run.work).items():
+    for path in ci_run.work.glob("runs/*/n*/split*/result.json"):  # tuning candidates too
+        split = json.loads(path.read_text())["split"]
         target = machines[split % 2] / path.relative_to(ci_run.work)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, target)
@@ -121,9 +134,39 @@ def test_merge_of_two_work_folders_gives_the_same_table(ci_run: SimpleNamespace)
     assert sorted(map(key, merged["rows"])) == sorted(map(key, ci_run.payload["rows"]))
     assert merged["config"]["summary"] == pytest.approx(ci_run.payload["config"]["summary"])
     assert merged["config"]["prior"]["n_kernels"] == ci_run.payload["config"]["prior"]["n_kernels"]
-    # Another configuration's folders are not mixed in: nothing matches another seed.
-    assert transfer.main([*args, "--seed", "1", "--merge", *map(str, machines)]) == 0
-    assert json.loads((out / "transfer_ci.json").read_text())["rows"] == []
+    # Another configuration's folders are not mixed in: with another seed nothing matches,
+    # not even the cells its KL weight would be chosen on.
+    assert transfer.main([*args, "--seed", "1", "--merge", *map(str, machines)]) == 2
+    assert "no validation result" in capsys.readouterr().err
+
+
+def test_kl_weight_is_chosen_on_validation(ci_run: SimpleNamespace) -> None:
+    selections = ci_run.payload["config"]["selections"]
+    assert {s["method"] for s in selections} == {"dwp", "normal_prior"}
+    for selection in selections:
+        scores = selection["val_dice"]
+        assert len(scores) == len(CI.beta_grid)
+        assert scores[f"{selection['chosen']:g}"] == max(scores.values())
+        field = transfer.BETA_FIELD[selection["method"]]
+        assert ci_run.payload["config"]["preset"][field] == selection["chosen"]
+        (row,) = [
+            r
+            for r in ci_run.payload["rows"]
+            if r["method"] == selection["method"] and r["size"] == CI.sizes[0] and r["split"] == 0
+        ]
+        assert row["val_dice"] == max(scores.values())  # the chosen run is the grid's cell
+    assert "KL weight chosen on validation" in (ci_run.out / "transfer_ci.md").read_text()
+
+
+def test_choose_beta_ties_and_missing_results() -> None:
+    preset = CI.replace(beta_grid=(1e-2, 1e-4, 1e-3))
+    scores = {1e-2: 0.5, 1e-4: 0.7, 1e-3: 0.7}
+    chosen, selection = transfer.choose_beta(preset, "dwp", lambda p: scores[p.dwp_beta])
+    assert chosen.dwp_beta == 1e-4 and chosen.normal_beta == preset.normal_beta
+    assert selection["chosen"] == 1e-4
+    assert transfer.choose_beta(preset, "random_init", lambda p: 0.0) == (preset, None)
+    with pytest.raises(ValueError, match="no validation result"):
+        transfer.choose_beta(preset, "normal_prior", lambda p: None)
 
 
 def test_paired_differences_match_scipy_and_closed_form() -> None:
