@@ -113,7 +113,7 @@ class Preset:
     source_epochs: int = 20
     source_restarts: int = 1
     source_patience: int = 3
-    vae_epochs: int = 30
+    vae_epochs: int = 100
     vae_hidden: int = 32
     vae_architecture: str = "mlp"
     latent_dim: int = 6
@@ -125,7 +125,7 @@ class Preset:
     min_lr: float = 1e-6
     dwp_beta: float = 1e-3
     normal_beta: float = 1e-3
-    beta_grid: tuple[float, ...] = ()
+    beta_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
     dwp_init: str = "prior"
     freeze_depth: int = 1
     eval_samples: int = 0
