@@ -51,7 +51,7 @@ def test_noise_model_finds_the_relevant_region(tmp_path) -> None:
     config = ImportanceConfig(steps=60, batch_size=4, lr=1e-2, lam=0.05, target_scale=0.125)
     model, history = fit_noise_model(predictor, x, config=config)
     assert isinstance(model, NoiseModel)
-    assert float(predictor.scale) == 1.0 and predictor.scale.requires_grad  # untouched
+    assert predictor.scale.item() == 1.0 and predictor.scale.requires_grad  # untouched
     maps = importance_maps(model, x[:2])
     assert maps.shape == (2, *SHAPE)
     assert float(maps.min()) >= 0.0 and float(maps.max()) <= 1.0
