@@ -124,6 +124,22 @@ def _convert(
     return new
 
 
+def _copying(choose: Callable[[str, nn.Module], Prior]) -> Callable[[str, nn.Module], Prior]:
+    """``choose`` whose priors are copied once per distinct object, as for a plain prior:
+    a function returning one shared prior for many layers gives them one shared copy."""
+    copies: dict[int, tuple[Prior, Prior]] = {}  # id -> (original kept alive, copy)
+
+    def site_prior(name: str, layer: nn.Module) -> Prior:
+        original = choose(name, layer)
+        if not isinstance(original, Prior):
+            return original  # rejected with a clear error by the caller
+        if id(original) not in copies:
+            copies[id(original)] = (original, copy.deepcopy(original))
+        return copies[id(original)][1]
+
+    return site_prior
+
+
 def bayesianize(
     module: nn.Module,
     prior: PriorSpec = None,
@@ -151,8 +167,9 @@ def bayesianize(
     prior
         A :class:`~dwp.priors.Prior` for every chosen layer, or a function
         ``(name, layer) -> Prior`` choosing one per layer.  Default ``NormalPrior()``.
-        A prior object is copied (once per call): training the model, e.g. a deep weight
-        prior's encoder, never changes the object passed in.
+        A prior object is copied (once per call; likewise each distinct object the function
+        returns): training the model, e.g. a deep weight prior's encoder, never changes the
+        object passed in.
         A prior that does not fit a layer (e.g. a kernel prior of another kernel shape)
         raises :class:`~dwp.priors.PriorMismatchError` naming the layer.
     include, exclude
@@ -185,6 +202,8 @@ def bayesianize(
     # one prior can serve many models.  Layers of this model still share the copy.
     if isinstance(prior, Prior):
         prior = copy.deepcopy(prior)
+    elif callable(prior):
+        prior = _copying(prior)
     if bias_prior is not None:
         bias_prior = copy.deepcopy(bias_prior)
     included, patterns = _matcher(include, "include")

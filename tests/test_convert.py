@@ -427,3 +427,17 @@ def test_bare_linear_include_selectors():
     assert type(dwp.bayesianize(layer, exclude=nn.Linear)) is nn.Linear
     net = copy.deepcopy(layer)
     assert dwp.bayesianize(net, inplace=True, exclude=nn.Linear) is net
+
+
+def test_priors_returned_by_a_function_are_copied_once_per_object() -> None:
+    shared, other = dwp.NormalPrior(0.0, 0.5), dwp.NormalPrior(0.0, 2.0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 3), nn.Linear(4, 2))
+
+    def choose(name: str, layer: nn.Module) -> dwp.Prior:
+        return other if isinstance(layer, nn.Linear) else shared
+
+    model = dwp.bayesianize(net, prior=choose)
+    first, second, linear = (model[i].weight_prior for i in range(3))
+    assert first is second  # one copy for the one object the function returned twice
+    assert first is not shared and linear is not other
+    assert float(first.scale) == 0.5 and float(linear.scale) == 2.0
