@@ -834,9 +834,10 @@ def merge(
 # Report
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample std (``None`` from a single value: no spread to report)."""
     array = np.asarray(values, dtype=float)
-    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else None
 
 
 def summarise(records: Sequence[Mapping[str, Any]], preset: Preset) -> dict[str, Any]:
@@ -873,15 +874,16 @@ def summarise(records: Sequence[Mapping[str, Any]], preset: Preset) -> dict[str,
                     "size": size,
                     "n_splits": len(splits),
                     "mean_diff": float(diff.mean()),
-                    "std_diff": float(diff.std(ddof=1)) if len(splits) > 1 else 0.0,
+                    "std_diff": float(diff.std(ddof=1)) if len(splits) > 1 else None,
                     "p_value": p,
                 }
             )
     return {"table": table, "paired": paired}
 
 
-def _fmt(mean_std: tuple[float, float]) -> str:
-    return f"{mean_std[0]:.2f} ({mean_std[1]:.2f})"
+def _fmt(mean_std: tuple[float, float | None]) -> str:
+    mean, std = mean_std
+    return f"{mean:.2f} (-)" if std is None else f"{mean:.2f} ({std:.2f})"
 
 
 def render(summary: Mapping[str, Any], plan_info: Mapping[str, Any], preset: Preset) -> str:
@@ -903,7 +905,9 @@ def render(summary: Mapping[str, Any], plan_info: Mapping[str, Any], preset: Pre
             [
                 f"DWP - {LABELS[p['baseline']]}",
                 p["size"],
-                f"{p['mean_diff']:+.3f} ({p['std_diff']:.3f})",
+                f"{p['mean_diff']:+.3f} ("
+                + ("-" if p["std_diff"] is None else f"{p['std_diff']:.3f}")
+                + ")",
                 "-" if p["p_value"] is None else f"{p['p_value']:.3f}",
             ]
             for p in summary["paired"]
