@@ -172,7 +172,11 @@ def test_bank_and_prior_round_trip_through_files(source, transfer):
         site = bnn.get_submodule(name).weight_prior
         assert isinstance(site, DeepWeightSitePrior)
         assert site.group == "all"
-        assert site.vae is transfer.prior.vaes["all"]
+        # the network owns a copy (its encoder trained); the decoder is the prior's, frozen
+        assert site.vae is not transfer.prior.vaes["all"]
+        theirs = transfer.prior.vaes["all"].decoder.state_dict()
+        for key, value in site.vae.decoder.state_dict().items():
+            assert torch.equal(value, theirs[key]), key
     assert isinstance(bnn.get_submodule("4").weight_prior, dwp.NormalPrior)
     assert torch.isfinite(dwp.kl(bnn))
 
