@@ -38,11 +38,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
+import multiprocessing
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +79,8 @@ LABELS = {
     "normal_prior": "UNet-N(0,1)",
 }
 BAYESIAN = ("dwp", "normal_prior")
+#: Where the posterior means of each Bayesian method may start (``Preset.*_init``).
+INITS = {"dwp_init": ("prior", "fresh", "pretrained"), "normal_init": ("fresh", "pretrained")}
 
 
 @dataclass(frozen=True)
@@ -91,11 +97,15 @@ class Preset:
     Target runs: ``steps`` optimiser steps per run whatever the training size (epochs
     ``= ceil(steps / batches per epoch)``, so small sets are not trained for less), or the
     paper's epoch budget when ``steps`` is 0; the ReduceLROnPlateau patience in epochs;
-    ``*_beta`` the KL weights, each chosen from ``beta_grid`` (when not empty) by the
-    validation Dice of the smallest training set, split 0; ``dwp_init`` how DWP posterior means start (``"prior"``:
-    samples of the prior, the original paper's DWP initialisation; ``"fresh"``: He init;
-    ``"pretrained"``: the source network's weights); ``freeze_depth`` of PRf;
-    ``eval_samples`` posterior samples averaged at test time (0: posterior means).
+    validation every ``val_every_steps`` steps (0: every epoch); ``*_beta`` the KL
+    weights; ``dwp_init`` how DWP posterior means start (``"prior"``: samples of the prior,
+    the original paper's DWP initialisation; ``"fresh"``: He init; ``"pretrained"``: the
+    source network's weights), ``normal_init`` the same for the N(0, 1) control
+    (``"fresh"`` or ``"pretrained"``); ``freeze_depth`` of PRf; ``eval_samples``
+    posterior samples averaged at test time (0: posterior means).
+    Selection: each Bayesian method's KL weight and initialisation are chosen jointly from
+    ``beta_grid`` x ``dwp_init_grid`` (``normal_init_grid``) by the validation Dice of the
+    smallest training set, split 0; an empty grid leaves its setting as it is.
     """
 
     resolution: int = 4
@@ -118,7 +128,8 @@ class Preset:
     vae_architecture: str = "mlp"
     latent_dim: int = 6
     kernel_min_norm: float = 0.0
-    steps: int = 100
+    steps: int = 80
+    val_every_steps: int = 10
     epochs: int = 500
     lr: float = 1e-3
     patience: int = 10
@@ -127,6 +138,9 @@ class Preset:
     normal_beta: float = 1e-3
     beta_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
     dwp_init: str = "prior"
+    normal_init: str = "fresh"
+    dwp_init_grid: tuple[str, ...] = ("prior", "pretrained")
+    normal_init_grid: tuple[str, ...] = ("fresh", "pretrained")
     freeze_depth: int = 1
     eval_samples: int = 0
 
@@ -138,8 +152,10 @@ class Preset:
             raise ValueError(f"train size {max(self.sizes)} exceeds the target pool {self.pool}")
         if min(self.sizes) < 2:
             raise ValueError("train sizes must be >= 2 (batch 2, as in the paper)")
-        if self.dwp_init not in ("prior", "fresh", "pretrained"):
-            raise ValueError(f"dwp_init must be prior, fresh or pretrained, got {self.dwp_init!r}")
+        for name, allowed in INITS.items():
+            for value in (getattr(self, name), *getattr(self, f"{name}_grid")):
+                if value not in allowed:
+                    raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if any(c % 8 for c in self.crop):
             raise ValueError(f"crop {self.crop} must be divisible by 8 (the U-Net downsamples 3x)")
 
@@ -166,7 +182,9 @@ PRESETS: dict[str, Preset] = {
         source_restarts=1,
         vae_epochs=2,
         steps=2,
+        val_every_steps=0,
         beta_grid=(1e-3, 1e-2),
+        normal_init_grid=(),
     ),
     # The paper's sizes and schedule (for a GPU): 2 mm volumes, 10 source nets with 10
     # restarts, train to convergence (ReduceLROnPlateau to the floor, at most 500 epochs).
@@ -324,15 +342,57 @@ def _prior_key(preset: Preset, seed: int, source_key: Mapping[str, Any]) -> dict
     }
 
 
+def _open_stage(
+    work: Path, stage: str, key: Mapping[str, Any], summary: str
+) -> tuple[Path, dict[str, Any] | None]:
+    """A stage's folder (``<stage>-<hash of key>``, created with its ``config.json``) and
+    its finished summary file's contents, or ``None`` when the stage has not finished."""
+    folder = work / f"{stage}-{_digest(key)}"
+    done = folder / summary
+    if done.exists():
+        return folder, _located(json.loads(done.read_text()), folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json(folder / "config.json", key)
+    return folder, None
+
+
+#: Summary entries holding file names, stored relative to the stage folder so that a work
+#: folder can be moved or copied to another machine.
+_FILE_ENTRIES = ("best", "kernel_sets", "prior", "figure")
+
+
+def _located(summary: Any, folder: Path, inverse: bool = False) -> Any:
+    """``summary`` with its file entries joined to ``folder`` (made relative to it when
+    ``inverse``), recursively."""
+
+    def convert(value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, list):
+            return [convert(v) for v in value]
+        return str(Path(value).relative_to(folder) if inverse else folder / value)
+
+    if isinstance(summary, list):
+        return [_located(v, folder, inverse) for v in summary]
+    if not isinstance(summary, dict):
+        return summary
+    return {
+        k: convert(v) if k in _FILE_ENTRIES else _located(v, folder, inverse)
+        for k, v in summary.items()
+    }
+
+
+def _finish_stage(folder: Path, name: str, summary: dict[str, Any]) -> dict[str, Any]:
+    _write_json(folder / name, _located(summary, folder, inverse=True))
+    return summary
+
+
 def train_sources(preset: Preset, data: Data, work: Path, seed: int) -> dict[str, Any]:
     """Stage 2: train the source U-Nets; returns the kernel-set checkpoints and their scores."""
     key = _source_key(preset, seed, data.key["source"])
-    folder = work / f"source-{_digest(key)}"
-    done = folder / "sources.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / "config.json", key)
+    folder, cached = _open_stage(work, "source", key, "sources.json")
+    if cached is not None:
+        return cached
     started = time.perf_counter()
     nets = []
     for k in range(preset.source_nets):
@@ -363,10 +423,8 @@ def train_sources(preset: Preset, data: Data, work: Path, seed: int) -> dict[str
         "key": _digest(key),
         "nets": nets,
         "seconds": time.perf_counter() - started,
-        "folder": str(folder),
     }
-    _write_json(done, summary)
-    return summary
+    return _finish_stage(folder, "sources.json", summary)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,12 +442,9 @@ def fit_prior(
     """Stage 3: kernel bank by resolution group, one kernel VAE per group, prior file, figure."""
     checkpoints = [p for net in sources["nets"] for p in net["kernel_sets"]]
     key = _prior_key(preset, seed, _source_key(preset, seed, data_key["source"]))
-    folder = work / f"prior-{_digest(key)}"
-    done = folder / "prior.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / "config.json", key)
+    folder, cached = _open_stage(work, "prior", key, "prior.json")
+    if cached is not None:
+        return cached
     started = time.perf_counter()
     template = UNet3D(widths=preset.widths)
     bank = dwp.collect_kernels(
@@ -435,8 +490,7 @@ def fit_prior(
         },
         "seconds": time.perf_counter() - started,
     }
-    _write_json(done, summary)
-    return summary
+    return _finish_stage(folder, "prior.json", summary)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,6 +549,13 @@ def _epochs(preset: Preset, size: int) -> int:
     return math.ceil(preset.steps / math.ceil(size / 2))
 
 
+def _val_every(preset: Preset, size: int) -> int:
+    """Epochs between validations: about ``val_every_steps`` steps (batch 2)."""
+    if preset.val_every_steps <= 0:
+        return 1
+    return max(1, round(preset.val_every_steps / math.ceil(size / 2)))
+
+
 def _strategy_options(
     preset: Preset, method: str, sources: Mapping[str, Any] | None, prior: Mapping[str, Any] | None
 ) -> dict[str, Any]:
@@ -506,7 +567,9 @@ def _strategy_options(
             options["freeze_depth"] = preset.freeze_depth
         return options
     if method == "normal_prior":
-        return {"beta": preset.normal_beta}
+        if preset.normal_init == "pretrained":
+            return {"beta": preset.normal_beta, "init": "pretrained", "source": source}
+        return {"beta": preset.normal_beta}  # He-initialised means
     if method == "dwp":
         options = {
             "prior_path": None if prior is None else prior["prior"],
@@ -529,7 +592,7 @@ def method_folder(
     Computed without touching any file.
     """
     fields = ("resolution", "crop", "widths", "pool", "n_val", "n_test", "lr", "min_lr")
-    fields += ("steps", "epochs", "patience")
+    fields += ("steps", "val_every_steps", "epochs", "patience")
     options = _strategy_options(preset, method, None, None)
     source = _source_key(preset, seed, data_key["source"])
     key = {
@@ -597,6 +660,7 @@ def run_cell(
         strategy_options=options,
         out_dir=folder,
         epochs=_epochs(preset, cell.size),
+        val_every=_val_every(preset, cell.size),
         lr_patience=preset.patience,
         seed=seed * 1000 + 100 * cell.split + cell.size,
     )
@@ -638,8 +702,11 @@ def run_cell(
 # ---------------------------------------------------------------------------------------------
 # Settings chosen on validation data
 
-#: The KL weight of each Bayesian method, chosen from ``Preset.beta_grid`` when it is set.
-BETA_FIELD = {"dwp": "dwp_beta", "normal_prior": "normal_beta"}
+#: The settings of each Bayesian method chosen on validation: preset field -> its grid field.
+TUNED = {
+    "dwp": {"dwp_beta": "beta_grid", "dwp_init": "dwp_init_grid"},
+    "normal_prior": {"normal_beta": "beta_grid", "normal_init": "normal_init_grid"},
+}
 
 
 def tuning_cell(preset: Preset, method: str) -> Cell:
@@ -647,34 +714,50 @@ def tuning_cell(preset: Preset, method: str) -> Cell:
     return Cell(method, preset.sizes[0], 0)
 
 
-def choose_beta(
+def candidates(preset: Preset, method: str) -> list[dict[str, Any]]:
+    """The settings tried for ``method``: every combination of its non-empty grids, KL
+    weights in increasing order, initialisations in grid order (``[]``: nothing to tune)."""
+    axes = {}
+    for name, grid_name in TUNED.get(method, {}).items():
+        values = getattr(preset, grid_name)
+        if values:
+            axes[name] = sorted(values) if grid_name == "beta_grid" else list(values)
+    if not axes:
+        return []
+    return [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
+
+
+def choose_settings(
     preset: Preset, method: str, score: Callable[[Preset], float | None]
 ) -> tuple[Preset, dict[str, Any] | None]:
-    """The preset with ``method``'s KL weight set to the ``beta_grid`` value of highest
-    validation Dice (``score(candidate_preset)``; the test set is never looked at).
+    """The preset with ``method``'s tuned settings (:data:`TUNED`) set to the candidate
+    of highest validation Dice (``score(candidate_preset)``; the test set is never looked
+    at).
 
-    Ties go to the smaller weight.  Without a grid (or for a method without a KL weight)
+    Ties go to the earlier candidate of :func:`candidates` (the smaller KL weight, then
+    the earlier initialisation).  Without a grid (or for a method with nothing to tune)
     the preset is returned unchanged with ``None``.  A candidate scored ``None`` (a cell
     not run yet, in :func:`merge`) makes the choice impossible: ``ValueError``.
     """
-    if not preset.beta_grid or method not in BETA_FIELD:
+    options = candidates(preset, method)
+    if not options:
         return preset, None
-    name = BETA_FIELD[method]
-    scores = {beta: score(preset.replace(**{name: beta})) for beta in preset.beta_grid}
-    missing = [beta for beta, value in scores.items() if value is None]
+    scores = [score(preset.replace(**option)) for option in options]
+    missing = [option for option, value in zip(options, scores, strict=True) if value is None]
     if missing:
-        raise ValueError(f"{method}: no validation result for beta {missing}; run those cells")
-    chosen = max(sorted(scores), key=lambda beta: scores[beta])
+        raise ValueError(f"{method}: no validation result for {missing}; run those cells")
+    best = max(range(len(options)), key=scores.__getitem__)  # the first of equal maxima
     cell = tuning_cell(preset, method)
     selection = {
         "method": method,
-        "setting": name,
         "size": cell.size,
         "split": cell.split,
-        "val_dice": {f"{b:g}": v for b, v in scores.items()},
-        "chosen": chosen,
+        "candidates": [
+            {**option, "val_dice": value} for option, value in zip(options, scores, strict=True)
+        ],
+        "chosen": options[best],
     }
-    return preset.replace(**{name: chosen}), selection
+    return preset.replace(**options[best]), selection
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,6 +777,91 @@ class Plan:
     wall_seconds: float | None = None
     subjects: dict[str, list[str]] | None = None
     selections: list[dict[str, Any]] = field(default_factory=list)
+    execution: dict[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    """One cell to run with its settings: what a worker process needs besides the data."""
+
+    cell: Cell
+    preset: Preset
+    folder: Path
+    options: dict[str, Any]
+    seed: int
+
+
+_WORKER: tuple[Data, Datasets] | None = None
+
+
+def _init_worker(preset: Preset, data: Data, threads: int) -> None:
+    global _WORKER
+    torch.set_num_threads(threads)
+    _WORKER = (data, Datasets(preset, data))
+
+
+def _run_task(task: Task) -> dict[str, Any]:
+    assert _WORKER is not None, "worker not initialised"
+    data, datasets = _WORKER
+    return run_cell(task.cell, task.preset, data, datasets, task.folder, task.options, task.seed)
+
+
+class CellRunner:
+    """Runs cells in this process (``jobs=1``) or in ``jobs`` worker processes.
+
+    Every run seeds itself, so a cell's numbers depend on its settings and on the torch
+    thread count of the process that runs it (``threads`` each), not on which worker runs
+    it or when.  On a 2-core CPU two 1-thread runs at a time train 1.4x faster than one
+    2-thread run (small 3D convolutions use a second thread poorly).
+    """
+
+    def __init__(self, preset: Preset, data: Data, jobs: int = 1, threads: int = 1) -> None:
+        self.pool = None
+        if jobs > 1:
+            # spawn, not fork: a forked child of a process that already ran OpenMP code
+            # (the source nets, the VAEs) can deadlock in its first parallel region.
+            self.pool = ProcessPoolExecutor(
+                jobs,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(preset, data, threads),
+            )
+        else:
+            torch.set_num_threads(threads)
+            self.local = (data, Datasets(preset, data))
+
+    def run(
+        self, tasks: Sequence[Task], done: Callable[[Task], None] | None = None
+    ) -> list[dict[str, Any]]:
+        """The records of ``tasks`` in their order; ``done(task)`` after each one."""
+        records: list[dict[str, Any] | None] = [None] * len(tasks)
+        if self.pool is None:
+            data, datasets = self.local
+            for i, t in enumerate(tasks):
+                records[i] = run_cell(t.cell, t.preset, data, datasets, t.folder, t.options, t.seed)
+                if done:
+                    done(t)
+            return records  # type: ignore[return-value]
+        futures = {self.pool.submit(_run_task, t): i for i, t in enumerate(tasks)}
+        try:
+            for future in as_completed(futures):
+                records[futures[future]] = future.result()
+                if done:
+                    done(tasks[futures[future]])
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+        return records  # type: ignore[return-value]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
+def default_jobs() -> int:
+    """Cells run at a time by default: the CPU count, at most 2 (see :class:`CellRunner`)."""
+    return max(1, min(2, os.cpu_count() or 1))
 
 
 def run(
@@ -705,9 +873,19 @@ def run(
     source_data: Path | None = None,
     target_data: Path | None = None,
     progress: bool = True,
+    jobs: int = 1,
+    threads: int | None = None,
 ) -> Plan:
-    """Run the stages the selected cells need, then the cells (cached ones are read back)."""
+    """Run the stages the selected cells need, then the cells (cached ones are read back).
+
+    The source nets and the prior use ``threads`` torch threads (default: torch's
+    current count); the cells run ``jobs`` at a time with ``threads // jobs`` each.
+    """
     started = time.perf_counter()
+    threads = threads or torch.get_num_threads()
+    if jobs < 1 or threads < 1:
+        raise ValueError(f"jobs and threads must be >= 1, got {jobs} and {threads}")
+    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     cells = [c for c in grid(preset) if _selected(c, only or {})]
     if not cells:
@@ -715,53 +893,75 @@ def run(
     methods = {c.method for c in cells}
     data = prepare_data(preset, work, seed, source_data, target_data, progress)
     sources = prior = None
-    if methods & {"pretrained", "pretrained_frozen", "dwp"}:
+    # DWP needs the source kernels whatever its initialisation; N(0, 1) only to start there.
+    needs_source = bool(methods & {"pretrained", "pretrained_frozen", "dwp"}) or (
+        "normal_prior" in methods and "pretrained" in (preset.normal_init, *preset.normal_init_grid)
+    )
+    if needs_source:
         sources = train_sources(preset, data, work, seed)
     if "dwp" in methods:
         prior = fit_prior(preset, data.key, sources, work, seed, progress)
 
-    datasets = Datasets(preset, data)
-
-    def runs_folder(candidate: Preset, method: str) -> tuple[Path, dict[str, Any]]:
-        name, key = method_folder(candidate, method, seed, data.key)
+    def task(candidate: Preset, cell: Cell) -> Task:
+        name, key = method_folder(candidate, cell.method, seed, data.key)
         folder = work / "runs" / name
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / "config.json").exists():
             _write_json(folder / "config.json", key)
-        return folder, _strategy_options(candidate, method, sources, prior)
+        options = _strategy_options(candidate, cell.method, sources, prior)
+        return Task(cell, candidate, folder / cell.folder(), options, seed)
 
-    selections = []
-    for method in sorted(methods & set(BETA_FIELD)):
+    def finished(t: Task) -> bool:
+        return (t.folder / "result.json").exists()
 
-        def score(candidate: Preset, method: str = method) -> float:
-            cell = tuning_cell(candidate, method)
-            folder, options = runs_folder(candidate, method)
-            record = run_cell(
-                cell, candidate, data, datasets, folder / cell.folder(), options, seed
-            )
-            return record["val_dice"]
+    tuned = sorted(methods & set(TUNED))
+    tuning = {
+        method: [
+            task(preset.replace(**option), tuning_cell(preset, method))
+            for option in candidates(preset, method)
+        ]
+        for method in tuned
+    }
+    tuning_tasks = [t for ts in tuning.values() for t in ts]
+    # An upper bound until the settings are chosen (a chosen tuning run is a grid cell).
+    total = len(tuning_tasks) + sum(c != tuning_cell(preset, c.method) for c in cells)
+    done = sum(map(finished, tuning_tasks))
+    bar = tqdm(total=total, initial=done, desc="transfer runs", disable=not progress)
 
-        preset, selection = choose_beta(preset, method, score)
-        if selection:
-            _log(f"{method}: beta {selection['chosen']:g} chosen on validation {selection}")
-            selections.append(selection)
+    def advance(t: Task) -> None:
+        bar.set_postfix_str(f"{t.cell.method} n={t.cell.size} split={t.cell.split}")
+        bar.update()
 
-    folders = {method: runs_folder(preset, method) for method in methods}
+    runner = CellRunner(preset, data, jobs, max(1, threads // jobs))
+    try:
+        runner.run([t for t in tuning_tasks if not finished(t)], advance)
+        selections = []
+        for method in tuned:
+
+            def score(candidate: Preset, method: str = method) -> float:
+                # The folder hash holds this method's settings only, so the other
+                # method's choice (already in ``preset``) does not move it.
+                folder = task(candidate, tuning_cell(candidate, method)).folder
+                return json.loads((folder / "result.json").read_text())["val_dice"]
+
+            preset, selection = choose_settings(preset, method, score)
+            if selection:
+                _log(f"{method}: {selection['chosen']} chosen on validation Dice")
+                selections.append(selection)
+        tasks = [task(preset, c) for c in cells]
+        bar.total = bar.n + sum(not finished(t) for t in tasks)
+        bar.refresh()
+        runner.run([t for t in tasks if not finished(t)], advance)
+    finally:
+        runner.close()
+        bar.close()
+    records = [json.loads((t.folder / "result.json").read_text()) for t in tasks]
     roles = {"pool": data.pool, "val": data.val, "test": data.test}
     subjects = {role: [c.id for c in cases] for role, cases in roles.items()}
-    plan = Plan(preset, seed, data.key, sources, prior, subjects=subjects, selections=selections)
-    done = sum((folders[c.method][0] / c.folder() / "result.json").exists() for c in cells)
-    bar = tqdm(total=len(cells), initial=done, desc="transfer grid", disable=not progress)
-    for cell in cells:
-        runs, options = folders[cell.method]
-        cached = (runs / cell.folder() / "result.json").exists()
-        bar.set_postfix_str(f"{cell.method} n={cell.size} split={cell.split}")
-        record = run_cell(cell, preset, data, datasets, runs / cell.folder(), options, seed)
-        plan.records.append(record)
-        if not cached:
-            bar.update()
-    bar.close()
+    plan = Plan(preset, seed, data.key, sources, prior, records, subjects=subjects)
+    plan.selections = selections
     plan.wall_seconds = time.perf_counter() - started
+    plan.execution = {"jobs": jobs, "threads": threads, "threads_per_run": max(1, threads // jobs)}
     return plan
 
 
@@ -794,7 +994,7 @@ def merge(
     def stage(name: str) -> dict[str, Any] | None:
         for work in work_dirs:
             if (work / name).exists():
-                return json.loads((work / name).read_text())
+                return _located(json.loads((work / name).read_text()), (work / name).parent)
         return None
 
     def records(candidate: Preset, method: str) -> dict[tuple, dict[str, Any]]:
@@ -812,14 +1012,14 @@ def merge(
     sources = stage(f"source-{source_id}/sources.json")
     prior = stage(f"prior-{prior_id}/prior.json")
     selections = []
-    for method in sorted(set(preset.methods) & set(BETA_FIELD)):
+    for method in sorted(set(preset.methods) & set(TUNED)):
 
         def score(candidate: Preset, method: str = method) -> float | None:
             cell = tuning_cell(candidate, method)
             record = records(candidate, method).get((method, cell.size, cell.split))
             return None if record is None else record["val_dice"]
 
-        preset, selection = choose_beta(preset, method, score)
+        preset, selection = choose_settings(preset, method, score)
         if selection:
             selections.append(selection)
     found = {k: v for method in preset.methods for k, v in records(preset, method).items()}
@@ -916,25 +1116,29 @@ def render(summary: Mapping[str, Any], plan_info: Mapping[str, Any], preset: Pre
             "Paired Dice differences across splits (same training subsets), paired t-test:\n\n"
             + markdown_table(["difference", "train size", "mean (std)", "p"], rows)
         )
-    selections = plan_info.get("selections")
-    if selections:
+    for sel in plan_info.get("selections") or []:
+        names = list(sel["chosen"])
         rows = [
             [
-                LABELS[sel["method"]],
-                f"n={sel['size']}, split {sel['split']}",
-                ", ".join(f"{b}: {v:.3f}" for b, v in sel["val_dice"].items()),
-                f"{sel['chosen']:g}",
+                *(_setting(c[n]) for n in names),
+                f"{c['val_dice']:.3f}",
+                "chosen" if all(c[n] == sel["chosen"][n] for n in names) else "",
             ]
-            for sel in selections
+            for c in sel["candidates"]
         ]
         parts.append(
-            "KL weight chosen on validation Dice (never the test set):\n\n"
-            + markdown_table(["method", "cell", "validation Dice by beta", "chosen"], rows)
+            f"{LABELS[sel['method']]}: settings chosen on the validation Dice of "
+            f"n={sel['size']}, split {sel['split']} (never the test set):\n\n"
+            + markdown_table([*names, "validation Dice", ""], rows)
         )
     diag = plan_info.get("diagnostics")
     if diag:
         parts.append(diag)
     return "\n\n".join(parts)
+
+
+def _setting(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def diagnostics(plan: Plan) -> str:
@@ -1012,6 +1216,7 @@ def write_report(plan: Plan, out: Path, name: str, command: str | None = None) -
         "data": plan.data_key,
         "subjects": plan.subjects,
         "selections": plan.selections,
+        "execution": plan.execution,
         "sources": plan.sources,
         "prior": plan.prior,
         "wall_seconds": plan.wall_seconds,
@@ -1088,7 +1293,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--source-data", type=Path, help="your source Decathlon folder")
     parser.add_argument("--target-data", type=Path, help="your target Decathlon folder")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=default_jobs(),
+        help="runs trained at a time, in worker processes (default: CPU count, at most 2)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads in all (default: torch's count); each of the --jobs runs gets "
+        "threads // jobs, and a run's numbers depend on that count",
+    )
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -1101,8 +1317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
+        print("error: --jobs and --threads must be >= 1", file=sys.stderr)
+        return 2
     name = args.name or ("transfer" if args.preset == "quick" else f"transfer_{args.preset}")
     command = "python -m benchmarks.transfer " + " ".join(
         sys.argv[1:] if argv is None else list(argv)
@@ -1126,6 +1343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 source_data=args.source_data,
                 target_data=args.target_data,
                 progress=progress,
+                jobs=args.jobs,
+                threads=args.threads,
             )
     except (ValueError, OSError) as error:  # DataError and CheckpointError are ValueErrors
         print(f"error: {error}", file=sys.stderr)

@@ -31,6 +31,7 @@ def ci_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("transfer")
     work, out = root / "work", root / "out"
     args = ["--preset", "ci", "--seed", "0", "--work-dir", str(work), "--out", str(out)]
+    args += ["--jobs", "1", "--threads", "1"]  # what test_parallel_jobs_... compares with
     assert transfer.main([*args, "--no-progress"]) == 0
     payload = json.loads((out / "transfer_ci.json").read_text())
     return SimpleNamespace(root=root, work=work, out=out, args=args, payload=payload)
@@ -140,33 +141,71 @@ def test_merge_of_two_work_folders_gives_the_same_table(
     assert "no validation result" in capsys.readouterr().err
 
 
-def test_kl_weight_is_chosen_on_validation(ci_run: SimpleNamespace) -> None:
-    selections = ci_run.payload["config"]["selections"]
-    assert {s["method"] for s in selections} == {"dwp", "normal_prior"}
-    for selection in selections:
-        scores = selection["val_dice"]
-        assert len(scores) == len(CI.beta_grid)
-        assert scores[f"{selection['chosen']:g}"] == max(scores.values())
-        field = transfer.BETA_FIELD[selection["method"]]
-        assert ci_run.payload["config"]["preset"][field] == selection["chosen"]
+def test_settings_are_chosen_on_validation(ci_run: SimpleNamespace) -> None:
+    selections = {s["method"]: s for s in ci_run.payload["config"]["selections"]}
+    assert set(selections) == {"dwp", "normal_prior"}
+    # dwp: KL weight x initialisation; normal_prior: KL weight only (its init grid is empty)
+    assert len(selections["dwp"]["candidates"]) == len(CI.beta_grid) * len(CI.dwp_init_grid)
+    assert len(selections["normal_prior"]["candidates"]) == len(CI.beta_grid)
+    assert set(selections["normal_prior"]["chosen"]) == {"normal_beta"}
+    preset = ci_run.payload["config"]["preset"]
+    for method, selection in selections.items():
+        best = max(c["val_dice"] for c in selection["candidates"])
+        (chosen,) = [c for c in selection["candidates"] if c["val_dice"] == best][:1]
+        assert selection["chosen"] == {k: v for k, v in chosen.items() if k != "val_dice"}
+        for name, value in selection["chosen"].items():
+            assert preset[name] == value
         (row,) = [
             r
             for r in ci_run.payload["rows"]
-            if r["method"] == selection["method"] and r["size"] == CI.sizes[0] and r["split"] == 0
+            if r["method"] == method and r["size"] == CI.sizes[0] and r["split"] == 0
         ]
-        assert row["val_dice"] == max(scores.values())  # the chosen run is the grid's cell
-    assert "KL weight chosen on validation" in (ci_run.out / "transfer_ci.md").read_text()
+        assert row["val_dice"] == best  # the chosen run is the grid's cell
+    text = (ci_run.out / "transfer_ci.md").read_text()
+    assert "settings chosen on the validation Dice" in text and "| dwp_init |" in text
 
 
-def test_choose_beta_ties_and_missing_results() -> None:
-    preset = CI.replace(beta_grid=(1e-2, 1e-4, 1e-3))
-    scores = {1e-2: 0.5, 1e-4: 0.7, 1e-3: 0.7}
-    chosen, selection = transfer.choose_beta(preset, "dwp", lambda p: scores[p.dwp_beta])
-    assert chosen.dwp_beta == 1e-4 and chosen.normal_beta == preset.normal_beta
-    assert selection["chosen"] == 1e-4
-    assert transfer.choose_beta(preset, "random_init", lambda p: 0.0) == (preset, None)
+def test_choose_settings_ties_and_missing_results() -> None:
+    preset = CI.replace(beta_grid=(1e-2, 1e-4, 1e-3), dwp_init_grid=("prior", "pretrained"))
+    options = transfer.candidates(preset, "dwp")
+    assert [o["dwp_beta"] for o in options] == [1e-4, 1e-4, 1e-3, 1e-3, 1e-2, 1e-2]
+    scores = {(1e-3, "pretrained"): 0.7, (1e-2, "prior"): 0.7}
+    chosen, selection = transfer.choose_settings(
+        preset, "dwp", lambda p: scores.get((p.dwp_beta, p.dwp_init), 0.5)
+    )
+    # a tie goes to the earlier candidate: the smaller KL weight
+    assert (chosen.dwp_beta, chosen.dwp_init) == (1e-3, "pretrained")
+    assert selection["chosen"] == {"dwp_beta": 1e-3, "dwp_init": "pretrained"}
+    assert chosen.normal_beta == preset.normal_beta  # the other method is untouched
+    assert transfer.choose_settings(preset, "random_init", lambda p: 0.0) == (preset, None)
+    untuned = preset.replace(beta_grid=(), normal_init_grid=())
+    assert transfer.choose_settings(untuned, "normal_prior", lambda p: 0.0) == (untuned, None)
     with pytest.raises(ValueError, match="no validation result"):
-        transfer.choose_beta(preset, "normal_prior", lambda p: None)
+        transfer.choose_settings(preset, "normal_prior", lambda p: None)
+
+
+def _settings(record: dict) -> dict:
+    """A run's strategy options without its file paths (they name the work folder)."""
+    return {k: v for k, v in record["strategy"].items() if k not in ("source", "prior")}
+
+
+def test_parallel_jobs_give_the_same_numbers(ci_run: SimpleNamespace) -> None:
+    """Two worker processes of one thread each reproduce the serial 1-thread run, in a
+    copy of the work folder (its cached stages name their files relative to themselves)."""
+    work = ci_run.root / "parallel"
+    shutil.copytree(ci_run.work, work, ignore=shutil.ignore_patterns("runs"))
+    args = ["--preset", "ci", "--seed", "0", "--work-dir", str(work), "--out", str(work)]
+    assert transfer.main([*args, "--jobs", "2", "--threads", "2", "--only", "split=0"]) == 0
+    serial = {(r["method"], r["size"]): r for r in ci_run.payload["rows"] if r["split"] == 0}
+    parallel = [json.loads(p.read_text()) for p in work.glob("runs/*/n*/split0/result.json")]
+    sources = [r["strategy"]["source"] for r in parallel if r["method"] == "pretrained"]
+    assert sources and all(Path(s).is_relative_to(work) for s in sources)
+    for record in parallel:  # tuning candidates included
+        twin = serial.get((record["method"], record["size"]))
+        if twin is not None and _settings(record) == _settings(twin):
+            assert record["test"]["dice"] == pytest.approx(twin["test"]["dice"], abs=1e-6)
+            serial.pop((record["method"], record["size"]))
+    assert not serial, sorted(serial)  # every serial cell of split 0 was reproduced
 
 
 def test_paired_differences_match_scipy_and_closed_form() -> None:
@@ -198,6 +237,8 @@ def test_paired_differences_match_scipy_and_closed_form() -> None:
         (["--set", "dwp_init=sideways"], "dwp_init"),
         (["--set", "sizes=5,50"], "pool"),
         (["--merge", "/nonexistent/folder"], "/nonexistent/folder"),
+        (["--jobs", "0"], "--jobs"),
+        (["--set", "normal_init_grid=prior"], "normal_init"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_message(

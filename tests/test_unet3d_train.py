@@ -16,7 +16,13 @@ import torch
 import cohorts
 import dwp
 from unet3d.data import load_decathlon
-from unet3d.strategies import STRATEGIES, ModelSpec, PretrainedFrozenStrategy, get_strategy
+from unet3d.strategies import (
+    STRATEGIES,
+    CheckpointError,
+    ModelSpec,
+    PretrainedFrozenStrategy,
+    get_strategy,
+)
 from unet3d.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,6 +119,28 @@ def test_frozen_layers_stay_unchanged(tmp_path, data, source):
     assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"up3"}
 
 
+@pytest.mark.parametrize("name", ["pretrained", "normal_prior", "dwp"])
+def test_a_source_of_other_widths_raises_an_error_naming_the_file(
+    tmp_path, source, prior_file, name
+):
+    options = {"source": source, "init": "pretrained"} if name != "pretrained" else {}
+    options = {"source": source, **options}
+    if name == "dwp":
+        options["prior_path"] = prior_file
+    with pytest.raises(CheckpointError, match=f"{source}.*widths"):
+        get_strategy(name, **options).build_model(ModelSpec(widths=(4, 4, 4, 8)))
+
+
+def test_bayesian_strategies_start_from_the_source_network(source, prior_file):
+    before = torch.load(source, weights_only=True)["model"]
+    for name, extra in (("normal_prior", {}), ("dwp", {"prior_path": prior_file})):
+        strategy = get_strategy(name, source=source, init="pretrained", **extra)
+        state = strategy.build_model(ModelSpec(widths=WIDTHS)).state_dict()
+        assert any(n.endswith("weight_log_sigma") for n in state)  # it is Bayesian...
+        for n, value in before.items():  # ...and its posterior means are the source's weights
+            assert torch.equal(state[n], value), (name, n)
+
+
 def test_restarts_write_one_checkpoint_per_cycle(tmp_path, data):
     result = train(_config(tmp_path, epochs=1, restarts=2, lr_patience=0), *data)
     names = sorted(p.name for p in tmp_path.glob("source_restart*.pt"))
@@ -124,6 +152,20 @@ def test_restarts_write_one_checkpoint_per_cycle(tmp_path, data):
 def test_stops_when_the_learning_rate_reaches_its_floor(tmp_path, data):
     result = train(_config(tmp_path, epochs=50, lr_patience=0, min_lr=1e-2), *data)
     assert result.stop_reason == "min_lr" and len(result.history) == 1
+
+
+def test_validates_every_k_epochs_and_at_the_end_of_each_cycle(tmp_path, data):
+    result = train(_config(tmp_path, epochs=5, val_every=2, restarts=1, lr_patience=0), *data)
+    validated = [r["epoch"] for r in result.history if "val_dice" in r]
+    assert validated == [1, 3, 4, 6, 8, 9]  # cycle epochs 1, 3 and the last (4), twice
+    # the plateau scheduler stepped once per validation of the last cycle, not per epoch
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert state["scheduler"]["last_epoch"] == 3
+    assert result.best_epoch in validated
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert rows[0]["val_dice"] == "" and rows[1]["val_dice"] != ""
+    with pytest.raises(ValueError, match="val_every"):
+        _config(tmp_path, val_every=0)
 
 
 class Interrupt(Exception):

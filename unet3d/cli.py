@@ -256,7 +256,13 @@ def _add_train_parser(commands: Any) -> None:
         "--lr-patience",
         type=_non_negative_int,
         default=10,
-        help="ReduceLROnPlateau patience in epochs (default 10)",
+        help="ReduceLROnPlateau patience in validations (default 10)",
+    )
+    optim.add_argument(
+        "--val-every",
+        type=_positive_int,
+        default=1,
+        help="validate every N epochs and at the end of each cycle (default 1)",
     )
     optim.add_argument(
         "--min-lr",
@@ -531,6 +537,7 @@ def _train(args: argparse.Namespace) -> int:
         optimizer=args.optimizer,
         lr_patience=args.lr_patience,
         min_lr=args.min_lr,
+        val_every=args.val_every,
         restarts=args.restarts,
         seed=args.seed,
         in_channels=in_channels,

@@ -55,6 +55,7 @@ __all__ = [
     "Strategy",
     "block_names",
     "get_strategy",
+    "load_source",
     "load_state_dict",
     "read_checkpoint",
 ]
@@ -96,6 +97,20 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: not a state dict or a unet3d checkpoint")
     return payload
+
+
+def load_source(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load the source checkpoint ``path`` into ``model`` (in place, returned); a checkpoint
+    of another architecture (other widths, channels) raises :class:`CheckpointError`
+    naming the file instead of torch's bare size-mismatch list."""
+    try:
+        model.load_state_dict(load_state_dict(path))
+    except RuntimeError as error:
+        first = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), "")
+        raise CheckpointError(
+            f"{path}: does not fit this U-Net (check widths / channels): {first[:300]}"
+        ) from error
+    return model
 
 
 def block_names(model: nn.Module) -> list[str]:
@@ -195,9 +210,7 @@ class PretrainedStrategy(RandomInitStrategy):
     def build_model(self, spec: ModelSpec) -> nn.Module:
         if self.source is None:
             raise ValueError(f"strategy {self.name!r} needs source=<checkpoint path>")
-        model = super().build_model(spec)
-        model.load_state_dict(load_state_dict(self.source))
-        return model
+        return load_source(super().build_model(spec), self.source)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "source": str(self.source)}
@@ -260,6 +273,13 @@ class BayesianStrategy(Strategy):
     scale_lr
         Learning rate of the posterior log-sigmas (default ``lr / 10``); see
         :func:`dwp.param_groups`.
+    init
+        Where the posterior means start (:func:`dwp.bayesianize`): ``"pretrained"`` keeps
+        the base network's weights (the ``source`` checkpoint when given, He otherwise),
+        ``"prior"`` samples the prior (DWP initialisation), ``"fresh"`` re-initialises.
+    source
+        Checkpoint whose weights the base network loads (with ``init="pretrained"``, the
+        posterior means start at the source network).
     init_log_sigma, estimator, mode
         Passed to :func:`dwp.bayesianize` (``mode="mean"`` trains without weight noise,
         which makes runs comparable across process counts).
@@ -274,6 +294,8 @@ class BayesianStrategy(Strategy):
     mode: str = "auto"
     ce_weight: float = 0.01
     dice_weight: float = 1.0
+    init: Literal["pretrained", "prior", "fresh"] = "pretrained"
+    source: str | os.PathLike | None = None
     bayesian: bool = field(default=True, init=False)
 
     @abc.abstractmethod
@@ -281,10 +303,10 @@ class BayesianStrategy(Strategy):
         """The weight prior of the 3x3x3 convs."""
 
     def base_model(self, spec: ModelSpec) -> nn.Module:
-        """The deterministic U-Net whose 3x3x3 convs become Bayesian."""
-        return UNet3D(spec.in_channels, spec.n_classes, spec.widths, init="he")
-
-    init: Literal["pretrained", "prior", "fresh"] = "pretrained"
+        """The deterministic U-Net whose 3x3x3 convs become Bayesian (the source
+        network when ``source`` is set)."""
+        model = UNet3D(spec.in_channels, spec.n_classes, spec.widths, init="he")
+        return model if self.source is None else load_source(model, self.source)
 
     def build_model(self, spec: ModelSpec) -> nn.Module:
         base = self.base_model(spec)
@@ -333,13 +355,14 @@ class BayesianStrategy(Strategy):
             "estimator": self.estimator,
             "mode": self.mode,
             "init": self.init,
+            "source": None if self.source is None else str(self.source),
         }
 
 
 @dataclass
 class NormalPriorStrategy(BayesianStrategy):
     """Variational U-Net with an N(0, 1) prior on the 3x3x3 kernels (Bayesian baseline);
-    posterior means start from He initialisation."""
+    posterior means start from He initialisation, or from the ``source`` network."""
 
     name: str = field(default="normal_prior", init=False)
 
@@ -357,7 +380,6 @@ class DWPStrategy(BayesianStrategy):
     """
 
     prior_path: str | os.PathLike | dwp.DeepWeightPrior | None = None
-    source: str | os.PathLike | None = None
     prior_options: dict[str, Any] = field(default_factory=dict)
     init: Literal["pretrained", "prior", "fresh"] = "prior"
     name: str = field(default="dwp", init=False)
@@ -369,16 +391,10 @@ class DWPStrategy(BayesianStrategy):
             return self.prior_path
         return dwp.DeepWeightPrior.load(self.prior_path, **self.prior_options)
 
-    def base_model(self, spec: ModelSpec) -> nn.Module:
-        model = super().base_model(spec)
-        if self.source is not None:
-            model.load_state_dict(load_state_dict(self.source))
-        return model
-
     def describe(self) -> dict[str, Any]:
         path = self.prior_path
         shown = "<in memory>" if isinstance(path, dwp.DeepWeightPrior) else str(path)
-        return {**super().describe(), "prior": shown, "source": str(self.source)}
+        return {**super().describe(), "prior": shown}
 
 
 #: Strategy classes by name.

@@ -83,6 +83,11 @@ class TrainConfig:
     lr_factor, lr_patience, min_lr
         ``ReduceLROnPlateau`` on the validation loss; a cycle ends once the learning rate
         of the first parameter group is at ``min_lr``.
+    val_every : int
+        Validate every ``val_every`` epochs and at the end of every cycle (tiny training
+        sets have epochs of one or two steps, so validating each one can cost more than
+        training). The scheduler and the best checkpoint only see validated epochs, so
+        ``lr_patience`` counts validations.
     restarts : int
         Cyclical restarts: after each of the first ``restarts`` cycles, reset the
         learning rate and continue; every cycle's final model is saved as
@@ -114,6 +119,7 @@ class TrainConfig:
     lr_factor: float = 0.1
     lr_patience: int = 10
     min_lr: float = 1e-6
+    val_every: int = 1
     restarts: int = 0
     seed: int = 0
     in_channels: int = 1
@@ -128,10 +134,10 @@ class TrainConfig:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.restarts < 0:
+        if self.epochs < 1 or self.batch_size < 1 or self.val_every < 1 or self.restarts < 0:
             raise ValueError(
-                f"epochs and batch_size must be >= 1 and restarts >= 0, got {self.epochs}, "
-                f"{self.batch_size}, {self.restarts}"
+                "epochs, batch_size and val_every must be >= 1 and restarts >= 0, got "
+                f"{self.epochs}, {self.batch_size}, {self.val_every}, {self.restarts}"
             )
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
@@ -448,19 +454,25 @@ def _train(
             "lr": optimizer.param_groups[0]["lr"],
         }
         record.update({f"train_{k}": v / max(batches, 1) for k, v in sums.items()})
-        if val_loader is not None:
-            record.update(_validate(model, val_loader))
-            monitored = record["val_loss"]
-        else:
+        validated = val_loader is not None and (
+            (cycle_epoch + 1) % config.val_every == 0 or cycle_epoch + 1 >= config.epochs
+        )
+        if val_loader is None:
             monitored = record["train_loss"]
             if world > 1:  # every rank must step its scheduler alike
                 value = torch.tensor([monitored], dtype=torch.float64)
                 dist.all_reduce(value)
                 monitored = float(value) / world
+        elif validated:
+            record.update(_validate(model, val_loader))
+            monitored = record["val_loss"]
+        else:
+            monitored = None
         record["seconds"] = time.perf_counter() - started
         history.append(record)
-        scheduler.step(monitored)
-        improved = val_loader is not None and monitored < best_val
+        if monitored is not None:
+            scheduler.step(monitored)
+        improved = validated and monitored < best_val
         if improved:
             best_val, best_epoch = monitored, epoch
         epoch += 1
