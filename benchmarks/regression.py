@@ -83,6 +83,7 @@ class Preset:
     noise_steps: int
     batch_size: int = 4
     beta: float = 0.01
+    lr: float = 1e-3
 
 
 PRESETS: dict[str, Preset] = {
@@ -92,10 +93,14 @@ PRESETS: dict[str, Preset] = {
         regressor_steps=2, source_subjects=6, source_nets=2, vae_epochs=2, noise_steps=2,
         batch_size=2,
     ),
+    # Settings measured on this machine (age MAE of BagNet-33 on the quick cohort; the
+    # training-mean baseline is 17.0): width 2, 150 steps at lr 1e-3: 12.3; width 2, 300
+    # steps at 3e-3: 7.1; width 4, 300 steps at 3e-3: 5.6 (59 s per network).
     "quick": Preset(
-        age_train=48, age_test=24, bagnet_width=2, bagnet_steps=150,
+        age_train=48, age_test=24, bagnet_width=4, bagnet_steps=300,
         lesion_sizes=(12, 24), lesion_test=24, seeds=2, regressor_widths=(8, 16),
-        regressor_steps=120, source_subjects=24, source_nets=2, vae_epochs=30, noise_steps=80,
+        regressor_steps=300, source_subjects=24, source_nets=2, vae_epochs=30, noise_steps=80,
+        lr=3e-3,
     ),
     "full": Preset(
         age_train=120, age_test=60, bagnet_width=4, bagnet_steps=600,
@@ -166,7 +171,7 @@ def run_bagnets(preset: Preset, seed: int, train: Cohort, test: Cohort) -> dict[
     sex_tr, sex_te = torch.tensor(train.targets["sex"]).long(), test.targets["sex"]
     rows, local_maps, models = [], {}, {}
     config = r3d.TrainConfig(
-        steps=preset.bagnet_steps, batch_size=preset.batch_size, lr=1e-3, seed=seed
+        steps=preset.bagnet_steps, batch_size=preset.batch_size, lr=preset.lr, seed=seed
     )
     for rf in RECEPTIVE_FIELDS:
         start = time.perf_counter()
@@ -225,7 +230,7 @@ def fit_source_prior(preset: Preset, seed: int) -> tuple[dwp.DeepWeightPrior, di
     )
     y = torch.tensor(np.stack([source.targets["count"], source.targets["volume_mm3"]], 1)).float()
     config = r3d.TrainConfig(
-        steps=preset.regressor_steps, batch_size=preset.batch_size, lr=1e-3, seed=seed
+        steps=preset.regressor_steps, batch_size=preset.batch_size, lr=preset.lr, seed=seed
     )
     nets = []
     for k in range(preset.source_nets):
@@ -264,7 +269,7 @@ def run_hydranet(
                 torch.manual_seed(run_seed)
                 net = r3d.BaseRegressor(1, 2, preset.regressor_widths)
                 config = r3d.TrainConfig(
-                    steps=preset.regressor_steps, batch_size=preset.batch_size, lr=1e-3,
+                    steps=preset.regressor_steps, batch_size=preset.batch_size, lr=preset.lr,
                     seed=run_seed, beta=preset.beta, kl_warmup=preset.regressor_steps // 2,
                 )  # fmt: skip
                 if method == "hydranet":
