@@ -559,8 +559,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
     parser.add_argument(
-        "--threads", type=int, default=1,
-        help="torch threads (1: on a shared 2-core machine a second thread mostly waits)",
+        "--threads", type=int, default=None,
+        help="torch threads (default: torch's, all cores; use 1 when the machine is shared)",
     )  # fmt: skip
     return parser.parse_args(argv)
 
@@ -571,7 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ["python", "-m", "benchmarks.regression", *(sys.argv[1:] if argv is None else argv)]
     )
     threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or threads)
     try:
         return _run(args, command)
     finally:  # a caller (a test, a notebook) keeps its own setting
@@ -621,7 +621,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
     markdown = render_markdown(args.preset, bag, hydra, prior_info, imp, wall)
     rows = bag["rows"] + [bag["baseline"]] + hydra + imp["rows"]
     config = {
-        "preset": args.preset, **asdict(preset), "seed": args.seed, "threads": args.threads,
+        "preset": args.preset, **asdict(preset), "seed": args.seed, "threads": torch.get_num_threads(),
         "resolution_mm": RESOLUTION, "dwp_prior": prior_info, "timings_s": timings,
     }  # fmt: skip
     write_results(f"regression{suffix}", config, rows, markdown, out, command=command)
