@@ -129,14 +129,19 @@ class DeepWeightSitePrior(Prior):
         for p in posteriors:
             (small if p.loc.numel() < _BATCH_BELOW * per_kernel else large).append(p)
         calls = [[p] for p in large] + ([small] if small else [])
-        terms = [
-            self._vae_terms(
-                torch.cat([self._kernels(p.loc) for p in call]),
-                torch.cat([self._kernels(p.log_scale) for p in call]),
-            )
-            for call in calls
-        ]
+        terms = [self._vae_terms(*self._joined(call)) for call in calls]
         return neg_entropy + torch.stack(terms).sum()
+
+    def _joined(self, posteriors: Sequence[MeanFieldNormal]) -> tuple[Tensor, Tensor]:
+        """Kernel views ``(M, *k)`` of the posteriors' locations and log-scales, concatenated
+        only when there are several (``torch.cat`` of one tensor would still copy it)."""
+        if len(posteriors) == 1:
+            (p,) = posteriors
+            return self._kernels(p.loc), self._kernels(p.log_scale)
+        return (
+            torch.cat([self._kernels(p.loc) for p in posteriors]),
+            torch.cat([self._kernels(p.log_scale) for p in posteriors]),
+        )
 
     def _vae_terms(self, loc: Tensor, log_scale: Tensor) -> Tensor:
         """The bound without the entropy, for kernels ``(M, *k)``: subsampled, chunked."""
