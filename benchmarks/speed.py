@@ -256,7 +256,8 @@ class Variant:
     """One timed unit of work and the measurements taken so far.
 
     ``forward`` does the first phase and returns a scalar tensor (the loss, or the KL
-    bound); ``backward`` consumes it.  Both phases are timed, separately and together.
+    bound); ``backward`` consumes it.  Both phases are timed, separately and together;
+    ``setup``, when given, runs untimed before each forward.
     """
 
     section: str
@@ -270,6 +271,7 @@ class Variant:
     target_ratio: float | None = None
     #: Static facts for the results row (network, kernels, parameters...).
     info: dict[str, Any] = field(default_factory=dict)
+    setup: Callable[[], None] | None = None
     step_s: list[float] = field(default_factory=list)
     forward_s: list[float] = field(default_factory=list)
     backward_s: list[float] = field(default_factory=list)
@@ -306,13 +308,25 @@ def kl_step(model: nn.Module) -> tuple[Callable[[], Tensor], Callable[[Tensor], 
     """Forward/backward callables of the KL bound alone: ``dwp.kl(model)``, ``.backward()``."""
 
     def forward() -> Tensor:
-        model.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)  # leaves the parameters, so any shared sample, as is
         return dwp.kl(model)
 
     def backward(kl: Tensor) -> None:
         kl.backward()
 
     return forward, backward
+
+
+def forward_samples(model: nn.Module) -> Callable[[], None]:
+    """Untimed setup of a KL variant: draw every Bayesian layer's weights as its ``reparam``
+    forward pass would (:meth:`~dwp.nn.BayesianLayer.sample_weight`), so that the bound
+    shares them as it does inside a training step."""
+
+    def setup() -> None:
+        for _, layer in dwp.bayesian_layers(model):
+            layer.sample_weight()
+
+    return setup
 
 
 @contextlib.contextmanager
@@ -348,6 +362,8 @@ def _gc_frozen() -> Iterator[None]:
 def time_once(variant: Variant, record: bool = True) -> None:
     """Run and time ``variant`` once; ``record=False`` runs a warm-up."""
     with _gc_paused():
+        if variant.setup is not None:
+            variant.setup()
         start = time.perf_counter()
         loss = variant.forward()
         mid = time.perf_counter()
@@ -404,6 +420,8 @@ def saved_for_backward_mib(variant: Variant) -> float:
         storages[storage.data_ptr()] = storage.nbytes()
         return t
 
+    if variant.setup is not None:
+        variant.setup()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = variant.forward()
     del loss
@@ -571,6 +589,11 @@ def run_layers(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str
 
 
 # -- section: the deep weight prior's KL bound ----------------------------------------------
+def _default_vae() -> dwp.KernelVAE:
+    """A KernelVAE for 3x3x3 kernels with the library's defaults (for the configs' text)."""
+    return dwp.KernelVAE((3, 3, 3))
+
+
 def _dwp_network(
     net: nn.Module,
     vaes: dict[str, dwp.KernelVAE],
@@ -597,11 +620,13 @@ def kl_variants(
     groups = {g: len(k) for g, k in bank.groups().items()}
     models = {
         "kl_mlp_1vae": _dwp_network(net, {"all": dwp.KernelVAE(kernel)}),
+        "kl_mlp_1vae_own": _dwp_network(net, {"all": dwp.KernelVAE(kernel)}),
         "kl_mlp_7vae": _dwp_network(
             net, {g: dwp.KernelVAE(kernel) for g in bank.group_names}, dict(bank.layer_groups)
         ),
         "kl_conv_1vae": _dwp_network(net, {"all": dwp.KernelVAE(kernel, architecture="conv")}),
         "kl_mlp_1vae_wide": _dwp_network(wide, {"all": dwp.KernelVAE(kernel)}),
+        "kl_mlp_1vae_wide_own": _dwp_network(wide, {"all": dwp.KernelVAE(kernel)}),
         # not the default: an unbiased estimate on half the kernels per step
         "kl_mlp_1vae_wide_half": _dwp_network(
             wide, {"all": dwp.KernelVAE(kernel)}, kernel_fraction=0.5
@@ -618,11 +643,16 @@ def kl_variants(
         size = sum(t.numel() for t in vae.state_dict().values())
         return {"architecture": arch, "vaes": n_vaes, "vae_weights_each": size}
 
-    def dwp_variant(name: str, baseline: str, arch: str, n_vaes: int, **kw: Any) -> Variant:
+    def dwp_variant(
+        name: str, baseline: str, arch: str, n_vaes: int, shared: bool = True, **kw: Any
+    ) -> Variant:
         model = models[name]
         source = wide if baseline == step_wide else net
         info = {
             "what": "dwp.kl(model) + backward",
+            # in a training step the reparam forward pass has drawn the weights, and the
+            # bound shares that sample; dwp.kl without a forward pass draws its own
+            "weight_sample": "forward's" if shared else "own",
             **unet_info(source.widths, source),
             **vae_info(model, arch, n_vaes),
         }
@@ -635,6 +665,7 @@ def kl_variants(
             baseline=baseline,
             target_ratio=None if arch == "conv" else KL_TARGET,
             info=info,
+            setup=forward_samples(model) if shared else None,
             **kw,
         )
 
@@ -652,10 +683,12 @@ def kl_variants(
     return [
         step_variant(step, net, reps=reps),
         dwp_variant("kl_mlp_1vae", step, "mlp", 1, reps=reps),
+        dwp_variant("kl_mlp_1vae_own", step, "mlp", 1, shared=False, reps=reps),
         dwp_variant("kl_mlp_7vae", step, "mlp", len(groups), reps=reps),
         dwp_variant("kl_conv_1vae", step, "conv", 1, **slow),
         step_variant(step_wide, wide, **slow),
         dwp_variant("kl_mlp_1vae_wide", step_wide, "mlp", 1, reps=reps),
+        dwp_variant("kl_mlp_1vae_wide_own", step_wide, "mlp", 1, shared=False, reps=reps),
         dwp_variant("kl_mlp_1vae_wide_half", step_wide, "mlp", 1, reps=reps),
     ]
 
@@ -668,6 +701,7 @@ def render_kl(rows: Sequence[dict[str, Any]]) -> str:
             "U-Net widths",
             "3x3x3 kernels",
             "VAE",
+            "weight sample",
             "reps",
             "median (s)",
             "IQR",
@@ -681,6 +715,7 @@ def render_kl(rows: Sequence[dict[str, Any]]) -> str:
                 "-".join(map(str, r["widths"])),
                 f"{r['kernels']:,}",
                 "-" if "architecture" not in r else f"{r['vaes']} x {r['architecture']}",
+                r.get("weight_sample", "-"),
                 r["reps"],
                 f"{r['median_s']:.4f}",
                 f"{r['iqr_s']:.4f}",
@@ -725,10 +760,12 @@ def run_kl(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, An
         "wide_widths": list(args.wide_widths),
         "bayesian_layers": "kernel3_layers(net): the 3x3x3 convs; 1x1x1 convs deterministic",
         "input_shape": list(x.shape),
-        "timed": "kl_*: dwp.kl(model) then .backward() (no network forward); step_*: "
+        "timed": "kl_*: dwp.kl(model) then .backward() (no network forward; the variants "
+        "with the forward's weight sample draw it untimed first, with BayesianLayer."
+        "sample_weight, as a reparam forward pass does); step_*: "
         "deterministic training step (mse(output, 0), backward, SGD)",
-        "vaes": "untrained KernelVAE((3, 3, 3)) (mlp: default hidden 64, latent 6; conv: the "
-        "MRI paper's); DeepWeightPrior defaults (n_samples 1, no chunking, encoder trained)",
+        "vaes": f"untrained KernelVAE((3, 3, 3)) (mlp: default hidden {_default_vae().hidden}, "
+        f"latent {_default_vae().latent_dim}; conv: the MRI paper's); DeepWeightPrior defaults (n_samples 1, no chunking, encoder trained)",
         "groups": "kl_mlp_7vae: collect_kernels(group_by='resolution') on UNet3D",
         "steps": args.steps,
         "heavy_reps": args.heavy,
@@ -798,8 +835,8 @@ def run_fit(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, A
     }
     config = {
         "call": "dwp.fit_kernel_vae(kernels, epochs=E, early_stopping=E + 1, min_lr=0.0, "
-        "progress=False, seed=SEED); all other settings default (mlp, hidden 64, latent 6, "
-        "batch 256, Adam lr 1e-3, val_fraction 0.1)",
+        "progress=False, seed=SEED); all other settings default (mlp, hidden "
+        f"{_default_vae().hidden}, latent {_default_vae().latent_dim}, batch 256, Adam lr 1e-3, val_fraction 0.1)",
         "options": options,
         "kernels": len(kernels),
         "kernel_source": f"first {len(kernels)} 3x3x3 kernels of He-initialised "

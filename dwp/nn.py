@@ -21,13 +21,14 @@ The bias is deterministic unless ``bayesian_bias=True``; a Bayesian bias gets
 from __future__ import annotations
 
 import inspect
-from typing import Any, ClassVar
+import weakref
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .posterior import MeanFieldNormal
+from .posterior import MeanFieldNormal, reparam_sample
 from .priors import NormalPrior, Prior
 from .settings import Estimator, Mode, global_estimator, global_mode, validation_enabled
 
@@ -115,10 +116,55 @@ class BayesianLayer(nn.Module):
 
     @property
     def weight_posterior(self) -> MeanFieldNormal:
-        """q(weight) as a :class:`MeanFieldNormal` view (gradients reach this layer)."""
+        """q(weight) as a :class:`MeanFieldNormal` view (gradients reach this layer).
+
+        Its ``sample`` is the weight of the last forward pass while the parameters are
+        unchanged and the prior shares samples (see :meth:`sample_weight`), else ``None``.
+        """
         return MeanFieldNormal(
-            self.weight, self.weight_log_sigma, f"{self.site_name}.weight", self.kernel_dims
+            self.weight,
+            self.weight_log_sigma,
+            f"{self.site_name}.weight",
+            self.kernel_dims,
+            sample=self._shared_weight_sample(),
         )
+
+    def sample_weight(self) -> Tensor:
+        """A reparameterised weight sample ``mu + sigma * eps`` (the ``reparam`` forward's).
+
+        When the weight prior estimates its KL by Monte Carlo from weight samples
+        (``prior.shares_weight_sample``, e.g. the deep weight prior), the sample is also
+        remembered, with the parameters' versions, and the KL uses it instead of drawing
+        its own until the parameters change (an optimiser step) or the next sample: each
+        training step then draws the weights once.  Only samples that carry gradients are
+        remembered, in a side table, so ``copy.deepcopy`` and pickling see nothing of them.
+        """
+        weight = reparam_sample(self.weight, self.weight_log_sigma)
+        if self.weight_prior.shares_weight_sample and weight.requires_grad:
+            _SHARED_SAMPLES[self] = _SharedSample(
+                weight,
+                self.weight,
+                self.weight._version,
+                self.weight_log_sigma,
+                self.weight_log_sigma._version,
+            )
+        return weight
+
+    def _shared_weight_sample(self) -> Tensor | None:
+        """The remembered weight sample if the parameters have not changed since; a stale
+        one is dropped (it would hold a weight-sized tensor until the next forward)."""
+        record = _SHARED_SAMPLES.get(self)
+        if record is None:
+            return None
+        if (
+            record.loc is self.weight
+            and record.log_scale is self.weight_log_sigma
+            and record.loc._version == record.loc_version
+            and record.log_scale._version == record.log_scale_version
+        ):
+            return record.sample
+        del _SHARED_SAMPLES[self]
+        return None
 
     @property
     def bias_posterior(self) -> MeanFieldNormal | None:
@@ -200,8 +246,7 @@ class BayesianLayer(nn.Module):
         return self.bias + self.bias_log_sigma.exp() * torch.randn_like(self.bias)
 
     def _forward_reparam(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        weight = self.weight + self.weight_log_sigma.exp() * torch.randn_like(self.weight)
-        return self._op(input, weight, self._sample_bias(), *args, **kwargs)
+        return self._op(input, self.sample_weight(), self._sample_bias(), *args, **kwargs)
 
     def _forward_local_reparam(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         mean = self._op(input, self.weight, self.bias, *args, **kwargs)
@@ -244,6 +289,20 @@ class BayesianLayer(nn.Module):
         if self.bayesian_bias:
             extras += ", bayesian_bias=True"
         return f"{text}, {extras}"
+
+
+class _SharedSample(NamedTuple):
+    """A layer's last weight sample and the parameters (objects and versions) it came from."""
+
+    sample: Tensor
+    loc: Tensor
+    loc_version: int
+    log_scale: Tensor
+    log_scale_version: int
+
+
+#: layer -> its last weight sample, for priors that share samples (BayesianLayer.sample_weight)
+_SHARED_SAMPLES: weakref.WeakKeyDictionary[nn.Module, _SharedSample] = weakref.WeakKeyDictionary()
 
 
 class _GaussianNoise(torch.autograd.Function):

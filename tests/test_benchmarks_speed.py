@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
+import dwp
 from benchmarks import report, speed
 from unet3d import UNet3D, count_kernels, kernel3_layers
 from unet3d.strategies import STRATEGIES
@@ -23,10 +25,12 @@ VARIANTS = {
     "kl": [
         "step_unet3d",
         "kl_mlp_1vae",
+        "kl_mlp_1vae_own",
         "kl_mlp_7vae",
         "kl_conv_1vae",
         "step_unet3d_wide",
         "kl_mlp_1vae_wide",
+        "kl_mlp_1vae_wide_own",
         "kl_mlp_1vae_wide_half",
     ],
     "fit": ["fit_kernel_vae_mlp"],
@@ -339,3 +343,22 @@ def test_markdown_table_escapes_and_checks_width() -> None:
     assert table.splitlines() == ["| a | b |", "|---|---|", "| x\\|y | 1 |"]
     with pytest.raises(ValueError, match="row 0"):
         report.markdown_table(["a", "b"], [[1]])
+
+
+def test_kl_variants_share_the_forward_sample_unless_named_own(
+    quick_run: tuple[Path, dict],
+) -> None:
+    _, result = quick_run
+    kl_rows = {r["variant"]: r for r in result["rows"] if r["section"] == "kl"}
+    for name, row in kl_rows.items():
+        if name.startswith("kl_"):
+            assert row["weight_sample"] == ("own" if name.endswith("_own") else "forward's")
+
+
+def test_forward_samples_setup_gives_every_layer_a_shared_sample() -> None:
+    net = nn.Sequential(nn.Conv3d(1, 2, 3), nn.Conv3d(2, 2, 3))
+    model = dwp.bayesianize(net, dwp.DeepWeightPrior({"all": dwp.KernelVAE((3, 3, 3))}))
+    layers = [layer for _, layer in dwp.bayesian_layers(model)]
+    assert all(layer.weight_posterior.sample is None for layer in layers)
+    speed.forward_samples(model)()
+    assert all(layer.weight_posterior.sample is not None for layer in layers)

@@ -32,7 +32,7 @@ from torch.distributions import MultivariateNormal, kl_divergence
 
 import dwp
 from dwp.likelihoods import gaussian_nll
-from dwp.posterior import MeanFieldNormal
+from dwp.posterior import MeanFieldNormal, reparam_sample
 from dwp.priors import DeepWeightPrior, DeepWeightSitePrior, KLKind, PriorFileError
 from dwp.pyro import PriorDistribution, PyroBNN, prior_distribution
 from dwp.vae import KernelVAE, fit_kernel_vae
@@ -792,11 +792,11 @@ def test_pyro_log_prob_is_a_lower_bound_on_log_p(m_factor, scale_factor, gap):
         assert mean > log_p - 5 * se
 
 
-def _pyro_net(layer_groups):
+def _pyro_net(layer_groups, share_forward_sample=True):
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Conv2d(2, 1, 3, padding=1))
     vaes = {"a": _vae((3, 3), seed=0, hidden=8), "b": _vae((3, 3), seed=1, hidden=8)}
-    prior = DeepWeightPrior(vaes, layer_groups=layer_groups)
+    prior = DeepWeightPrior(vaes, layer_groups, share_forward_sample=share_forward_sample)
     return dwp.bayesianize(plain, prior, init_log_sigma=-2.0)
 
 
@@ -823,7 +823,9 @@ def test_pyro_trace_mean_field_elbo_equals_dwp_elbo(monkeypatch):
     # * no subsampling: Pyro's plate draws a random permutation of n_data;
     # * Pyro scores every model site (Trace.compute_log_prob) before it takes the registered
     #   KLs, and the deep weight prior's log_prob (the VAE's ELBO) draws from the global RNG;
-    #   that throwaway score is kept off the random stream here.
+    #   that throwaway score is kept off the random stream here;
+    # * independent draws for the bound: Pyro's registered KL sees distributions, not the
+    #   guide's sample, so it cannot share the forward pass's weights as dwp.kl does.
     scored = PriorDistribution.log_prob
 
     def score_off_stream(self, value):
@@ -831,7 +833,7 @@ def test_pyro_trace_mean_field_elbo_equals_dwp_elbo(monkeypatch):
             return scored(self, value)
 
     monkeypatch.setattr(PriorDistribution, "log_prob", score_off_stream)
-    net = _pyro_net({"0": "a", "2": "b"})
+    net = _pyro_net({"0": "a", "2": "b"}, share_forward_sample=False)
     x, y = torch.randn(3, 1, 5, 5), torch.randn(3, 1, 5, 5)
     pyro_loss, dwp_loss = _losses(net, x, y, n_data=len(x))
     pyro.clear_param_store()
@@ -907,3 +909,158 @@ def test_kernel_fraction_is_unbiased_and_cheaper():
     assert b.var() > a.var()  # the price: more variance
     with pytest.raises(ValueError, match="kernel_fraction"):
         DeepWeightPrior({"g": vae}, kernel_fraction=0.0)
+
+
+# -- sharing the forward pass's weight sample ------------------------------------------------
+def test_reparam_sample_has_the_reparameterisation_gradients():
+    loc = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    log_scale = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+
+    def draw(loc, log_scale):
+        torch.manual_seed(0)  # the same eps at every evaluation gradcheck makes
+        return reparam_sample(loc, log_scale)
+
+    assert torch.autograd.gradcheck(draw, (loc, log_scale))
+    torch.manual_seed(0)
+    eps = torch.randn(4, 3, dtype=torch.float64)
+    torch.testing.assert_close(draw(loc, log_scale), loc + log_scale.exp() * eps)
+
+
+def test_reparam_sample_can_be_backpropagated_twice():
+    # a data loss and a KL that shares the sample may call backward() separately
+    loc = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    log_scale = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    w = reparam_sample(loc, log_scale)
+    w.sum().backward()
+    w.square().sum().backward()
+    noise = (w - loc).detach()  # sigma * eps
+    torch.testing.assert_close(loc.grad, 1 + 2 * w.detach())
+    torch.testing.assert_close(log_scale.grad, (1 + 2 * w.detach()) * noise)
+
+
+def _forward(net, seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    return net(x)
+
+
+def test_forward_sample_keeps_the_bound_exact_in_expectation():
+    # forward then KL, as in a training step: the bound's first weight sample is the
+    # forward's, and with the exact encoder its mean is still the closed-form KL
+    net, kl = _linear_net()
+    values = []
+    torch.manual_seed(0)
+    for _ in range(400):
+        net(torch.randn(2, 4, 6, 6, dtype=torch.float64))
+        assert all(layer.weight_posterior.sample is not None for layer in (net.c1, net.c2))
+        values.append(dwp.kl(net).item())
+    values = torch.tensor(values, dtype=torch.float64)
+    assert abs(values.mean().item() - kl) < 5 * values.std().item() / 400**0.5
+
+
+def test_the_bound_evaluates_the_vae_at_the_forward_sample():
+    net, _ = _linear_net()
+    used = {}
+    op = net.c1._op
+
+    def recording_op(input, weight, bias, *args, **kwargs):
+        used["weight"] = weight
+        return op(input, weight, bias, *args, **kwargs)
+
+    net.c1._op = recording_op
+    _forward(net)
+    posterior = net.c1.weight_posterior
+    assert posterior.sample is used["weight"]
+    # the bound at that sample, written out: only z is drawn inside kl()
+    vae = net.c1.weight_prior.vae
+    w = used["weight"].reshape(-1, *KS)
+    torch.manual_seed(3)
+    z_loc, z_scale = vae.encode(w)
+    z = z_loc + z_scale * torch.randn_like(z_loc)
+    w_loc, w_scale = vae.decode(z)
+    expected = (
+        -posterior.entropy()
+        + (0.5 * (z_loc**2 + z_scale**2) - z_scale.log() - 0.5).sum()
+        - torch.distributions.Normal(w_loc, w_scale).log_prob(w).sum()
+    )
+    torch.manual_seed(3)
+    torch.testing.assert_close(net.c1.weight_prior.kl(posterior), expected)
+
+
+def test_separate_backward_passes_equal_one_joint_pass():
+    grads = []
+    for joint in (True, False):
+        net, _ = _linear_net()
+        out = _forward(net, seed=1).square().sum()
+        torch.manual_seed(2)
+        kl = dwp.kl(net)
+        if joint:
+            (out + kl).backward()
+        else:
+            out.backward()
+            kl.backward()  # through the forward's sample a second time
+        grads.append([p.grad.clone() for p in (net.c1.weight, net.c1.weight_log_sigma)])
+    for joint, separate in zip(*grads, strict=True):
+        torch.testing.assert_close(separate, joint)
+
+
+def test_a_stale_or_missing_sample_is_not_shared():
+    net, _ = _linear_net()
+    layer = net.c1
+    _forward(net)
+    assert layer.weight_posterior.sample is not None
+    torch.optim.SGD(net.parameters(), lr=0.1).step()  # no gradients: a no-op update...
+    assert layer.weight_posterior.sample is not None
+    dwp.kl(net).backward()
+    torch.optim.SGD(net.parameters(), lr=0.1).step()  # ...a real one changes the weights
+    assert layer.weight_posterior.sample is None
+    _forward(net)
+    net.load_state_dict(net.state_dict())  # copies in place: the versions move on
+    assert layer.weight_posterior.sample is None
+    with torch.no_grad():
+        _forward(net)  # no graph to share
+    assert layer.weight_posterior.sample is None
+    with dwp.estimator("local_reparam", net):
+        _forward(net)  # draws no weights
+    assert layer.weight_posterior.sample is None
+
+
+def test_only_priors_that_use_samples_get_them():
+    normal = dwp.bayesianize(nn.Conv2d(4, 2, 3))  # N(0, 1): closed form
+    normal(torch.randn(1, 4, 5, 5))
+    assert normal.weight_posterior.sample is None
+    net, _ = _linear_net(share_forward_sample=False)
+    _forward(net)
+    assert net.c1.weight_posterior.sample is None
+    assert "share_forward_sample=False" in repr(net.c1.weight_prior)
+
+
+def test_a_model_with_a_shared_sample_deep_copies_without_it():
+    net, _ = _linear_net()
+    _forward(net)
+    clone = copy.deepcopy(net)  # a graph tensor in the module would make this raise
+    assert clone.c1.weight_posterior.sample is None
+    assert net.c1.weight_posterior.sample is not None
+
+
+@pytest.mark.parametrize("options", [{"chunk_size": 7}, {"kernel_fraction": 0.5}])
+def test_chunks_and_subsets_use_the_forward_sample(options):
+    net, kl = _linear_net(**options)
+    values = []
+    torch.manual_seed(0)
+    for _ in range(400):
+        net(torch.randn(2, 4, 6, 6, dtype=torch.float64))
+        values.append(dwp.kl(net).item())
+    values = torch.tensor(values, dtype=torch.float64)
+    assert abs(values.mean().item() - kl) < 5 * values.std().item() / 400**0.5
+    net.zero_grad()
+    _forward(net)
+    dwp.kl(net).backward()
+    assert all(layer.weight_log_sigma.grad.abs().sum() > 0 for layer in (net.c1, net.c2))
+
+
+def test_share_forward_sample_survives_save_and_load(tmp_path):
+    prior = DeepWeightPrior({"g": _vae((3, 3), hidden=4)}, share_forward_sample=False)
+    prior.save(tmp_path / "p.pt")
+    assert DeepWeightPrior.load(tmp_path / "p.pt").share_forward_sample is False
+    assert DeepWeightPrior.load(tmp_path / "p.pt", share_forward_sample=True).share_forward_sample

@@ -139,6 +139,21 @@ def test_bayesian_strategies_start_from_the_source_network(source, prior_file):
         assert any(n.endswith("weight_log_sigma") for n in state)  # it is Bayesian...
         for n, value in before.items():  # ...and its posterior means are the source's weights
             assert torch.equal(state[n], value), (name, n)
+        assert strategy.describe()["means_start"] == "source network"
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"init": "pretrained"}, "He init"),  # no source: the base keeps its He init
+        ({"init": "prior"}, "prior samples"),
+        ({"init": "fresh"}, "fresh init"),
+    ],
+)
+def test_the_record_says_where_the_means_start(options, expected, prior_file):
+    assert get_strategy("normal_prior", **options).describe()["means_start"] == expected
+    dwp_strategy = get_strategy("dwp", prior_path=prior_file, **options)
+    assert dwp_strategy.describe()["means_start"] == expected
 
 
 def test_restarts_write_one_checkpoint_per_cycle(tmp_path, data):

@@ -355,8 +355,16 @@ class BayesianStrategy(Strategy):
             "estimator": self.estimator,
             "mode": self.mode,
             "init": self.init,
+            "means_start": self.means_start(),
             "source": None if self.source is None else str(self.source),
         }
+
+    def means_start(self) -> str:
+        """Where the posterior means start, in words: ``init="pretrained"`` keeps the base
+        network's weights, which are the source network's only when ``source`` is set."""
+        if self.init == "pretrained":
+            return "source network" if self.source is not None else "He init"
+        return {"prior": "prior samples", "fresh": "fresh init"}[self.init]
 
 
 @dataclass

@@ -42,6 +42,9 @@ class Prior(nn.Module):
     """
 
     kl_kind: KLKind = KLKind.EXACT
+    #: ``kl`` is a Monte Carlo estimate over weight samples and uses the layer's forward
+    #: sample when the posterior carries one (:attr:`MeanFieldNormal.sample`)
+    shares_weight_sample: bool = False
 
     @property
     def is_bound(self) -> bool:
