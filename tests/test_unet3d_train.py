@@ -15,6 +15,7 @@ import torch
 
 import cohorts
 import dwp
+from dwp.priors import DeepWeightSitePrior
 from unet3d.data import load_decathlon
 from unet3d.strategies import (
     STRATEGIES,
@@ -391,3 +392,20 @@ def test_ddp_resume_equals_uninterrupted_ddp(tmp_path):
             assert torch.equal(value, resumed["model"][key]), key
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in resumed["history"]]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in full["history"]]
+
+
+def test_dwp_training_steps_share_the_forward_weight_sample(
+    tmp_path, data, prior_file, monkeypatch
+):
+    # the bound of every step evaluates the VAE at the weights the forward pass used
+    seen = []
+    vae_terms = DeepWeightSitePrior._vae_terms
+
+    def recording(self, loc, log_scale, sample):
+        seen.append(sample is not None)
+        return vae_terms(self, loc, log_scale, sample)
+
+    monkeypatch.setattr(DeepWeightSitePrior, "_vae_terms", recording)
+    config = _config(tmp_path, "dwp", epochs=1, strategy_options={"prior_path": prior_file})
+    train(config, *data)
+    assert seen and all(seen)
