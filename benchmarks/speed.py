@@ -589,9 +589,10 @@ def run_layers(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str
 
 
 # -- section: the deep weight prior's KL bound ----------------------------------------------
-def _default_vae() -> dwp.KernelVAE:
-    """A KernelVAE for 3x3x3 kernels with the library's defaults (for the configs' text)."""
-    return dwp.KernelVAE((3, 3, 3))
+def _default_vae_text() -> str:
+    """The MLP KernelVAE's default sizes for 3x3x3 kernels (for the configs' text)."""
+    vae = dwp.KernelVAE((3, 3, 3))
+    return f"hidden {vae.hidden}, latent {vae.latent_dim}"
 
 
 def _dwp_network(
@@ -764,8 +765,9 @@ def run_kl(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, An
         "with the forward's weight sample draw it untimed first, with BayesianLayer."
         "sample_weight, as a reparam forward pass does); step_*: "
         "deterministic training step (mse(output, 0), backward, SGD)",
-        "vaes": f"untrained KernelVAE((3, 3, 3)) (mlp: default hidden {_default_vae().hidden}, "
-        f"latent {_default_vae().latent_dim}; conv: the MRI paper's); DeepWeightPrior defaults (n_samples 1, no chunking, encoder trained)",
+        "vaes": f"untrained KernelVAE((3, 3, 3)) (mlp: default {_default_vae_text()}; conv: "
+        "the MRI paper's); DeepWeightPrior defaults (n_samples 1, no chunking, encoder "
+        "trained, forward sample shared)",
         "groups": "kl_mlp_7vae: collect_kernels(group_by='resolution') on UNet3D",
         "steps": args.steps,
         "heavy_reps": args.heavy,
@@ -835,8 +837,8 @@ def run_fit(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, A
     }
     config = {
         "call": "dwp.fit_kernel_vae(kernels, epochs=E, early_stopping=E + 1, min_lr=0.0, "
-        "progress=False, seed=SEED); all other settings default (mlp, hidden "
-        f"{_default_vae().hidden}, latent {_default_vae().latent_dim}, batch 256, Adam lr 1e-3, val_fraction 0.1)",
+        "progress=False, seed=SEED); all other settings default (mlp, "
+        f"{_default_vae_text()}, batch 256, Adam lr 1e-3, val_fraction 0.1)",
         "options": options,
         "kernels": len(kernels),
         "kernel_source": f"first {len(kernels)} 3x3x3 kernels of He-initialised "

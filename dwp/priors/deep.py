@@ -68,7 +68,6 @@ class DeepWeightSitePrior(Prior):
     """
 
     kl_kind = KLKind.UPPER_BOUND
-    shares_weight_sample = True
 
     def __init__(
         self,
@@ -111,9 +110,9 @@ class DeepWeightSitePrior(Prior):
 
         The first of the ``n_samples`` weight samples is ``posterior.sample`` when there is
         one (the weight of the layer's forward pass: the step then draws its weights once),
-        else a fresh draw.  With ``chunk_size`` the kernels are processed in chunks, each under activation
-        checkpointing, so the VAE's activations for all kernels are never held at once
-        (the same random draws are replayed in the backward pass).
+        else a fresh draw.  With ``chunk_size`` the kernels are processed in chunks, each
+        under activation checkpointing, so the VAE's activations for all kernels are never
+        held at once (the same random draws are replayed in the backward pass).
         """
         return self.kl_batch([posterior])
 
