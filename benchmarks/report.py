@@ -13,18 +13,18 @@ result next to a complete one from an earlier run.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shlex
 import subprocess
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from dwp.io import write_json, write_text
 
 __all__ = ["DEFAULT_OUT_DIR", "environment", "markdown_table", "write_results"]
 
@@ -108,35 +108,6 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-def _current_umask() -> int:
-    # os.umask can only be read by setting it; restore it at once.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory.
-
-    ``os.replace`` is atomic only within one file system, hence the same directory; the
-    ``fsync`` makes sure the data, not just the rename, survives a crash.
-    """
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates the file owner-only (0600); results are meant to be shared, so
-        # give it the permissions a plain open() would have.
-        os.chmod(tmp_name, 0o666 & ~_current_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        # Also on KeyboardInterrupt: never leave the temporary file behind.
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
 def _default_command() -> str:
     return shlex.join([Path(sys.executable).name, *sys.argv])
 
@@ -187,7 +158,7 @@ def write_results(
         "rows": [dict(row) for row in rows],
     }
     json_path = out_dir / f"{name}.json"
-    _write_atomic(json_path, json.dumps(payload, indent=2) + "\n")
+    write_json(json_path, payload, indent=2)
 
     commit = env["git_commit"] or "unknown"
     markdown = (
@@ -198,5 +169,5 @@ def write_results(
         f"{env['num_threads']} threads, commit {commit}.\n"
     )
     md_path = out_dir / f"{name}.md"
-    _write_atomic(md_path, markdown)
+    write_text(md_path, markdown)
     return json_path, md_path

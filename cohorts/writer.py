@@ -10,15 +10,15 @@ Layout of ``out_dir``::
     ageing_map.nii.gz    brain_age only: where ageing acts, in template space
     .subjects/<id>.json  per-subject metadata, written last: the subject is complete
 
-Every file is written to a temporary name and moved into place, so an interrupted run
-leaves only complete files; running again skips the finished subjects and produces the
-same bytes as an uninterrupted run.
+Every file is written to a temporary name and moved into place (:func:`dwp.io.atomic_write`,
+through :func:`nifti_io.save_nifti` for the images), so an interrupted run leaves only
+complete files; running again skips the finished subjects and produces the same bytes as
+an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import csv
-import gzip
 import hashlib
 import io
 import json
@@ -27,18 +27,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
 from cohorts import ageing
 from cohorts.anatomy import check_resolution, load_anatomy
 from cohorts.subjects import check_cohort, subject, subject_id
+from dwp.io import write_json, write_text
+from nifti_io import save_nifti
 
 __all__ = ["GENERATOR_VERSION", "generate"]
 
 #: Bump when a change to the generator changes its output, to invalidate caches.
 GENERATOR_VERSION = 1
+
+#: gzip level of the images: noisy float images barely compress further, and level 9 is
+#: several times slower.
+COMPRESSLEVEL = 1
 
 CITATION = (
     "Anatomy: MNI ICBM 2009 template (Fonov et al., NeuroImage 2011 and NeuroImage 2009; "
@@ -47,22 +52,9 @@ CITATION = (
 )
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
-    image = nib.Nifti1Image(array, np.asarray(affine))
-    image.header.set_xyzt_units("mm")
-    # gzip with mtime 0 and no file name in the header: same array, same bytes. Level 1
-    # because noisy float images barely compress further and level 9 is several times slower.
-    return gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
+def _save_nifti(array: np.ndarray, path: Path, affine: np.ndarray) -> None:
+    # nifti_io writes gzip without a time stamp: same array, same bytes
+    save_nifti(array, path, affine, compresslevel=COMPRESSLEVEL)
 
 
 def _check_counts(n_train: int, n_test: int) -> None:
@@ -126,9 +118,9 @@ def _paths(cohort: str, split: str, index: int) -> dict[str, str]:
 def _write_subject(out: Path, record: dict[str, Any], paths: dict[str, str], labels: str) -> None:
     """Write one subject's files; the metadata goes last and marks the subject complete."""
     label = record["whole_tumour"] if labels == "whole" else record["label"]
-    _atomic_write(out / paths["image"], _nifti_bytes(record["image"], record["affine"]))
-    _atomic_write(out / paths["label"], _nifti_bytes(label, record["affine"]))
-    _atomic_write(out / paths["meta"], _json_bytes(record["meta"]))
+    _save_nifti(record["image"], out / paths["image"], record["affine"])
+    _save_nifti(label, out / paths["label"], record["affine"])
+    write_json(out / paths["meta"], record["meta"], indent=2)
 
 
 def generate(
@@ -194,13 +186,11 @@ def generate(
         # Temporary files of a run that was killed mid-write.
         for stale in (out / folder).glob(".*.tmp"):
             stale.unlink()
-    _atomic_write(out / "cohort.json", _json_bytes({**config, "citation": CITATION}))
+    write_json(out / "cohort.json", {**config, "citation": CITATION}, indent=2)
 
     anatomy = load_anatomy(res)
     if cohort == "brain_age":
-        _atomic_write(
-            out / "ageing_map.nii.gz", _nifti_bytes(ageing.ageing_map(anatomy), anatomy.affine)
-        )
+        _save_nifti(ageing.ageing_map(anatomy), out / "ageing_map.nii.gz", anatomy.affine)
     rows = []
     jobs = list(_jobs(cohort, int(n_train), int(n_test)))
     for split, index in tqdm(jobs, desc=cohort, unit="subject", disable=not progress):
@@ -236,7 +226,7 @@ def generate(
             "test": [f"./{p['image']}" for split, p, _ in rows if split == "test"],
             "generator": config,
         }
-        _atomic_write(index_file, _json_bytes(dataset))
+        write_json(index_file, dataset, indent=2)
         return index_file
 
     index_file = out / "subjects.csv"
@@ -245,5 +235,5 @@ def generate(
     writer.writerow(["id", "split", "image", "label", *spec.targets])
     for split, p, meta in rows:
         writer.writerow([p["id"], split, p["image"], p["label"], *(meta[t] for t in spec.targets)])
-    _atomic_write(index_file, buffer.getvalue().encode())
+    write_text(index_file, buffer.getvalue())
     return index_file

@@ -9,7 +9,9 @@ The public API, re-exported here::
     dwp.plot.plot_prior_samples
     dwp.kl, dwp.elbo, dwp.KLSchedule, dwp.param_groups
     dwp.estimator, dwp.sampling, dwp.fixed_sample, dwp.set_estimator, dwp.set_mode
-    dwp.predict, dwp.expected_calibration_error
+    dwp.predict, dwp.PredictiveStatistics, dwp.expected_calibration_error
+    dwp.bayesian_layers, dwp.LayerSelector (one way to walk and choose layers)
+    dwp.io (atomic writes, torch files with named errors, versioned file formats)
     dwp.pyro (Pyro interop, imported on first use)
 """
 
@@ -18,15 +20,13 @@ from __future__ import annotations
 import importlib
 
 from . import likelihoods, priors
-from .convert import (
-    bayesian_layers,
-    bayesianize,
-    init_from_prior_,
-    name_sites,
-    to_deterministic,
-)
+from ._version import __version__
+from .controls import estimator, fixed_sample, sampling, set_estimator, set_mode
+from .convert import bayesianize, init_from_prior_, name_sites, to_deterministic
 from .elbo import ELBOTerms, KLSchedule, elbo, kl, kl_per_site, param_groups
-from .kernels import KernelBank, KernelBankError, collect_kernels
+from .io import LibraryFileError
+from .kernel_bank import KernelBank, KernelBankError
+from .kernels import collect_kernels
 from .nn import (
     BayesConv1d,
     BayesConv2d,
@@ -39,7 +39,7 @@ from .nn import (
     NonFinitePosteriorError,
 )
 from .posterior import MeanFieldNormal
-from .predict import Prediction, expected_calibration_error, predict
+from .predict import Prediction, PredictiveStatistics, expected_calibration_error, predict
 from .priors import (
     DeepWeightPrior,
     LogUniformPrior,
@@ -49,19 +49,9 @@ from .priors import (
     PriorFileError,
     PriorMismatchError,
 )
-from .settings import (
-    Estimator,
-    Mode,
-    estimator,
-    fixed_sample,
-    sampling,
-    set_estimator,
-    set_mode,
-    set_validation,
-)
+from .select import LayerSelector, bayesian_layers
+from .settings import Estimator, Mode, set_validation
 from .vae import KernelVAE, VAEFit, fit_kernel_vae
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BayesConv1d",
@@ -79,17 +69,21 @@ __all__ = [
     "KernelBank",
     "KernelBankError",
     "KernelVAE",
+    "LayerSelector",
+    "LibraryFileError",
     "LogUniformPrior",
     "MeanFieldNormal",
     "Mode",
     "NonFinitePosteriorError",
     "NormalPrior",
     "Prediction",
+    "PredictiveStatistics",
     "PretrainedNormalPrior",
     "Prior",
     "PriorFileError",
     "PriorMismatchError",
     "VAEFit",
+    "__version__",
     "bayesian_layers",
     "bayesianize",
     "collect_kernels",

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import copy
-import fnmatch
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -12,37 +11,35 @@ from torch import nn
 
 from .nn import DEFAULT_INIT_LOG_SIGMA, BayesianLayer, bayesian_twin
 from .priors import Prior
+from .select import LayerSelector, LayerSpec, bayesian_layers, model_layers
 from .settings import Estimator, Mode
 
 __all__ = [
-    "bayesian_layers",
     "bayesianize",
     "init_from_prior_",
     "name_sites",
     "to_deterministic",
 ]
 
-Selector = str | Iterable[str] | type | tuple[type, ...] | Callable[[str, nn.Module], bool] | None
 PriorSpec = Prior | Callable[[str, nn.Module], Prior] | None
 Init = Literal["pretrained", "prior", "fresh"]
 
 
-def _matcher(selector: Selector, what: str) -> tuple[Callable[[str, nn.Module], bool], list[str]]:
-    """A predicate for ``selector`` and the name patterns it holds (to report unused ones)."""
-    if selector is None:
-        return (lambda name, module: True), []
-    if isinstance(selector, type) or (
-        isinstance(selector, tuple) and all(isinstance(t, type) for t in selector)
-    ):
-        return (lambda name, module: isinstance(module, selector)), []
-    if callable(selector):
-        return selector, []
-    patterns = [selector] if isinstance(selector, str) else list(selector)
-    if not all(isinstance(p, str) for p in patterns):
-        raise TypeError(
-            f"{what} must be name patterns, layer types or a predicate, got {selector!r}"
+def _check_patterns(included: LayerSelector, convertible: list[str], module: nn.Module) -> None:
+    """Name patterns of ``include`` that match no convertible layer are errors (usually a
+    typo, or a layer that is Bayesian already, which the message then says)."""
+    unused = included.unused_patterns(convertible)
+    if not unused:
+        return
+    already = [n for n, _ in bayesian_layers(module) if LayerSelector(unused).matches_name(n)]
+    if already:
+        raise ValueError(
+            f"include patterns {unused} match layers of {type(module).__name__} that are "
+            f"Bayesian already ({already[:5]}); bayesianize converts torch layers only"
         )
-    return (lambda name, module: any(fnmatch.fnmatchcase(name, p) for p in patterns)), patterns
+    raise ValueError(
+        f"include patterns {unused} match no convertible layer of {type(module).__name__}"
+    )
 
 
 def _constructor_kwargs(layer: nn.Module) -> dict:
@@ -74,17 +71,12 @@ def _constructor_kwargs(layer: nn.Module) -> dict:
 
 def name_sites(model: nn.Module) -> nn.Module:
     """Record each Bayesian layer's qualified name (used in errors and by group priors)."""
-    for name, module in model.named_modules():
+    for name, module in model_layers(model):
         # only layers not named yet: a call on a submodule (dwp.kl(model.encoder)) must not
         # rename layers that bayesianize or a call on the whole model named
         if isinstance(module, BayesianLayer) and module.site_name == type(module).__name__:
             module.site_name = name or type(module).__name__
     return model
-
-
-def bayesian_layers(model: nn.Module) -> list[tuple[str, BayesianLayer]]:
-    """``(qualified name, layer)`` for every Bayesian layer of ``model``."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, BayesianLayer)]
 
 
 def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -144,8 +136,8 @@ def bayesianize(
     module: nn.Module,
     prior: PriorSpec = None,
     *,
-    include: Selector = None,
-    exclude: Selector = None,
+    include: LayerSpec = None,
+    exclude: LayerSpec = None,
     init: Init = "pretrained",
     bias_prior: Prior | None = None,
     bayesian_bias: bool = False,
@@ -206,9 +198,8 @@ def bayesianize(
         prior = _copying(prior)
     if bias_prior is not None:
         bias_prior = copy.deepcopy(bias_prior)
-    included, patterns = _matcher(include, "include")
-    excluded, _ = _matcher(exclude, "exclude") if exclude is not None else (lambda n, m: False, [])
-    used_patterns: set[str] = set()
+    included = LayerSelector(include, "include")
+    excluded = LayerSelector(exclude, "exclude", default=False)
     options = dict(
         bayesian_bias=bayesian_bias, init_log_sigma=init_log_sigma, estimator=estimator, mode=mode
     )
@@ -216,17 +207,13 @@ def bayesianize(
     targets = []
     # remove_duplicate=False: a module registered under several names (tied weights) is
     # replaced at every name by one and the same Bayesian layer
-    for name, layer in root.named_modules(remove_duplicate=False):
+    layers = list(model_layers(root, remove_duplicate=False))
+    for name, layer in layers:
         twin = bayesian_twin(type(layer))
         if twin is None or not included(name, layer) or excluded(name, layer):
             continue
         targets.append((name, layer, twin))
-        used_patterns.update(p for p in patterns if fnmatch.fnmatchcase(name, p))
-    unused = [p for p in patterns if p not in used_patterns]
-    if unused:
-        raise ValueError(
-            f"include patterns {unused} match no convertible layer of {type(module).__name__}"
-        )
+    _check_patterns(included, [n for n, m in layers if bayesian_twin(type(m))], module)
 
     converted: dict[int, BayesianLayer] = {}
     for name, layer, twin in targets:
@@ -260,7 +247,7 @@ def to_deterministic(module: nn.Module, inplace: bool = False) -> nn.Module:
         return plain(root)
     targets = [
         (name, layer)
-        for name, layer in root.named_modules(remove_duplicate=False)
+        for name, layer in model_layers(root, remove_duplicate=False)
         if isinstance(layer, BayesianLayer)
     ]
     converted: dict[int, nn.Module] = {}  # tied layers stay tied
@@ -273,7 +260,7 @@ def to_deterministic(module: nn.Module, inplace: bool = False) -> nn.Module:
 
 @torch.no_grad()
 def init_from_prior_(
-    module: nn.Module, prior: Prior, *, include: Selector = None, exclude: Selector = None
+    module: nn.Module, prior: Prior, *, include: LayerSpec = None, exclude: LayerSpec = None
 ) -> nn.Module:
     """Overwrite weights with samples from ``prior``, in place ("DWP initialisation").
 
@@ -292,10 +279,10 @@ def init_from_prior_(
     include, exclude
         Which conv / linear layers, as in :func:`bayesianize`.
     """
-    included, patterns = _matcher(include, "include")
-    excluded, _ = _matcher(exclude, "exclude") if exclude is not None else (lambda n, m: False, [])
+    included = LayerSelector(include, "include")
+    excluded = LayerSelector(exclude, "exclude", default=False)
     done = 0
-    for name, layer in module.named_modules():
+    for name, layer in model_layers(module):
         is_layer = isinstance(layer, BayesianLayer) or bayesian_twin(type(layer)) is not None
         if not is_layer or not included(name, layer) or excluded(name, layer):
             continue
@@ -303,6 +290,6 @@ def init_from_prior_(
         site = prior.for_site(f"{name}.weight", layer.weight, kernel_dims)
         layer.weight.copy_(site.sample(layer.weight.shape))
         done += 1
-    if patterns and not done:
-        raise ValueError(f"include patterns {patterns} match no conv / linear layer")
+    if included.patterns and not done:
+        raise ValueError(f"include patterns {list(included.patterns)} match no conv / linear layer")
     return module

@@ -28,9 +28,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .convert import bayesian_layers, name_sites
+from .convert import name_sites
 from .posterior import MeanFieldNormal
 from .priors import Prior
+from .select import bayesian_layers
 from .settings import validation_enabled
 
 __all__ = ["ELBOTerms", "KLSchedule", "elbo", "kl", "kl_per_site", "param_groups"]

@@ -26,365 +26,30 @@ a callable
 
 from __future__ import annotations
 
-import fnmatch
-import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._io import atomic_write
-from .settings import sampling
+from .controls import sampling
+from .io import LibraryFileError, describe_payload, load_torch_file
+from .kernel_bank import KernelBank, KernelBankError
+from .select import LayerSelector, model_layers
 
 __all__ = ["KernelBank", "KernelBankError", "collect_kernels"]
 
-#: the ``format`` tag of a saved kernel bank
-_FORMAT = "dwp.KernelBank"
-#: bumped when the file layout changes; :meth:`KernelBank.load` reads versions up to this
-_FORMAT_VERSION = 1
-_FILE_KEYS = (
-    "format",
-    "format_version",
-    "dwp_version",
-    "kernels",
-    "group",
-    "source",
-    "layer",
-    "group_names",
-    "source_names",
-    "layer_names",
-    "layer_groups",
-    "metadata",
-)
 #: the conv classes whose ``weight`` is (C_out, C_in / groups, *k); dwp's Bayesian convs
 #: subclass them, transposed convs (weight (C_in, C_out / groups, *k)) do not
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 Source = nn.Module | Mapping[str, Tensor] | str | os.PathLike
 GroupBy = str | Callable[[str], str]
+#: glob patterns on layer names or a predicate ``(layer_name) -> bool`` (a state dict has
+#: names, no modules: see :class:`dwp.select.LayerSelector`)
 Include = str | Iterable[str] | Callable[[str], bool] | None
-
-
-class KernelBankError(ValueError):
-    """A kernel bank (in memory or in a file) is malformed; the message says what is wrong."""
-
-
-# -- the bank -----------------------------------------------------------------------------
-@dataclass(frozen=True, eq=False, repr=False)
-class KernelBank:
-    """Spatial kernel slices of source networks, with provenance and prior groups.
-
-    Attributes
-    ----------
-    kernels
-        ``(N, *kernel_shape)`` float32 CPU tensor, e.g. ``(N, 3, 3, 3)``.
-    group, source, layer
-        ``(N,)`` int64 indices into ``group_names``, ``source_names`` and ``layer_names``:
-        kernel ``n`` is a slice of layer ``layer_names[layer[n]]`` of source
-        ``source_names[source[n]]`` and belongs to group ``group_names[group[n]]``.
-    group_names, source_names, layer_names
-        Unique names, in order of first appearance (groups of ``"resolution"``: execution
-        order).
-    layer_groups
-        Layer name -> group name for every layer; a prior uses it to map the layers of a
-        target network to its groups.  ``group`` always agrees with it.
-    metadata
-        How the bank was made: ``group_by``, ``kernel_shape``, ``min_norm``, and per group
-        ``total`` (kernels collected) and ``kept`` (after pruning); ``resolutions`` (group ->
-        input spatial shape) for ``group_by="resolution"``.  Only plain Python values (it is
-        stored in the file).
-
-    Construction checks all of this and raises :class:`KernelBankError` when something
-    does not fit.  Banks are immutable; :meth:`prune` returns a new one.
-    """
-
-    kernels: Tensor
-    group: Tensor
-    source: Tensor
-    layer: Tensor
-    group_names: list[str]
-    source_names: list[str]
-    layer_names: list[str]
-    layer_groups: dict[str, str]
-    metadata: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        # normalise containers (a tuple of names loads the same as a list) and move tensors
-        # to detached CPU copies, then check everything; load() relies on this validation
-        for name in ("kernels", "group", "source", "layer"):
-            value = getattr(self, name)
-            if not isinstance(value, Tensor):
-                raise KernelBankError(f"{name} must be a tensor, got {type(value).__name__}")
-            object.__setattr__(self, name, value.detach().cpu().contiguous())
-        for name in ("group_names", "source_names", "layer_names"):
-            object.__setattr__(self, name, _names(getattr(self, name), name))
-        if not isinstance(self.layer_groups, Mapping):
-            raise KernelBankError(
-                f"layer_groups must be a dict, got {type(self.layer_groups).__name__}"
-            )
-        object.__setattr__(self, "layer_groups", dict(self.layer_groups))
-        if not isinstance(self.metadata, Mapping):
-            raise KernelBankError(f"metadata must be a dict, got {type(self.metadata).__name__}")
-        object.__setattr__(self, "metadata", dict(self.metadata))
-        self._validate()
-
-    def _validate(self) -> None:
-        kernels = self.kernels
-        if kernels.dtype != torch.float32:
-            raise KernelBankError(f"kernels must be float32, got {kernels.dtype}")
-        if not 2 <= kernels.dim() <= 4:
-            raise KernelBankError(
-                f"kernels must be (N, *kernel_shape) with 1-3 kernel dims, got shape "
-                f"{tuple(kernels.shape)}"
-            )
-        if not torch.isfinite(kernels).all():
-            raise KernelBankError("kernels hold NaN or infinite values")
-        n = kernels.shape[0]
-        for name, names in (
-            ("group", self.group_names),
-            ("source", self.source_names),
-            ("layer", self.layer_names),
-        ):
-            index = getattr(self, name)
-            if index.dtype != torch.int64 or index.dim() != 1:
-                raise KernelBankError(
-                    f"{name} must be a 1-d int64 tensor, got {index.dtype} of shape "
-                    f"{tuple(index.shape)}"
-                )
-            if index.shape[0] != n:
-                raise KernelBankError(f"{name} has {index.shape[0]} entries for {n} kernels")
-            if n and (index.min() < 0 or index.max() >= len(names)):
-                raise KernelBankError(
-                    f"{name} indices must lie in [0, {len(names)}) ({len(names)} {name} "
-                    f"names), got range [{index.min().item()}, {index.max().item()}]"
-                )
-        if set(self.layer_groups) != set(self.layer_names):
-            missing = sorted(set(self.layer_names) - set(self.layer_groups))
-            extra = sorted(set(self.layer_groups) - set(self.layer_names))
-            raise KernelBankError(
-                f"layer_groups must map exactly the layer names; missing {missing}, unknown {extra}"
-            )
-        unknown = {
-            layer: group
-            for layer, group in self.layer_groups.items()
-            if not isinstance(group, str) or group not in self.group_names
-        }
-        if unknown:
-            raise KernelBankError(
-                f"layer_groups refer to unknown groups {unknown}; groups: {self.group_names}"
-            )
-        # the per-kernel group must be the group of the kernel's layer
-        layer_to_group = torch.tensor(
-            [self.group_names.index(self.layer_groups[name]) for name in self.layer_names],
-            dtype=torch.int64,
-        )
-        if n and not torch.equal(layer_to_group[self.layer], self.group):
-            bad = int((layer_to_group[self.layer] != self.group).nonzero()[0, 0])
-            raise KernelBankError(
-                f"kernel {bad} of layer {self.layer_names[self.layer[bad]]!r} is in group "
-                f"{self.group_names[self.group[bad]]!r}, but layer_groups puts that layer in "
-                f"{self.layer_groups[self.layer_names[self.layer[bad]]]!r}"
-            )
-
-    # -- views ----------------------------------------------------------------------------
-    @property
-    def kernel_shape(self) -> tuple[int, ...]:
-        """The spatial shape of one kernel, e.g. ``(3, 3, 3)``."""
-        return tuple(self.kernels.shape[1:])
-
-    def __len__(self) -> int:
-        return self.kernels.shape[0]
-
-    def __repr__(self) -> str:
-        shape = "x".join(map(str, self.kernel_shape))
-        return (
-            f"KernelBank({len(self)} kernels of {shape}, {len(self.group_names)} groups, "
-            f"{len(self.source_names)} sources, {len(self.layer_names)} layers)"
-        )
-
-    def _group_index(self, group: str) -> int:
-        try:
-            return self.group_names.index(group)
-        except ValueError:
-            raise KeyError(
-                f"no kernel group {group!r} in this bank; known groups: {self.group_names}"
-            ) from None
-
-    def select(self, group: str) -> Tensor:
-        """The kernels of one group, ``(n_group, *kernel_shape)``.
-
-        Raises ``KeyError`` naming the group and the known groups when there is none.
-        """
-        return self.kernels[self.group == self._group_index(group)]
-
-    def groups(self) -> dict[str, Tensor]:
-        """Group name -> its kernels ``(n_group, *kernel_shape)``, in ``group_names`` order."""
-        return {name: self.select(name) for name in self.group_names}
-
-    def norms(self) -> Tensor:
-        """The L2 norm of every kernel, ``(N,)``."""
-        return self.kernels.flatten(1).norm(dim=1)
-
-    def _counts(self) -> dict[str, int]:
-        counts = torch.bincount(self.group, minlength=len(self.group_names))
-        return {name: int(c) for name, c in zip(self.group_names, counts.tolist(), strict=True)}
-
-    # -- pruning --------------------------------------------------------------------------
-    def prune(self, min_norm: float) -> KernelBank:
-        """A bank without the near-dead kernels: those whose L2 norm is below ``min_norm``.
-
-        A VAE fitted on every slice, dead ones included, mostly learns "small kernel": the
-        original DWP kernel sets kept the 7x7 slices of norm >= ~0.39, about 9 % of them.
-        ``metadata`` records ``min_norm`` and, per group, ``total`` (before any pruning) and
-        ``kept``.  Names (and so ``layer_groups``) are kept even where no kernel is left.
-        """
-        min_norm = float(min_norm)
-        if not math.isfinite(min_norm) or min_norm < 0:
-            raise ValueError(f"min_norm must be a finite number >= 0, got {min_norm}")
-        keep = self.norms() >= min_norm
-        metadata = dict(self.metadata)
-        metadata.setdefault("total", self._counts())  # pruning twice keeps the first total
-        previous = metadata.get("min_norm")
-        metadata["min_norm"] = min_norm if previous is None else max(previous, min_norm)
-        pruned = KernelBank(
-            kernels=self.kernels[keep],
-            group=self.group[keep],
-            source=self.source[keep],
-            layer=self.layer[keep],
-            group_names=list(self.group_names),
-            source_names=list(self.source_names),
-            layer_names=list(self.layer_names),
-            layer_groups=dict(self.layer_groups),
-            metadata=metadata,
-        )
-        pruned.metadata["kept"] = pruned._counts()
-        return pruned
-
-    # -- reporting ------------------------------------------------------------------------
-    def summary(self) -> str:
-        """A Markdown table: group, number of layers, kernels (kept of total), mean norm."""
-        counts = self._counts()
-        totals = self.metadata.get("total") or {}
-        norms = self.norms()
-        rows = ["| group | layers | kernels | mean norm |", "|---|---|---|---|"]
-        for index, name in enumerate(self.group_names):
-            n_layers = sum(1 for g in self.layer_groups.values() if g == name)
-            kernels = f"{counts[name]:,}"
-            total = totals.get(name)
-            if total is not None and total != counts[name]:
-                kernels += f" of {total:,}"
-            in_group = norms[self.group == index]
-            mean = f"{in_group.mean().item():.4g}" if len(in_group) else "-"
-            rows.append(f"| {name} | {n_layers} | {kernels} | {mean} |")
-        return "\n".join(rows)
-
-    # -- files ----------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the bank to one file, atomically.
-
-        The file is written next to ``path`` under a temporary name and moved over ``path``
-        with ``os.replace``, so readers never see half a file.  It stores a format version
-        and the dwp version; read it back with :meth:`load`.
-        """
-        from . import __version__  # lazily: dwp/__init__ imports this module
-
-        _check_plain(self.metadata, "metadata")
-        payload = {
-            "format": _FORMAT,
-            "format_version": _FORMAT_VERSION,
-            "dwp_version": __version__,
-            "kernels": self.kernels,
-            "group": self.group,
-            "source": self.source,
-            "layer": self.layer,
-            "group_names": list(self.group_names),
-            "source_names": list(self.source_names),
-            "layer_names": list(self.layer_names),
-            "layer_groups": dict(self.layer_groups),
-            "metadata": dict(self.metadata),
-        }
-        with atomic_write(path) as handle:
-            torch.save(payload, handle)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> KernelBank:
-        """Read a bank written by :meth:`save` (``torch.load(weights_only=True)``).
-
-        Raises
-        ------
-        FileNotFoundError
-            No such file.
-        KernelBankError
-            The file is truncated or corrupt, holds something else than a kernel bank,
-            comes from a newer format, misses a key, or holds inconsistent data (dtypes,
-            lengths, indices out of range, unknown groups); the message names the file.
-        """
-        path = Path(path)
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except (FileNotFoundError, IsADirectoryError, PermissionError):
-            raise
-        except Exception as exc:  # torch raises several types for damaged files
-            raise KernelBankError(
-                f"{path}: cannot read the file as a torch file (truncated or corrupt?): "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-        if not isinstance(payload, Mapping) or payload.get("format") != _FORMAT:
-            what = (
-                f"a dict with keys {sorted(map(str, payload))[:10]}"
-                if isinstance(payload, Mapping)
-                else f"a {type(payload).__name__}"
-            )
-            raise KernelBankError(f"{path}: not a dwp kernel bank file (it holds {what})")
-        version = payload.get("format_version")
-        if not isinstance(version, int) or not 1 <= version <= _FORMAT_VERSION:
-            raise KernelBankError(
-                f"{path}: kernel bank format version {version!r} is not readable by this dwp "
-                f"(reads 1 to {_FORMAT_VERSION}; written by dwp "
-                f"{payload.get('dwp_version', '?')})"
-            )
-        missing = [key for key in _FILE_KEYS if key not in payload]
-        if missing:
-            raise KernelBankError(f"{path}: kernel bank file misses keys {missing}")
-        try:
-            return cls(**{key: payload[key] for key in _FILE_KEYS[3:]})
-        except KernelBankError as exc:
-            raise KernelBankError(f"{path}: invalid kernel bank: {exc}") from exc
-
-
-def _names(values: Any, what: str) -> list[str]:
-    if isinstance(values, str) or not isinstance(values, Sequence):
-        raise KernelBankError(f"{what} must be a list of strings, got {type(values).__name__}")
-    names = list(values)
-    if not all(isinstance(v, str) for v in names):
-        raise KernelBankError(f"{what} must be a list of strings, got {names!r}")
-    if len(set(names)) != len(names):
-        duplicated = sorted({v for v in names if names.count(v) > 1})
-        raise KernelBankError(f"{what} must be unique, repeated: {duplicated}")
-    return names
-
-
-def _check_plain(value: Any, where: str) -> None:
-    """Raise ``TypeError`` unless ``value`` loads under ``torch.load(weights_only=True)``."""
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return
-    if isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            _check_plain(item, f"{where}[{i}]")
-        return
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _check_plain(key, f"{where} key")
-            _check_plain(item, f"{where}[{key!r}]")
-        return
-    raise TypeError(
-        f"{where} holds a {type(value).__name__}; a kernel bank file stores only plain "
-        f"Python values (str, int, float, bool, None, lists, tuples, dicts)"
-    )
 
 
 # -- reading sources ----------------------------------------------------------------------
@@ -407,19 +72,11 @@ def _storage_key(tensor: Tensor) -> tuple | None:
     )
 
 
-def _module_convs(module: nn.Module) -> dict[str, Tensor]:
-    """Conv layer name -> weight, in module order; tied weights once, at their first name."""
+def _first_of_each_storage(weights: Iterable[tuple[str, Tensor]]) -> dict[str, Tensor]:
+    """Name -> weight, in order; a weight tied to an earlier one (same memory) is dropped."""
     layers: dict[str, Tensor] = {}
     seen: set = set()
-    for name, child in module.named_modules():
-        if not isinstance(child, _CONV_TYPES):
-            continue
-        weight = child.weight
-        if isinstance(weight, nn.parameter.UninitializedParameter):
-            raise ValueError(
-                f"conv layer {name!r} is lazy and not initialised yet; run one forward pass "
-                f"before collecting its kernels"
-            )
+    for name, weight in weights:
         key = _storage_key(weight)
         if key is not None and key in seen:
             continue
@@ -428,59 +85,53 @@ def _module_convs(module: nn.Module) -> dict[str, Tensor]:
     return layers
 
 
+def _module_convs(module: nn.Module) -> dict[str, Tensor]:
+    """Conv layer name -> weight, in module order; tied weights once, at their first name."""
+    weights = []
+    for name, child in model_layers(module):  # a prior's own convs are not the model's
+        if not isinstance(child, _CONV_TYPES):
+            continue
+        if isinstance(child.weight, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                f"conv layer {name!r} is lazy and not initialised yet; run one forward pass "
+                f"before collecting its kernels"
+            )
+        weights.append((name, child.weight))
+    return _first_of_each_storage(weights)
+
+
 def _state_dict_convs(state: Mapping[str, Any], structure: nn.Module | None) -> dict[str, Tensor]:
     """Conv layer name -> weight of a state dict: ``.weight`` keys of 3, 4 or 5 dims.
 
     A state dict does not tell a conv weight from a transposed conv's; where a structure
     module (template) names the layer, only its conv layers count.
     """
-    kinds = dict(structure.named_modules()) if structure is not None else {}
-    layers: dict[str, Tensor] = {}
-    seen: set = set()
+    kinds = dict(model_layers(structure)) if structure is not None else {}
+    weights = []
     for key, value in state.items():
         if not isinstance(value, Tensor) or value.dim() not in (3, 4, 5):
             continue
-        if key == "weight":
-            name = ""
-        elif key.endswith(".weight"):
-            name = key[: -len(".weight")]
-        else:
+        if key != "weight" and not key.endswith(".weight"):
             continue
+        name = key[: -len(".weight")] if key != "weight" else ""
         if name in kinds and not isinstance(kinds[name], _CONV_TYPES):
             continue
-        storage = _storage_key(value)
-        if storage is not None and storage in seen:
-            continue
-        seen.add(storage)
-        layers[name] = value
-    return layers
+        weights.append((name, value))
+    return _first_of_each_storage(weights)
 
 
 def _load_checkpoint(path: Path) -> Mapping[str, Any]:
     """The state dict in a checkpoint file: the file's dict, or its "state_dict"/"model"."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        raise
-    except Exception as exc:
-        raise ValueError(
-            f"{path}: cannot read the checkpoint with torch.load(weights_only=True) "
-            f"(save a state dict, not a pickled module): {type(exc).__name__}: {exc}"
-        ) from exc
+    obj = load_torch_file(path, what="checkpoint", hint="save a state dict, not a pickled module")
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), Mapping):
                 return obj[key]
         if any(isinstance(v, Tensor) for v in obj.values()):
             return obj
-    what = (
-        f"a dict with keys {sorted(map(str, obj))[:10]}"
-        if isinstance(obj, Mapping)
-        else f"a {type(obj).__name__}"
-    )
-    raise ValueError(
+    raise LibraryFileError(
         f"{path}: holds neither a state dict nor a dict with a 'state_dict' or 'model' key "
-        f"holding one (it holds {what})"
+        f"holding one (it holds {describe_payload(obj)})"
     )
 
 
@@ -501,19 +152,6 @@ def _default_source_names(sources: list[Source]) -> list[str]:
 
 
 # -- choosing layers ----------------------------------------------------------------------
-def _layer_filter(include: Include) -> tuple[Callable[[str], bool], list[str], set[str]]:
-    """A predicate for ``include``, its patterns (to report unused ones), and exact names."""
-    if include is None:
-        return (lambda name: True), [], set()
-    if callable(include):
-        return include, [], set()
-    patterns = [include] if isinstance(include, str) else list(include)
-    if not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"include must be name patterns or a predicate, got {include!r}")
-    exact = {p for p in patterns if not any(c in p for c in "*?[")}
-    return (lambda name: any(fnmatch.fnmatchcase(name, p) for p in patterns)), patterns, exact
-
-
 def _select_layers(
     per_source: list[dict[str, Tensor]],
     source_names: list[str],
@@ -521,9 +159,10 @@ def _select_layers(
     kernel_shape: tuple[int, ...] | None,
 ) -> tuple[list[str], tuple[int, ...]]:
     """The chosen layer names (order of first appearance) and the common kernel shape."""
-    included, patterns, exact = _layer_filter(include)
+    included = LayerSelector(include, "include", takes_module=False)
+    exact = included.exact_names
     all_names = list(dict.fromkeys(name for layers in per_source for name in layers))
-    unused = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in all_names)]
+    unused = included.unused_patterns(all_names)
     if unused:
         raise ValueError(
             f"include patterns {unused} match no conv layer of the sources; conv layers: "
@@ -583,7 +222,7 @@ def _resolution_groups(
     """
     convs = {
         name: m
-        for name, m in module.named_modules(remove_duplicate=False)
+        for name, m in model_layers(module, remove_duplicate=False)
         if isinstance(m, _CONV_TYPES)
     }
     missing = [name for name in layer_names if name not in convs]

@@ -8,11 +8,10 @@ network collapses to its prior.  These helpers make the right reduction the easy
 
 from __future__ import annotations
 
-import math
-
-import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .normal import normal_log_density
 
 __all__ = ["bernoulli_nll", "categorical_nll", "gaussian_nll"]
 
@@ -29,6 +28,4 @@ def bernoulli_nll(logits: Tensor, target: Tensor) -> Tensor:
 
 def gaussian_nll(prediction: Tensor, target: Tensor, scale: float | Tensor = 1.0) -> Tensor:
     """-sum log N(target | prediction, scale^2), constants included; any shape."""
-    scale = torch.as_tensor(scale, dtype=prediction.dtype, device=prediction.device)
-    z = (target - prediction) / scale
-    return (0.5 * z.pow(2) + scale.log() + 0.5 * math.log(2 * math.pi)).sum()
+    return -normal_log_density(target, prediction, scale).sum()

@@ -8,7 +8,7 @@ import os
 import torch
 from torch import Tensor
 
-from ._io import atomic_write
+from .io import atomic_write
 
 __all__ = ["central_slice", "plot_prior_samples"]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,9 +10,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.distributions import Independent, Normal
 
-__all__ = ["MeanFieldNormal", "reparam_sample"]
+from .normal import normal_entropy
 
-_LOG_2PI_E = math.log(2.0 * math.pi * math.e)
+__all__ = ["MeanFieldNormal", "reparam_sample"]
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,7 @@ class MeanFieldNormal:
 
     def entropy(self) -> Tensor:
         """Differential entropy summed over the site: sum_i log sigma_i + 0.5 log(2 pi e)."""
-        return self.log_scale.sum() + 0.5 * _LOG_2PI_E * self.loc.numel()
+        return normal_entropy(self.log_scale)
 
     def to_distribution(self) -> Independent:
         """The posterior as a ``torch.distributions`` object (event shape ``S``)."""

@@ -9,10 +9,16 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .nn import BayesianLayer
-from .settings import sampling
+from .controls import sampling
+from .select import bayesian_layers
 
-__all__ = ["Prediction", "entropy", "expected_calibration_error", "predict"]
+__all__ = [
+    "Prediction",
+    "PredictiveStatistics",
+    "entropy",
+    "expected_calibration_error",
+    "predict",
+]
 
 Task = Literal["regression", "classification"]
 Activation = Literal["softmax", "sigmoid"]
@@ -59,6 +65,104 @@ def entropy(probs: Tensor, activation: Activation = "softmax", class_dim: int = 
     return -(plogp + torch.special.xlogy(1 - probs, 1 - probs))
 
 
+class PredictiveStatistics:
+    """Streaming statistics of Monte Carlo outputs, one pass at a time.
+
+    Memory does not grow with the number of passes: only running sums (in float64, many
+    small terms) of the outputs, of their squared deviations (Welford's update, when
+    ``variance``) and, for probabilities, of their entropies are kept.
+
+    Parameters
+    ----------
+    task
+        ``"regression"``: outputs are summarised as they are.  ``"classification"``:
+        outputs are probabilities, and the entropies are tracked too.
+    activation
+        How the probabilities were made (``"softmax"`` over ``class_dim``, or
+        ``"sigmoid"``: independent binary channels), for the entropy.
+    class_dim
+        Dimension of the classes.
+    variance
+        Track the variance over passes (one more output-sized buffer); a caller that needs
+        only the mean and the entropies (a whole-volume prediction) saves that memory.
+
+    Examples
+    --------
+    >>> stats = PredictiveStatistics("classification")
+    >>> for _ in range(8):
+    ...     stats.update(model(x).softmax(1))
+    >>> prediction = stats.result()
+    """
+
+    def __init__(
+        self,
+        task: Task = "regression",
+        activation: Activation = "softmax",
+        class_dim: int = 1,
+        variance: bool = True,
+    ) -> None:
+        if task not in ("regression", "classification"):
+            raise ValueError(f"task must be 'regression' or 'classification', got {task!r}")
+        if activation not in ("softmax", "sigmoid"):
+            raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
+        self.task, self.activation, self.class_dim = task, activation, class_dim
+        self.track_variance = variance
+        self.n = 0
+        self._mean: Tensor | None = None  # running mean (Welford) or running sum
+        self._m2: Tensor | None = None
+        self._sum_entropy: Tensor | None = None
+        self._dtype: torch.dtype | None = None
+
+    def update(self, output: Tensor) -> None:
+        """Add one pass's output (probabilities for classification)."""
+        self._dtype = output.dtype
+        out = output.double()
+        self.n += 1
+        if self._mean is None:
+            self._mean = out.clone()
+            if self.track_variance:
+                self._m2 = torch.zeros_like(out)
+        elif self.track_variance:  # Welford's update of the running mean and sum of squares
+            delta = out - self._mean
+            self._mean += delta / self.n
+            self._m2 += delta * (out - self._mean)
+        else:  # a plain running sum; divided once at the end
+            self._mean += out
+        if self.task == "classification":
+            h = entropy(out, self.activation, self.class_dim)
+            self._sum_entropy = h if self._sum_entropy is None else self._sum_entropy.add_(h)
+
+    @property
+    def mean(self) -> Tensor:
+        """The mean output so far, float64."""
+        if self._mean is None:
+            raise ValueError("no output added yet")
+        return self._mean if self.track_variance else self._mean / self.n
+
+    def result(self, dtype: torch.dtype | None = None) -> Prediction:
+        """The :class:`Prediction` of the passes so far, in ``dtype`` (default: the dtype
+        of the outputs).  Without ``variance`` tracking, ``variance`` holds zeros."""
+        mean = self.mean
+        dtype = dtype or self._dtype
+        if self.track_variance and self.n > 1:
+            variance = self._m2 / (self.n - 1)
+        else:
+            variance = torch.zeros_like(mean)
+        if self.task == "regression":
+            return Prediction(mean.to(dtype), variance.to(dtype), n_samples=self.n)
+        total = entropy(mean, self.activation, self.class_dim)
+        aleatoric = self._sum_entropy / self.n
+        mutual_information = (total - aleatoric).clamp_min(0.0)
+        return Prediction(
+            mean=mean.to(dtype),
+            variance=variance.to(dtype),
+            predictive_entropy=total.to(dtype),
+            expected_entropy=aleatoric.to(dtype),
+            mutual_information=mutual_information.to(dtype),
+            n_samples=self.n,
+        )
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module | Callable[[Tensor], Tensor],
@@ -103,14 +207,9 @@ def predict(
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-    if task not in ("regression", "classification"):
-        raise ValueError(f"task must be 'regression' or 'classification', got {task!r}")
-    if activation not in ("softmax", "sigmoid"):
-        raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
+    stats = PredictiveStatistics(task, activation, class_dim)
     is_module = isinstance(model, nn.Module)
-    stochastic = sample and (
-        not is_module or any(isinstance(m, BayesianLayer) for m in model.modules())
-    )
+    stochastic = sample and (not is_module or bool(bayesian_layers(model)))
     n_samples = n_samples if stochastic else 1
 
     def to_output(raw: Tensor) -> Tensor:
@@ -123,39 +222,12 @@ def predict(
         if is_module:
             model.eval()
         with sampling(stochastic, model if is_module else None):
-            mean = m2 = sum_entropy = None
-            for i in range(n_samples):
-                out = to_output(model(x))
-                out_dtype = out.dtype
-                out = out.double()  # accumulate in double: many small terms
-                if mean is None:
-                    mean, m2 = out.clone(), torch.zeros_like(out)
-                else:  # Welford's update of the running mean and sum of squares
-                    delta = out - mean
-                    mean += delta / (i + 1)
-                    m2 += delta * (out - mean)
-                if task == "classification":
-                    h = entropy(out, activation, class_dim)
-                    sum_entropy = h if sum_entropy is None else sum_entropy + h
+            for _ in range(n_samples):
+                stats.update(to_output(model(x)))
     finally:
         if is_module:
             model.train(was_training)
-
-    dtype = out_dtype
-    variance = m2 / (n_samples - 1) if n_samples > 1 else torch.zeros_like(m2)
-    if task == "regression":
-        return Prediction(mean.to(dtype), variance.to(dtype), n_samples=n_samples)
-    total = entropy(mean, activation, class_dim)
-    aleatoric = sum_entropy / n_samples
-    mutual_information = (total - aleatoric).clamp_min(0.0)
-    return Prediction(
-        mean=mean.to(dtype),
-        variance=variance.to(dtype),
-        predictive_entropy=total.to(dtype),
-        expected_entropy=aleatoric.to(dtype),
-        mutual_information=mutual_information.to(dtype),
-        n_samples=n_samples,
-    )
+    return stats.result()
 
 
 def expected_calibration_error(

@@ -34,10 +34,11 @@ from torch.distributions import Independent, Normal, constraints
 from torch.distributions.kl import register_kl
 from torch.func import functional_call
 
-from .convert import bayesian_layers, name_sites
+from .controls import sampling
+from .convert import name_sites
 from .posterior import MeanFieldNormal
 from .priors import NormalPrior, PretrainedNormalPrior, Prior
-from .settings import sampling
+from .select import bayesian_layers
 
 __all__ = ["PriorDistribution", "PyroBNN", "prior_distribution"]
 

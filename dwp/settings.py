@@ -1,4 +1,4 @@
-"""Estimators, sampling modes and validation switches for Bayesian layers.
+"""Estimators, sampling modes and validation switches for Bayesian layers: the leaf state.
 
 Every Bayesian layer (:mod:`dwp.nn`) has two settings:
 
@@ -6,10 +6,15 @@ Every Bayesian layer (:mod:`dwp.nn`) has two settings:
   (:class:`Estimator`), and
 * a **mode**, whether it samples from the posterior or uses its mean (:class:`Mode`).
 
-Each layer stores its own settings (constructor argument, :func:`set_estimator`,
-:func:`set_mode`).  The context managers :func:`estimator` and :func:`sampling` change
-them temporarily, either for one model (``model=...``) or, without a model, for every
-Bayesian layer in the current thread.  A thread-wide override wins over layer settings.
+Each layer stores its own settings (constructor argument, :func:`dwp.set_estimator`,
+:func:`dwp.set_mode`).  The context managers :func:`dwp.estimator` and :func:`dwp.sampling`
+change them temporarily, either for one model (``model=...``) or, without a model, for
+every Bayesian layer in the current thread.  A thread-wide override wins over layer
+settings.
+
+This module holds only the enums and the thread-wide state, and imports nothing of dwp,
+so that the layers can read it; the functions that walk a model's layers are in
+:mod:`dwp.controls`.
 """
 
 from __future__ import annotations
@@ -19,17 +24,12 @@ import threading
 from collections.abc import Iterator
 from enum import Enum
 
-import torch
-from torch import nn
-
 __all__ = [
     "Estimator",
     "Mode",
-    "estimator",
-    "fixed_sample",
-    "sampling",
-    "set_estimator",
-    "set_mode",
+    "global_estimator",
+    "global_mode",
+    "override_thread",
     "set_validation",
     "validation_enabled",
 ]
@@ -99,123 +99,13 @@ def set_validation(enabled: bool) -> None:
     _state.validate = bool(enabled)
 
 
-def _bayes_layers(model: nn.Module) -> list[nn.Module]:
-    from .nn import BayesianLayer  # local import: nn imports this module
-
-    layers = [m for m in model.modules() if isinstance(m, BayesianLayer)]
-    return layers
-
-
-def set_estimator(model: nn.Module, estimator: Estimator | str) -> nn.Module:
-    """Set the estimator of every Bayesian layer in ``model`` (in place); returns ``model``."""
-    est = Estimator(estimator)
-    for layer in _bayes_layers(model):
-        layer.estimator = est
-    return model
-
-
-def set_mode(model: nn.Module, mode: Mode | str) -> nn.Module:
-    """Set the sampling mode of every Bayesian layer in ``model`` (in place); returns ``model``."""
-    md = Mode(mode)
-    for layer in _bayes_layers(model):
-        layer.mode = md
-    return model
-
-
 @contextlib.contextmanager
-def _override_layers(model: nn.Module, attribute: str, value: Enum) -> Iterator[None]:
-    layers = _bayes_layers(model)
-    saved = [getattr(layer, attribute) for layer in layers]
-    try:
-        for layer in layers:
-            setattr(layer, attribute, value)
-        yield
-    finally:
-        for layer, old in zip(layers, saved, strict=True):
-            setattr(layer, attribute, old)
-
-
-@contextlib.contextmanager
-def _override_thread(attribute: str, value: Enum) -> Iterator[None]:
+def override_thread(attribute: str, value: Enum) -> Iterator[None]:
+    """Set the thread-wide ``estimator`` or ``mode`` override inside the block, restoring
+    the previous one on exit (also on error)."""
     saved = getattr(_state, attribute)
     setattr(_state, attribute, value)
     try:
         yield
     finally:
         setattr(_state, attribute, saved)
-
-
-def estimator(name: Estimator | str, model: nn.Module | None = None):
-    """Context manager: use estimator ``name`` inside the block.
-
-    Parameters
-    ----------
-    name
-        ``"reparam"``, ``"local_reparam"`` or ``"flipout"`` (see :class:`Estimator`).
-    model
-        Restrict the change to the Bayesian layers of this model.  Without a model the
-        override applies to every Bayesian layer used in the current thread.
-
-    Examples
-    --------
-    >>> with dwp.estimator("flipout", model):
-    ...     loss = criterion(model(x), y)
-    """
-    est = Estimator(name)
-    if model is None:
-        return _override_thread("estimator", est)
-    return _override_layers(model, "estimator", est)
-
-
-def sampling(enabled: bool = True, model: nn.Module | None = None):
-    """Context manager: sample from the posterior (``True``) or use its mean (``False``).
-
-    ``with dwp.sampling():`` in ``eval()`` gives Monte Carlo predictions;
-    ``with dwp.sampling(False):`` in training gives the deterministic mean network.
-    ``model`` restricts the change to one model, as in :func:`estimator`.
-    """
-    mode = Mode.SAMPLE if enabled else Mode.MEAN
-    if model is None:
-        return _override_thread("mode", mode)
-    return _override_layers(model, "mode", mode)
-
-
-@contextlib.contextmanager
-def fixed_sample(model: nn.Module, generator: torch.Generator | None = None) -> Iterator[None]:
-    """Context manager: draw ONE posterior sample of every Bayesian parameter of ``model``
-    and use it for every forward pass inside the block.
-
-    :func:`sampling` draws afresh on every forward pass (and ``local_reparam`` / ``flipout``
-    never form a weight sample at all), so a prediction assembled from several passes --
-    e.g. the windows of a sliding-window inference -- would mix networks.  Inside this
-    block each Bayesian layer holds ``mu + sigma * eps`` as its weight and runs in mean
-    mode, whatever its estimator; the posterior means are restored on exit, also on error.
-    Do not use the model from another thread meanwhile.
-
-    Parameters
-    ----------
-    model
-        A network with Bayesian layers.
-    generator
-        Source of ``eps`` (default: the global generator).
-    """
-    from .nn import BayesianLayer  # local import: nn imports this module
-
-    layers = [m for m in model.modules() if isinstance(m, BayesianLayer)]
-    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-    try:
-        with torch.no_grad():
-            for layer in layers:
-                for _, posterior in layer.sites():
-                    mean = posterior.loc  # the layer's parameter itself
-                    eps = torch.randn(
-                        mean.shape, generator=generator, device=mean.device, dtype=mean.dtype
-                    )
-                    saved.append((mean, mean.detach().clone()))
-                    mean.add_(posterior.log_scale.exp() * eps)
-        with sampling(False, model):
-            yield
-    finally:
-        with torch.no_grad():
-            for param, value in saved:
-                param.copy_(value)

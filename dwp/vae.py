@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import pyro
 import pyro.distributions as dist
@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from pyro.infer import SVI, Trace_ELBO
 from torch import Tensor, nn
 
+from .normal import normal_log_density, standard_normal_kl
+
 __all__ = ["KernelVAE", "VAEFit", "default_latent_dim", "fit_kernel_vae", "gaussian_baselines"]
 
 Architecture = Literal["mlp", "conv"]
-_LOG_2PI = math.log(2.0 * math.pi)
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 
@@ -224,11 +225,11 @@ class KernelVAE(nn.Module):
         E_r[log p(w | z)] by ``n_samples`` reparameterised draws, KL(r || p(z)) in closed form.
         """
         z_loc, z_scale = self.encode(w)
-        kl = _standard_normal_kl(z_loc, z_scale)
+        kl = standard_normal_kl(z_loc, z_scale)
         log_lik = 0.0
         for _ in range(n_samples):
             z = z_loc + z_scale * torch.randn_like(z_loc)
-            log_lik = log_lik + _normal_log_prob(w, *self.decode(z))
+            log_lik = log_lik + normal_log_density(w, *self.decode(z)).flatten(1).sum(-1)
         return log_lik / n_samples - kl
 
     def sample(self, n: int, use_mean: bool = False) -> Tensor:
@@ -260,53 +261,6 @@ class KernelVAE(nn.Module):
             f"kernel_shape={self.kernel_shape}, latent_dim={self.latent_dim}, "
             f"architecture={self.architecture!r}"
         )
-
-
-def _standard_normal_kl(loc: Tensor, scale: Tensor) -> Tensor:
-    """KL(N(loc, scale^2) || N(0, 1)) summed over the last dim."""
-    return (0.5 * (loc.pow(2) + scale.pow(2)) - scale.log() - 0.5).sum(-1)
-
-
-class _NormalNLLSum(torch.autograd.Function):
-    """-sum log N(x | loc, scale^2) with a hand-written backward.
-
-    On the KL bound of a wide network this runs over millions of kernel entries, where
-    the cost is memory traffic: autograd's version (a division and its two-sided backward)
-    makes about twice as many passes over kernel-sized tensors as the closed-form gradients
-    d/dx = z / scale, d/dloc = -z / scale, d/dscale = (1 - z^2) / scale.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
-        inv = scale.reciprocal()
-        z = (x - loc).mul_(inv)
-        ctx.save_for_backward(z, inv)
-        flat = z.reshape(-1)
-        return 0.5 * torch.dot(flat, flat) + scale.log().sum() + 0.5 * _LOG_2PI * x.numel()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        z, inv = ctx.saved_tensors
-        # a = z / scale * grad; then d_x = a, d_loc = -a, d_scale = inv * grad - z * a
-        a = (z * inv).mul_(grad)
-        d_scale = None
-        if ctx.needs_input_grad[2]:
-            d_scale = torch.addcmul(inv * grad, z, a, value=-1.0)
-        d_loc = -a if ctx.needs_input_grad[1] else None
-        return (a if ctx.needs_input_grad[0] else None), d_loc, d_scale
-
-
-def _normal_nll_sum(x: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
-    """-sum log N(x | loc, scale^2) over everything (a scalar), with few temporaries.
-
-    ``x``, ``loc`` and ``scale`` of one shape (no broadcasting)."""
-    return _NormalNLLSum.apply(x, loc, scale)
-
-
-def _normal_log_prob(x: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
-    """log N(x | loc, scale^2) summed over all but the first dim."""
-    lp = -0.5 * ((x - loc) / scale).pow(2) - scale.log() - 0.5 * _LOG_2PI
-    return lp.flatten(1).sum(-1)
 
 
 # -- fitting -------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ that it overlays the image in any viewer.
 
 from __future__ import annotations
 
-import gzip
 import os
 from pathlib import Path
 from typing import Literal
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 from nibabel.processing import resample_from_to
 
-from dwp._io import atomic_write
+import nifti_io
 
 __all__ = ["local_map_affine", "save_local_map", "save_nifti", "upsample_to_input"]
 
@@ -62,24 +61,14 @@ def local_map_affine(input_affine: object, stride: int) -> np.ndarray:
 def save_nifti(array: object, path: PathLike, affine: object) -> Path:
     """Write a ``(D, H, W)`` volume as NIfTI (``.nii`` or ``.nii.gz``), atomically.
 
-    Floats are stored as float32; the affine becomes both sform and qform.
+    Floats are stored as float32 (maps need no more); the rest as
+    :func:`nifti_io.save_nifti` stores it, with gzip level 1 (noisy float maps barely
+    compress further).
     """
-    path = Path(path)
-    if not path.name.endswith((".nii", ".nii.gz")):
-        raise ValueError(f"{path}: a NIfTI path ends in .nii or .nii.gz")
     volume = _as_volume(array, f"the volume for {path}")
     if volume.dtype.kind == "f":
         volume = volume.astype(np.float32)
-    elif volume.dtype == bool:
-        volume = volume.astype(np.uint8)
-    image = nib.Nifti1Image(volume, _as_affine(affine))
-    image.header.set_xyzt_units("mm")
-    data = image.to_bytes()
-    if path.name.endswith(".gz"):
-        data = gzip.compress(data, compresslevel=1, mtime=0)
-    with atomic_write(path) as f:
-        f.write(data)
-    return path
+    return nifti_io.save_nifti(volume, path, _as_affine(affine), compresslevel=1)
 
 
 def upsample_to_input(

@@ -170,7 +170,7 @@ class FittedModel:
 
     @property
     def bayesian(self) -> bool:
-        return any(isinstance(m, dwp.BayesianLayer) for m in self.model.modules())
+        return bool(dwp.bayesian_layers(self.model))
 
     def predict(
         self, x: Tensor, n_samples: int = 16, *, batch_size: int = 4
@@ -265,7 +265,7 @@ def fit(
             raise ValueError("classification labels y must be integers")
         shift, scale, z = torch.zeros(1), torch.ones(1), y.long()
 
-    bayesian = any(isinstance(m, dwp.BayesianLayer) for m in model.modules())
+    bayesian = bool(dwp.bayesian_layers(model))
     optimiser = torch.optim.AdamW(
         dwp.param_groups(model, lr=config.lr, scale_lr=config.scale_lr),
         weight_decay=config.weight_decay,

@@ -1,4 +1,4 @@
-"""Smoke tests of the speed benchmark and the shared result writer.
+"""Smoke tests of the speed benchmark.
 
 Wall times depend on the machine, so nothing here asserts a timing value: only that the
 benchmark runs end to end and writes well-formed results.
@@ -7,8 +7,6 @@ benchmark runs end to end and writes well-formed results.
 from __future__ import annotations
 
 import json
-import os
-import stat
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ import torch
 from torch import nn
 
 import dwp
-from benchmarks import report, speed
+from benchmarks import speed
 from unet3d import UNet3D, count_kernels, kernel3_layers
 from unet3d.strategies import STRATEGIES
 
@@ -37,7 +35,7 @@ VARIANTS = {
     "unet3d": [
         *STRATEGIES,
         "infer_deterministic",
-        *(f"infer_bayesian_{n}" for n in speed.QUICK_INFERENCE_SAMPLES),
+        *(f"infer_bayesian_{n}" for n in speed.QUICK.inference_samples),
     ],
 }
 HEADINGS = {s: f"## {speed.TITLES[s]}" for s in speed.SECTIONS}
@@ -79,14 +77,14 @@ def test_quick_run_records_config_and_environment(quick_run: tuple[Path, dict]) 
     assert config["quick"] is True
     assert config["seed"] == 3
     assert config["sections"] == list(speed.SECTIONS)
-    assert config["steps"] == speed.QUICK_STEPS
-    assert config["size"] == speed.QUICK_SIZE
+    assert config["steps"] == speed.QUICK.steps
+    assert config["size"] == speed.QUICK.size
     assert config["layers"]["network"] == "unet3d.UNet3D"
-    assert config["layers"]["widths"] == list(speed.QUICK_WIDTHS)
+    assert config["layers"]["widths"] == list(speed.QUICK.widths)
     assert config["layers"]["targets"] == speed.LAYER_TARGETS
-    assert config["kl"]["heavy_reps"] == speed.QUICK_HEAVY_REPS
+    assert config["kl"]["heavy_reps"] == speed.QUICK.heavy_reps
     fit = config["fit"]["options"]
-    assert fit["epochs"] == speed.QUICK_FIT_EPOCHS and fit["seed"] == 3
+    assert fit["epochs"] == speed.QUICK.fit_epochs and fit["seed"] == 3
     assert fit["early_stopping"] > fit["epochs"] and fit["min_lr"] == 0.0
     assert set(config["section_wall_s"]) == set(speed.SECTIONS)
     # the noise indicator for the unrepeated fit (None where /proc/stat is missing)
@@ -117,9 +115,9 @@ def test_every_row_has_numbers_ratio_and_target(quick_run: tuple[Path, dict]) ->
 def test_layer_rows(quick_run: tuple[Path, dict]) -> None:
     _, result = quick_run
     rows = _rows(result, "layers")
-    n_bayesian = len(kernel3_layers(UNet3D(widths=speed.QUICK_WIDTHS)))
+    n_bayesian = len(kernel3_layers(UNet3D(widths=speed.QUICK.widths)))
     for name, row in rows.items():
-        assert len(row["times_s"]) == speed.QUICK_STEPS
+        assert len(row["times_s"]) == speed.QUICK.steps
         assert row["iqr_s"] >= 0 and row["saved_for_backward_mib"] > 0
         assert row["baseline"] == "deterministic"
         if name == "deterministic":
@@ -135,8 +133,8 @@ def test_layer_rows(quick_run: tuple[Path, dict]) -> None:
 def test_kl_rows(quick_run: tuple[Path, dict]) -> None:
     _, result = quick_run
     rows = _rows(result, "kl")
-    kernels = count_kernels(UNet3D(widths=speed.QUICK_WIDTHS))
-    wide_kernels = count_kernels(UNet3D(widths=speed.QUICK_WIDE_WIDTHS))
+    kernels = count_kernels(UNet3D(widths=speed.QUICK.widths))
+    wide_kernels = count_kernels(UNet3D(widths=speed.QUICK.wide_widths))
     for name in ("step_unet3d", "step_unet3d_wide"):
         assert rows[name]["baseline"] == name and rows[name]["ratio"] == 1.0
         assert rows[name]["target_ratio"] is None
@@ -155,8 +153,8 @@ def test_kl_rows(quick_run: tuple[Path, dict]) -> None:
     assert rows["kl_mlp_7vae"]["vaes"] == len(rows["kl_mlp_7vae"]["groups"]) == 7
     assert sum(rows["kl_mlp_7vae"]["groups"].values()) == kernels
     for name in ("kl_conv_1vae", "step_unet3d_wide"):
-        assert rows[name]["reps"] == speed.QUICK_HEAVY_REPS
-    assert rows["kl_mlp_1vae"]["reps"] == speed.QUICK_STEPS
+        assert rows[name]["reps"] == speed.QUICK.heavy_reps
+    assert rows["kl_mlp_1vae"]["reps"] == speed.QUICK.steps
     for row in rows.values():
         assert row["saved_for_backward_mib"] > 0
 
@@ -164,8 +162,8 @@ def test_kl_rows(quick_run: tuple[Path, dict]) -> None:
 def test_fit_row(quick_run: tuple[Path, dict]) -> None:
     _, result = quick_run
     (row,) = _rows(result, "fit").values()
-    assert row["kernels"] == speed.QUICK_FIT_KERNELS == row["n_train"] + row["n_val"]
-    assert row["epochs_run"] == row["epochs_requested"] == speed.QUICK_FIT_EPOCHS
+    assert row["kernels"] == speed.QUICK.fit_kernels == row["n_train"] + row["n_val"]
+    assert row["epochs_run"] == row["epochs_requested"] == speed.QUICK.fit_epochs
     assert row["target_s"] == speed.FIT_TARGET_S
     assert row["ratio"] == pytest.approx(row["median_s"] / speed.FIT_TARGET_S)
     assert "other_processes_cores" in row and "noisy" in row
@@ -177,10 +175,10 @@ def test_unet3d_rows(quick_run: tuple[Path, dict]) -> None:
     steps = {n: r for n, r in rows.items() if r["kind"] == "train_step"}
     assert list(steps) == list(STRATEGIES)
     base = steps["random_init"]
-    assert base["ratio"] == 1.0 and base["input_shape"] == [2, 1, *[speed.QUICK_SIZE] * 3]
+    assert base["ratio"] == 1.0 and base["input_shape"] == [2, 1, *[speed.QUICK.size] * 3]
     for name, row in steps.items():
         assert row["baseline"] == "random_init" and row["target_ratio"] is None
-        assert row["reps"] == speed.QUICK_STEPS and row["saved_for_backward_mib"] > 0
+        assert row["reps"] == speed.QUICK.steps and row["saved_for_backward_mib"] > 0
         assert row["bayesian"] == (name in ("normal_prior", "dwp"))
         if row["bayesian"]:  # log-sigmas (and the dwp encoders) on top of the weights
             assert row["parameters"] > base["parameters"]
@@ -192,8 +190,8 @@ def test_unet3d_rows(quick_run: tuple[Path, dict]) -> None:
     infer = {n: r for n, r in rows.items() if r["kind"] == "inference"}
     assert infer["infer_deterministic"]["ratio"] == 1.0
     for name, row in infer.items():
-        assert row["volume"] == list(speed.QUICK_INFERENCE_VOLUME)
-        assert row["roi"] == speed.QUICK_INFERENCE_ROI
+        assert row["volume"] == list(speed.QUICK.inference_volume)
+        assert row["roi"] == speed.QUICK.inference_roi
         assert row["passes"] == (row["samples"] if row["bayesian"] else 1)
         assert row["peak_rss_mib"] >= row["baseline_rss_mib"] > 0
         assert row["peak_above_baseline_mib"] >= 0 and "VmHWM" in row["memory_method"]
@@ -255,7 +253,7 @@ def test_parse_args_sections() -> None:
     assert speed.parse_args([]).sections == list(speed.SECTIONS)
     assert speed.parse_args(["--sections", "fit,layers,fit"]).sections == ["layers", "fit"]
     args = speed.parse_args(["--quick", "--sections", "fit"])
-    assert args.fit_epochs == speed.QUICK_FIT_EPOCHS and args.widths == speed.QUICK_WIDTHS
+    assert args.fit_epochs == speed.QUICK.fit_epochs and args.widths == speed.QUICK.widths
 
 
 @pytest.mark.parametrize(
@@ -279,8 +277,8 @@ def test_rejects_bad_flags(argv: list[str]) -> None:
 
 
 def test_busy_note_names_only_disturbed_sections() -> None:
-    assert speed._busy_note({"layers": 0.0, "kl": None}) == []
-    (note,) = speed._busy_note({"layers": 0.05, "fit": 0.9})
+    assert speed.busy_note({"layers": 0.0, "kl": None}) == []
+    (note,) = speed.busy_note({"layers": 0.05, "fit": 0.9})
     assert "fit 0.90" in note and "layers" not in note
 
 
@@ -293,56 +291,6 @@ def test_schedule_spreads_slow_variants_and_rotates() -> None:
     assert runs_of_slow[0] > 0 and runs_of_slow[-1] < 9  # spread, not bunched at one end
     firsts = {members[0] for members in plan}
     assert firsts == {0, 1, 2}  # the starting variant rotates
-
-
-def test_write_results_is_atomic_and_complete(tmp_path: Path) -> None:
-    out = tmp_path / "nested" / "results"  # created on demand
-    rows = [{"variant": "a", "median_s": 0.5}, {"variant": "b", "median_s": 1.0}]
-    table = report.markdown_table(["variant", "median"], [["a", 0.5], ["b", 1.0]])
-    json_path, md_path = report.write_results(
-        "demo", {"seed": 1}, rows, table, out, command="python -m demo --seed 1"
-    )
-
-    assert sorted(p.name for p in out.iterdir()) == ["demo.json", "demo.md"]  # no temp files
-    payload = json.loads(json_path.read_text())
-    assert payload["config"] == {"seed": 1}
-    assert payload["rows"] == rows
-    assert payload["command"] == "python -m demo --seed 1"
-    assert payload["environment"]["torch"] == torch.__version__
-    markdown = md_path.read_text()
-    assert table in markdown and "python -m demo --seed 1" in markdown
-    # Not mkstemp's owner-only 0600: the permissions of a plainly created file.
-    umask = os.umask(0o022)
-    os.umask(umask)
-    for path in (json_path, md_path):
-        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
-
-
-def test_write_results_keeps_old_results_when_a_write_fails(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    report.write_results("demo", {"run": 1}, [], "| x |", tmp_path, command="first")
-
-    def crash(src: str, dst: str) -> None:
-        raise OSError("disk full")
-
-    monkeypatch.setattr(report.os, "replace", crash)
-    with pytest.raises(OSError, match="disk full"):
-        report.write_results("demo", {"run": 2}, [], "| x |", tmp_path, command="second")
-    monkeypatch.undo()
-
-    # The interrupted write left neither a half-written result nor its temporary file.
-    assert json.loads((tmp_path / "demo.json").read_text())["config"] == {"run": 1}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.json", "demo.md"]
-    report.write_results("demo", {"run": 3}, [], "| x |", tmp_path, command="third")
-    assert json.loads((tmp_path / "demo.json").read_text())["config"] == {"run": 3}
-
-
-def test_markdown_table_escapes_and_checks_width() -> None:
-    table = report.markdown_table(["a", "b"], [["x|y", 1]])
-    assert table.splitlines() == ["| a | b |", "|---|---|", "| x\\|y | 1 |"]
-    with pytest.raises(ValueError, match="row 0"):
-        report.markdown_table(["a", "b"], [[1]])
 
 
 def test_kl_variants_share_the_forward_sample_unless_named_own(

@@ -9,6 +9,7 @@ table (``--merge``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -19,6 +20,8 @@ import pytest
 from scipy import stats
 
 from benchmarks import transfer
+from benchmarks.stages import digest
+from benchmarks.transfer.config import setting
 
 pytest.importorskip("nilearn")  # the cohorts' anatomy
 
@@ -116,6 +119,18 @@ def test_rerun_is_cached_and_one_cell_recomputes_identically(ci_run: SimpleNames
     assert after["test"]["dice"] == pytest.approx(before["test"]["dice"], abs=1e-6)
 
 
+def _flat(value: object, path: tuple = ()) -> dict[tuple, object]:
+    """Nested dicts and lists as one flat ``{path: leaf}`` dict (``pytest.approx`` compares
+    flat mappings only)."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return {path: value}
+    return {k: v for key, item in items for k, v in _flat(item, (*path, key)).items()}
+
+
 def test_merge_of_two_work_folders_gives_the_same_table(
     ci_run: SimpleNamespace, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -133,7 +148,9 @@ def test_merge_of_two_work_folders_gives_the_same_table(
     merged = json.loads((out / "transfer_ci.json").read_text())
     key = lambda r: (r["method"], r["size"], r["split"])  # noqa: E731
     assert sorted(map(key, merged["rows"])) == sorted(map(key, ci_run.payload["rows"]))
-    assert merged["config"]["summary"] == pytest.approx(ci_run.payload["config"]["summary"])
+    assert _flat(merged["config"]["summary"]) == pytest.approx(
+        _flat(ci_run.payload["config"]["summary"])
+    )
     assert merged["config"]["prior"]["n_kernels"] == ci_run.payload["config"]["prior"]["n_kernels"]
     # Another configuration's folders are not mixed in: with another seed nothing matches,
     # not even the cells its KL weight would be chosen on.
@@ -246,3 +263,97 @@ def test_bad_arguments_exit_2_with_a_message(
 ) -> None:
     assert transfer.main(["--preset", "ci", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage keys, from the stages each Preset field declares
+
+DATA = transfer.data_key(CI, 0)
+
+
+def _keys(preset: transfer.Preset, seed: int = 0, data: dict = DATA) -> dict[str, str]:
+    return {s: digest(transfer.stage_key(preset, s, seed, data)) for s in transfer.STAGES}
+
+
+def _other_value(preset: transfer.Preset, name: str) -> object:
+    """A value of field ``name`` other than ``preset``'s that makes a valid preset."""
+    current = getattr(preset, name)
+    allowed = {"vae_architecture": ("mlp", "conv"), **transfer.INITS}
+    if isinstance(current, tuple):
+        grid = allowed.get(name.removesuffix("_grid"), ())
+        options = [current[:-1], current[1:], tuple(grid)]
+        if all(isinstance(v, int | float) for v in current):
+            options.insert(0, tuple(v * 2 for v in current))
+    elif isinstance(current, str):
+        options = list(allowed[name])
+    else:
+        options = [current * 2 + 1, current + 8, current - 1]
+    for value in options:
+        if value == current:
+            continue
+        try:
+            preset.replace(**{name: value})
+        except ValueError:
+            continue
+        return value
+    raise AssertionError(f"no valid other value for {name} (a new kind of field?)")
+
+
+def _downstream(preset: transfer.Preset, stages: set[str]) -> set[str]:
+    """``stages`` and every stage that reads one of them, directly or not."""
+    changed = set(stages)
+    while True:
+        more = {s for s in transfer.STAGES if set(transfer.upstream(preset, s)) & changed}
+        if more <= changed:
+            return changed
+        changed |= more
+
+
+def test_every_preset_field_declares_the_stages_it_changes() -> None:
+    for f in dataclasses.fields(transfer.Preset):
+        assert "stages" in f.metadata, f"{f.name}: declare its stages (setting(..., stages=))"
+        assert set(f.metadata["stages"]) <= set(transfer.STAGES), f.name
+    with pytest.raises(ValueError, match="unknown stages"):
+        setting(0, stages=("nowhere",))
+
+
+@pytest.mark.parametrize(
+    "base",
+    [CI, transfer.PRESETS["quick"], CI.replace(dwp_init="pretrained", normal_init="pretrained")],
+    ids=["ci", "quick", "pretrained-inits"],
+)
+def test_changing_a_field_changes_the_keys_of_its_stages_and_of_no_other(
+    base: transfer.Preset,
+) -> None:
+    before = _keys(base)
+    assert len(set(before.values())) == len(transfer.STAGES)
+    for f in dataclasses.fields(transfer.Preset):
+        changed = base.replace(**{f.name: _other_value(base, f.name)})
+        declared = set(f.metadata["stages"])
+        expected = _downstream(base, declared) | _downstream(changed, declared)
+        after = _keys(changed)
+        assert {s for s in transfer.STAGES if after[s] != before[s]} == expected, f.name
+
+
+def test_a_changed_source_invalidates_the_prior_and_the_runs_that_read_it() -> None:
+    upstream = {s: transfer.upstream(CI, s) for s in transfer.STAGES}
+    assert upstream == {
+        "source": (),
+        "prior": ("source",),
+        "dwp": ("prior",),
+        "pretrained": ("source",),
+        "pretrained_frozen": ("source",),
+        "random_init": (),
+        "normal_prior": (),  # He-initialised means: the source nets are not read
+    }
+    both = CI.replace(dwp_init="pretrained", normal_init="pretrained")
+    assert set(transfer.upstream(both, "dwp")) == {"prior", "source"}
+    assert transfer.upstream(both, "normal_prior") == ("source",)
+    before, other_seed = _keys(CI), _keys(CI, seed=1)
+    assert all(before[s] != other_seed[s] for s in transfer.STAGES)
+    own_target = _keys(CI, data={**DATA, "target": {"folder": "/somewhere"}})
+    assert {s for s in transfer.STAGES if own_target[s] != before[s]} == set(transfer.METHODS)
+    own_source = _keys(CI, data={**DATA, "source": {"folder": "/somewhere"}})
+    assert {s for s in transfer.STAGES if own_source[s] != before[s]} == (
+        _downstream(CI, {"source"})
+    )

@@ -127,3 +127,31 @@ def test_ece_is_zero_for_calibrated_voxels_and_checks_shapes():
     assert dwp.expected_calibration_error(probs, target).item() == pytest.approx(0.0)
     with pytest.raises(ValueError, match="class"):
         dwp.expected_calibration_error(probs, target[0])
+
+
+@pytest.mark.parametrize("variance", [True, False])
+def test_streaming_statistics_equal_the_stacked_ones(variance):
+    """PredictiveStatistics (used by dwp.predict and unet3d's sliding windows) against the
+    statistics of all passes held at once."""
+    torch.manual_seed(0)
+    passes = torch.randn(7, 2, 3, 4, 4).softmax(1)  # 7 passes of (B, C, D, H) probabilities
+    stats = dwp.PredictiveStatistics("classification", variance=variance)
+    for p in passes:
+        stats.update(p)
+    result = stats.result()
+    torch.testing.assert_close(result.mean, passes.mean(0))
+    expected_var = passes.var(0) if variance else torch.zeros_like(passes[0])
+    torch.testing.assert_close(result.variance, expected_var)
+    total = entropy(passes.mean(0))
+    torch.testing.assert_close(result.predictive_entropy, total)
+    aleatoric = torch.stack([entropy(p) for p in passes]).mean(0)
+    torch.testing.assert_close(result.expected_entropy, aleatoric)
+    torch.testing.assert_close(result.mutual_information, (total - aleatoric).clamp_min(0))
+    assert result.n_samples == 7 and result.mean.dtype == torch.float32
+
+
+def test_streaming_statistics_need_an_output_and_a_known_task():
+    with pytest.raises(ValueError, match="no output added"):
+        dwp.PredictiveStatistics().result()
+    with pytest.raises(ValueError, match="task"):
+        dwp.PredictiveStatistics("segmentation")

@@ -1,4 +1,4 @@
-"""unet3d.cli (``unet3d train | predict``, ``python -m unet3d``) and unet3d.inference.load_model."""
+"""unet3d.cli (``unet3d train | predict``, ``python -m unet3d``) and unet3d.checkpoint.load_model."""
 
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ import torch
 import dwp
 import unet3d.train
 from unet3d import cli
-from unet3d.inference import load_model
-from unet3d.strategies import CheckpointError
+from unet3d.checkpoint import CheckpointError, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTHS = ["--widths", "2", "4", "4", "8"]

@@ -16,10 +16,10 @@ import torch
 import cohorts
 import dwp
 from dwp.priors import DeepWeightSitePrior
+from unet3d.checkpoint import CheckpointError
 from unet3d.data import load_decathlon
 from unet3d.strategies import (
     STRATEGIES,
-    CheckpointError,
     ModelSpec,
     PretrainedFrozenStrategy,
     get_strategy,
@@ -304,7 +304,8 @@ def test_ddp_equals_single_process(tmp_path):
 
 
 def test_corrupt_checkpoints_raise_errors_naming_the_file(tmp_path):
-    from unet3d.strategies import CheckpointError, load_state_dict
+    from unet3d.checkpoint import CheckpointError
+    from unet3d.checkpoint import read_state_dict as load_state_dict
 
     truncated = tmp_path / "last.pt"
     torch.save({"model": {"w": torch.zeros(3)}}, truncated)

@@ -306,7 +306,7 @@ def test_public_exports():
 
 
 def test_normal_nll_sum_matches_torch_and_its_hand_written_gradients_check() -> None:
-    from dwp.vae import _normal_nll_sum
+    from dwp.normal import normal_nll_sum as _normal_nll_sum
 
     g = torch.Generator().manual_seed(0)
     shape = (40, 3, 3, 3)

@@ -6,8 +6,8 @@
 * :func:`predict_case`: a :class:`unet3d.data.Case` -> ``<id>_prob.nii.gz`` (foreground
   probability, float32), ``<id>_mask.nii.gz`` (uint8) and ``<id>_mi.nii.gz`` (float32) on
   the input file's grid, with its affine and header.
-* :func:`load_model`: the network of a :func:`unet3d.train.train` checkpoint (``best.pt``,
-  ``last.pt``), rebuilt from the training config stored in it, with its training config.
+
+A trained network is rebuilt from its checkpoint by :func:`unet3d.checkpoint.load_model`.
 
 Windows are blended with MONAI's :func:`monai.inferers.sliding_window_inference`
 (Gaussian-weighted overlap).  MONAI is imported when a prediction is made.
@@ -26,13 +26,13 @@ estimator would do) would mix networks inside one prediction, and the ``local_re
 thus irrelevant here.  Because the weights are swapped in place, do not use the model from
 another thread during a call.
 
-Statistics are streamed: the running sums of the probabilities and of the per-sample
-entropies are the only volumes kept, so memory does not grow with ``n_samples``.
+Statistics are streamed (:class:`dwp.PredictiveStatistics`): the running sums of the
+probabilities and of the per-sample entropies are the only volumes kept, so memory does not
+grow with ``n_samples``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,18 +44,14 @@ import torch
 from torch import Tensor, nn
 
 import dwp
-from dwp.nn import BayesianLayer
-from dwp.predict import entropy
-from dwp.settings import sampling
+from nifti_io import save_nifti
 
-from .data import Case, Normalise, SegmentationDataset, save_nifti, uncrop
-from .model import SIZE_DIVISOR, UNet3D
+from .data import Case, Normalise, SegmentationDataset, uncrop
+from .model import SIZE_DIVISOR
 
 __all__ = [
     "MIN_ROI",
-    "TrainedModel",
     "VolumePrediction",
-    "load_model",
     "predict_case",
     "predict_volume",
 ]
@@ -107,10 +103,6 @@ def _roi(roi_size: int | Sequence[int]) -> tuple[int, int, int]:
             f"least {MIN_ROI} (the U-Net's three stride-2 levels), got {roi_size!r}"
         )
     return roi  # type: ignore[return-value]
-
-
-def _is_bayesian(model: nn.Module) -> bool:
-    return any(isinstance(m, BayesianLayer) for m in model.modules())
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -221,7 +213,7 @@ def predict_volume(
             )
         return logits.float().softmax(1)
 
-    bayesian = sample and _is_bayesian(model)
+    bayesian = sample and bool(dwp.bayesian_layers(model))
     passes = n_samples if bayesian else 1
     device = _device(model)
     x = image.to(device)[None]
@@ -237,8 +229,9 @@ def predict_volume(
         # plain tensor (MONAI may return a MetaTensor), double for the running sums
         return out.as_subclass(Tensor)[0].double()
 
+    # no variance: one volume less in memory; the entropies give the mutual information
+    stats = dwp.PredictiveStatistics("classification", class_dim=0, variance=False)
     was_training = model.training
-    sum_probs = sum_entropy = None
     try:
         model.eval()
         for _ in range(passes):
@@ -246,30 +239,19 @@ def predict_volume(
                 with dwp.fixed_sample(model, generator):
                     probs = one_pass()
             else:  # a Bayesian model's layers use their posterior means in eval()
-                with sampling(False, model):
+                with dwp.sampling(False, model):
                     probs = one_pass()
             # Gaussian blending may leave sums a rounding error away from 1
-            probs = probs / probs.sum(0, keepdim=True)
-            h = entropy(probs, class_dim=0)
-            if sum_probs is None:
-                sum_probs, sum_entropy = probs, h
-            else:
-                sum_probs += probs
-                sum_entropy += h
+            stats.update(probs / probs.sum(0, keepdim=True))
     finally:
         model.train(was_training)
 
-    mean = sum_probs / passes
-    total = entropy(mean, class_dim=0)
-    if bayesian:
-        mutual_information = (total - sum_entropy / passes).clamp_min(0.0)
-    else:
-        mutual_information = torch.zeros_like(total)
+    result = stats.result(torch.float32)
     return VolumePrediction(
-        probabilities=mean.float().cpu(),
-        mask=mean.argmax(0).cpu(),
-        mutual_information=mutual_information.float().cpu(),
-        predictive_entropy=total.float().cpu(),
+        probabilities=result.mean.cpu(),
+        mask=stats.mean.argmax(0).cpu(),  # of the float64 mean, as the sums were kept
+        mutual_information=result.mutual_information.cpu(),
+        predictive_entropy=result.predictive_entropy.cpu(),
         n_samples=passes,
     )
 
@@ -294,7 +276,7 @@ def predict_case(
     ``normalise`` and ``modality`` used in training), predicted with
     :func:`predict_volume`, mapped back to the file's shape with
     :func:`unet3d.data.uncrop` (voxels outside the network's grid get 0) and written
-    atomically with :func:`unet3d.data.save_nifti`, with the input's affine and header:
+    atomically with :func:`nifti_io.save_nifti`, with the input's affine and header:
 
     * ``<id>_prob.nii.gz``: foreground probability ``1 - p(class 0)``, float32;
     * ``<id>_mask.nii.gz``: the most probable class, uint8;
@@ -352,162 +334,3 @@ def predict_case(
         key: save_nifti(array, out / f"{case.id}_{key}.nii.gz", affine, header)
         for key, array in maps.items()
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# Trained models
-
-
-@dataclass(frozen=True)
-class TrainedModel:
-    """A network rebuilt from a training checkpoint, with what it was trained on.
-
-    Attributes
-    ----------
-    model
-        :class:`unet3d.UNet3D`, its 3x3x3 convs Bayesian for a variational strategy, in
-        ``eval()`` mode, on CPU.
-    config
-        The run's :meth:`unet3d.train.TrainConfig.as_dict` (``normalise``, ``modality``,
-        ``n_classes``, ``size``... are what prediction must reuse).
-    strategy
-        The strategy's :meth:`~unet3d.strategies.Strategy.describe` (at least ``name``).
-    bayesian
-        Whether ``model`` has Bayesian layers (posterior samples make sense).
-    path
-        The checkpoint read.
-    epoch
-        The (0-based) epoch the weights are from, when the checkpoint records it.
-    """
-
-    model: nn.Module
-    config: dict[str, Any]
-    strategy: dict[str, Any]
-    bayesian: bool
-    path: Path
-    epoch: int | None
-
-
-def _is_prior_key(key: str) -> bool:
-    parts = key.split(".")
-    return "weight_prior" in parts or "bias_prior" in parts
-
-
-def _run_description(path: Path, payload: dict[str, Any]) -> tuple[dict, dict]:
-    """The ``(config, strategy)`` JSON of a checkpoint, or of the ``last.pt`` beside it."""
-    from .strategies import CheckpointError, read_checkpoint
-
-    source, described = path, payload
-    if "config" not in payload:
-        # A best.pt of an earlier layout holds only the model, epoch and metrics; the run's
-        # last.pt (same folder, same architecture) still describes it.
-        sibling = path.parent / "last.pt"
-        if sibling.resolve() == path.resolve() or not sibling.is_file():
-            raise CheckpointError(
-                f"{path}: no training config in the checkpoint (and no last.pt beside it) "
-                "to rebuild the network from"
-            )
-        source, described = sibling, read_checkpoint(sibling)
-        if not isinstance(described, dict) or "config" not in described:
-            raise CheckpointError(f"{sibling}: no training config in this checkpoint either")
-    try:
-        config = json.loads(described["config"])
-        strategy = json.loads(described.get("strategy") or "{}")
-    except (TypeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{source}: malformed training config ({error})") from error
-    if not isinstance(config, dict) or not isinstance(strategy, dict):
-        raise CheckpointError(f"{source}: the training config is not a JSON object")
-    return config, strategy
-
-
-def load_model(checkpoint: str | os.PathLike) -> TrainedModel:
-    """Rebuild the network of a :func:`unet3d.train.train` checkpoint for prediction.
-
-    The U-Net's shape (``in_channels``, ``n_classes``, ``widths``) comes from the training
-    config stored in the checkpoint (or, for a ``best.pt`` of an earlier layout, in the
-    ``last.pt`` beside it); which layers are Bayesian from the weights themselves (those
-    with a ``weight_log_sigma``), so checkpoints of custom strategies load too.
-
-    The weight prior is *not* restored: prediction never evaluates it, so neither the prior
-    file of a ``dwp`` run nor the source checkpoint of a ``pretrained`` one has to exist
-    any more.  The Bayesian layers get a placeholder :class:`dwp.NormalPrior`, so the
-    returned model's ``dwp.kl`` is meaningless; continue training with
-    ``train(..., resume=True)`` instead.
-
-    Parameters
-    ----------
-    checkpoint
-        ``best.pt`` or ``last.pt`` of a training run.
-
-    Returns
-    -------
-    TrainedModel
-
-    Raises
-    ------
-    FileNotFoundError
-        No such file.
-    unet3d.strategies.CheckpointError
-        An unreadable file, one that is not a training checkpoint, no stored training
-        config, or weights that do not fit the network the config describes (naming the
-        file).
-    """
-    # strategies imports the losses, hence MONAI: only when a model is loaded
-    from .strategies import CheckpointError, read_checkpoint
-
-    path = Path(checkpoint)
-    payload = read_checkpoint(path)
-    if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
-        raise CheckpointError(f"{path}: not a unet3d training checkpoint (no 'model' entry)")
-    config, strategy = _run_description(path, payload)
-    state: dict[str, Tensor] = payload["model"]
-    try:
-        base = UNet3D(int(config["in_channels"]), int(config["n_classes"]), tuple(config["widths"]))
-    except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(
-            f"{path}: the training config does not describe a UNet3D ({error!r})"
-        ) from error
-    suffix = ".weight_log_sigma"
-    bayesian_layers = sorted(k[: -len(suffix)] for k in state if k.endswith(suffix))
-    model: nn.Module = base
-    if bayesian_layers:
-        names = set(bayesian_layers)
-        model = dwp.bayesianize(
-            base,
-            dwp.NormalPrior(),  # placeholder: see the docstring
-            include=lambda name, layer: name in names,
-            bayesian_bias=any(k.endswith(".bias_log_sigma") for k in state),
-            inplace=True,
-        )
-        converted = {n for n, m in model.named_modules() if isinstance(m, BayesianLayer)}
-        if converted != names:
-            raise CheckpointError(
-                f"{path}: Bayesian layers {sorted(names - converted)} are not convolutions "
-                f"of UNet3D(widths={tuple(config['widths'])})"
-            )
-    weights = {k: v for k, v in state.items() if not _is_prior_key(k)}
-    try:
-        result = model.load_state_dict(weights, strict=False)
-    except RuntimeError as error:  # shape mismatches
-        reason = str(error).strip().splitlines()
-        raise CheckpointError(
-            f"{path}: the weights do not fit the UNet3D its config describes "
-            f"({' '.join(r.strip() for r in reason[1:4])})"
-        ) from error
-    missing = [k for k in result.missing_keys if not _is_prior_key(k)]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(
-            f"{path}: the weights do not fit the UNet3D its config describes (missing "
-            f"{missing[:5]}, unexpected {result.unexpected_keys[:5]})"
-        )
-    model.eval()
-    epoch = payload.get("epoch")
-    return TrainedModel(
-        model=model,
-        config=config,
-        strategy=strategy,
-        bayesian=bool(bayesian_layers),
-        path=path,
-        # last.pt records the number of epochs done, best.pt the epoch of its weights
-        epoch=None if epoch is None else int(epoch) - (1 if "optimizer" in payload else 0),
-    )

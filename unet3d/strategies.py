@@ -3,8 +3,9 @@
 One training loop (:func:`unet3d.train.train`) runs every strategy; a strategy decides
 
 * the network (:meth:`Strategy.build_model`): a plain :class:`~unet3d.model.UNet3D`, one
-  loaded from a source checkpoint, or its variational version (:func:`dwp.bayesianize` of
-  the 3x3x3 convs, :func:`~unet3d.model.kernel3_layers`);
+  loaded from a source checkpoint (:func:`unet3d.checkpoint.load_source`), or its
+  variational version (:func:`dwp.bayesianize` of the 3x3x3 convs,
+  :func:`~unet3d.model.kernel3_layers`);
 * the training loss (:meth:`Strategy.loss`): the paper's ``0.01 * CE + Dice`` with mean
   reductions (:func:`unet3d.losses.paper_loss`) for the deterministic strategies, the
   negative ELBO (:func:`dwp.elbo` of the *summed* data term
@@ -34,18 +35,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
 from torch import Tensor, nn
 
 import dwp
 
+from .checkpoint import load_source
 from .losses import elbo_data_terms, paper_loss
 from .model import UNet3D, kernel3_layers
 
 __all__ = [
     "STRATEGIES",
     "BayesianStrategy",
-    "CheckpointError",
     "DWPStrategy",
     "ModelSpec",
     "NormalPriorStrategy",
@@ -55,9 +55,6 @@ __all__ = [
     "Strategy",
     "block_names",
     "get_strategy",
-    "load_source",
-    "load_state_dict",
-    "read_checkpoint",
 ]
 
 
@@ -68,49 +65,6 @@ class ModelSpec:
     in_channels: int = 1
     n_classes: int = 2
     widths: tuple[int, ...] = (16, 32, 32, 64)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is unreadable or not what it should be."""
-
-
-def read_checkpoint(path: str | os.PathLike) -> Any:
-    """``torch.load`` (tensors and plain containers only) with errors that name the file."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # a truncated or foreign file raises many kinds
-        reason = (str(error).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(
-            f"{path}: not a readable checkpoint ({type(error).__name__}: {reason})"
-        ) from error
-
-
-def load_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """A model state dict from ``path``: a raw state dict, or a checkpoint of
-    :func:`unet3d.train.train` (``best.pt``, ``last.pt``, ``source_restart{k}.pt``; key
-    ``"model"``)."""
-    payload = read_checkpoint(path)
-    if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
-        payload = payload["model"]
-    if not isinstance(payload, dict):
-        raise CheckpointError(f"{path}: not a state dict or a unet3d checkpoint")
-    return payload
-
-
-def load_source(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load the source checkpoint ``path`` into ``model`` (in place, returned); a checkpoint
-    of another architecture (other widths, channels) raises :class:`CheckpointError`
-    naming the file instead of torch's bare size-mismatch list."""
-    try:
-        model.load_state_dict(load_state_dict(path))
-    except RuntimeError as error:
-        first = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), "")
-        raise CheckpointError(
-            f"{path}: does not fit this U-Net (check widths / channels): {first[:300]}"
-        ) from error
-    return model
 
 
 def block_names(model: nn.Module) -> list[str]:

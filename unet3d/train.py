@@ -10,10 +10,9 @@ its initial value and a checkpoint ``source_restart{i}.pt`` is kept (cyclical re
 Every epoch it logs metrics (``metrics.csv``, ``metrics.json``: training loss terms, the
 validation loss and Dice, the learning rate), keeps ``best.pt`` (lowest validation loss)
 and ``last.pt`` (model, optimiser, scheduler, epoch, RNG state, history), all written
-atomically; both also hold the training config and the strategy's options as JSON strings
-(``"config"``, ``"strategy"``), from which :func:`unet3d.inference.load_model` rebuilds the
-network (a ``best.pt`` of an earlier run holds only the model, epoch and metrics: the
-loader then reads them from the ``last.pt`` beside it).
+atomically; both also hold the training config and the strategy's options, from which
+:func:`unet3d.checkpoint.load_model` rebuilds the network.  The checkpoint format is
+:mod:`unet3d.checkpoint`'s alone.
 
 ``resume=True`` continues from ``last.pt`` and reaches bit for bit the same parameters as
 an uninterrupted run: the data order of epoch ``e`` depends on ``(seed, e)`` only
@@ -36,14 +35,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -52,113 +49,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from dwp._io import atomic_write
+from dwp.io import write_json, write_text
 
+from . import checkpoint
+from .checkpoint import RunDescription, TrainingState
+from .config import TrainConfig
 from .data import Case, SegmentationDataset, collate
 from .losses import paper_loss
-from .strategies import CheckpointError, ModelSpec, Strategy, get_strategy, read_checkpoint
+from .strategies import ModelSpec, Strategy, get_strategy
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
-CHECKPOINT_VERSION = 1
-
-
-@dataclass
-class TrainConfig:
-    """Options of :func:`train` (the paper's recipe as defaults).
-
-    Attributes
-    ----------
-    strategy : str
-        A name of :data:`unet3d.strategies.STRATEGIES`.
-    strategy_options : dict
-        Keyword arguments of the strategy (``source=``, ``freeze_depth=``, ``beta=``,
-        ``prior_path=``...).
-    out_dir : str or Path, optional
-        Where metrics and checkpoints go; ``None`` writes nothing (and cannot resume).
-    epochs : int
-        Maximum epochs per cycle.
-    lr, batch_size, optimizer, momentum, weight_decay
-        Optimiser: Adam (default) or SGD, ``batch_size`` volumes per process and step.
-    lr_factor, lr_patience, min_lr
-        ``ReduceLROnPlateau`` on the validation loss; a cycle ends once the learning rate
-        of the first parameter group is at ``min_lr``.
-    val_every : int
-        Validate every ``val_every`` epochs and at the end of every cycle (tiny training
-        sets have epochs of one or two steps, so validating each one can cost more than
-        training). The scheduler and the best checkpoint only see validated epochs, so
-        ``lr_patience`` counts validations.
-    restarts : int
-        Cyclical restarts: after each of the first ``restarts`` cycles, reset the
-        learning rate and continue; every cycle's final model is saved as
-        ``source_restart{i}.pt`` when ``restarts > 0``.
-    seed : int
-        Seeds model initialisation, data order and weight noise.
-    in_channels, n_classes, widths
-        The U-Net (:class:`unet3d.model.UNet3D`).
-    size, binarise, modality, normalise
-        :class:`unet3d.data.SegmentationDataset` options for :class:`~unet3d.data.Case`
-        lists (ignored for ready datasets).
-    shuffle : bool
-        Reshuffle the training set every epoch (seeded by ``(seed, epoch)``).
-    progress : bool
-        A tqdm progress bar over epochs (rank 0 only).
-    num_workers : int
-        DataLoader workers.
-    """
-
-    strategy: str = "random_init"
-    strategy_options: dict[str, Any] = field(default_factory=dict)
-    out_dir: str | os.PathLike | None = None
-    epochs: int = 100
-    lr: float = 1e-3
-    batch_size: int = 2
-    optimizer: Literal["adam", "sgd"] = "adam"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    lr_factor: float = 0.1
-    lr_patience: int = 10
-    min_lr: float = 1e-6
-    val_every: int = 1
-    restarts: int = 0
-    seed: int = 0
-    in_channels: int = 1
-    n_classes: int = 2
-    widths: tuple[int, ...] = (16, 32, 32, 64)
-    size: int | tuple[int, int, int] | None = None
-    binarise: bool = True
-    modality: int | None = None
-    normalise: Literal["minmax", "zscore"] | None = "minmax"
-    shuffle: bool = True
-    progress: bool = True
-    num_workers: int = 0
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.val_every < 1 or self.restarts < 0:
-            raise ValueError(
-                "epochs, batch_size and val_every must be >= 1 and restarts >= 0, got "
-                f"{self.epochs}, {self.batch_size}, {self.val_every}, {self.restarts}"
-            )
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if not 0 < self.lr_factor < 1:
-            raise ValueError(f"lr_factor must be in (0, 1), got {self.lr_factor}")
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly copy (strategy options shown with ``repr`` where not plain)."""
-        out = asdict(self)
-        out["out_dir"] = None if self.out_dir is None else str(self.out_dir)
-        out["strategy_options"] = {k: _plain(v) for k, v in self.strategy_options.items()}
-        out["widths"] = list(self.widths)
-        return out
-
-
-def _plain(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return repr(value) if not isinstance(value, os.PathLike) else str(value)
+Scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau
 
 
 @dataclass
@@ -203,6 +105,26 @@ def _distributed_env() -> tuple[int, int]:
     return (rank, world) if world > 1 else (0, 1)
 
 
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class _Data:
+    """The data loaders of a run; the training order of epoch ``e`` depends on
+    ``(seed, e)`` only (:meth:`start_epoch`)."""
+
+    train_set: Dataset
+    sampler: DistributedSampler
+    loader: DataLoader
+    val_loader: DataLoader | None
+
+    def start_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+        if hasattr(self.train_set, "set_epoch"):  # a new augmentation draw
+            self.train_set.set_epoch(epoch)
+
+
 def _as_dataset(data: Sequence[Case] | Dataset, config: TrainConfig) -> Dataset:
     if isinstance(data, Dataset):
         return data
@@ -219,36 +141,143 @@ def _as_dataset(data: Sequence[Case] | Dataset, config: TrainConfig) -> Dataset:
     )
 
 
+def _data(
+    config: TrainConfig,
+    train_cases: Sequence[Case] | Dataset,
+    val_cases: Sequence[Case] | Dataset | None,
+    rank: int,
+    world: int,
+) -> _Data:
+    train_set = _as_dataset(train_cases, config)
+    val_set = None if val_cases is None else _as_dataset(val_cases, config)
+    if config.batch_size * world > len(train_set):
+        raise ValueError(
+            f"global batch {config.batch_size * world} exceeds the {len(train_set)} "
+            "training volumes"
+        )
+    # One replica without DDP: the order of epoch e depends on (seed, e) only, in both cases.
+    sampler = DistributedSampler(
+        train_set, num_replicas=world, rank=rank, shuffle=config.shuffle, seed=config.seed
+    )
+    loader = DataLoader(
+        train_set,
+        batch_size=config.batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=config.num_workers,
+    )
+    val_loader = (
+        None
+        if val_set is None
+        else DataLoader(val_set, batch_size=config.batch_size, collate_fn=collate)
+    )
+    return _Data(train_set, sampler, loader, val_loader)
+
+
 # ---------------------------------------------------------------------------------------------
-# Checkpoints and logs
+# Model, optimiser, scheduler
 
 
-def _save(payload: dict[str, Any], path: Path) -> None:
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    with atomic_write(path) as f:
-        f.write(buffer.getvalue())
+def _make_optimizer(config: TrainConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _write_text(text: str, path: Path) -> None:
-    with atomic_write(path) as f:
-        f.write(text.encode())
+def _make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> Scheduler:
+    # every group's floor keeps its ratio to the main learning rate
+    floors = [config.min_lr * g["initial_lr"] / config.lr for g in optimizer.param_groups]
+    return Scheduler(
+        optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience, min_lr=floors
+    )
 
 
-def _write_metrics(history: list[dict[str, Any]], out_dir: Path) -> None:
-    _write_text(json.dumps(history, indent=1), out_dir / "metrics.json")
-    columns: list[str] = []
-    for record in history:
-        columns += [k for k in record if k not in columns]
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    _write_text(text.getvalue(), out_dir / "metrics.csv")
+def _at_floor(optimizer: torch.optim.Optimizer, config: TrainConfig) -> bool:
+    return optimizer.param_groups[0]["lr"] <= config.min_lr * (1 + 1e-9)
+
+
+def _build(config: TrainConfig, strategy: Strategy) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The strategy's network (seeded by ``config.seed``) and its optimiser."""
+    torch.manual_seed(config.seed)
+    spec = ModelSpec(config.in_channels, config.n_classes, tuple(config.widths))
+    model = strategy.build_model(spec)
+    model.train()
+    optimizer = _make_optimizer(config, strategy.param_groups(model, config.lr))
+    for group in optimizer.param_groups:  # what a restart resets the learning rates to
+        group["initial_lr"] = group["lr"]
+    return model, optimizer
+
+
+def _start(
+    config: TrainConfig,
+    out_dir: Path | None,
+    resume: bool,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Scheduler,
+) -> TrainingState:
+    """A fresh state, or the one of ``out_dir/last.pt`` with the states it restores."""
+    last = None if out_dir is None else out_dir / "last.pt"
+    if not (resume and last is not None and last.exists()):
+        torch.manual_seed(config.seed + 1)  # weight-noise stream, independent of the init
+        return TrainingState()
+    point = checkpoint.read_resume_point(last)
+    model.load_state_dict(point.model)
+    optimizer.load_state_dict(point.optimizer)
+    scheduler.load_state_dict(point.scheduler)
+    torch.set_rng_state(point.torch_rng)
+    return point.state
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation
+# One epoch
+
+
+@dataclass
+class _Run:
+    """What one training run works with; the scheduler is replaced at each restart."""
+
+    config: TrainConfig
+    strategy: Strategy
+    data: _Data
+    model: nn.Module
+    net: nn.Module  # the DDP wrapper of model, or model itself
+    optimizer: torch.optim.Optimizer
+    scheduler: Scheduler
+    world: int
+    out_dir: Path | None
+    writer: bool  # rank 0 with an out_dir: the process that writes files
+
+
+def _train_epoch(run: _Run, state: TrainingState) -> dict[str, Any]:
+    """One pass over the training data; returns the epoch's record (mean loss terms)."""
+    run.data.start_epoch(state.epoch)
+    n_data = len(run.data.train_set)
+    sums: dict[str, float] = {}
+    batches = 0
+    for batch in run.data.loader:
+        image, label = batch["image"], batch["label"]
+        run.optimizer.zero_grad(set_to_none=True)
+        logits = run.net(image)
+        loss, terms = run.strategy.loss(
+            run.model, logits, label, n_data, image.shape[0], state.step
+        )
+        loss.backward()
+        run.optimizer.step()
+        state.step += 1
+        batches += 1
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v
+    record: dict[str, Any] = {
+        "epoch": state.epoch,
+        "cycle": state.cycle,
+        "step": state.step,
+        "lr": run.optimizer.param_groups[0]["lr"],
+    }
+    record.update({f"train_{k}": v / max(batches, 1) for k, v in sums.items()})
+    return record
 
 
 @torch.no_grad()
@@ -272,30 +301,106 @@ def _validate(model: nn.Module, loader: DataLoader) -> dict[str, float]:
     return {"val_loss": total / count, "val_dice": float(scores["dice_mean"])}
 
 
+def _monitor(run: _Run, state: TrainingState, record: dict[str, Any]) -> tuple[float | None, bool]:
+    """The loss the scheduler sees this epoch (``None``: no validation this epoch), and
+    whether it is a validation loss; validation metrics go into ``record``."""
+    config, val_loader = run.config, run.data.val_loader
+    if val_loader is None:
+        monitored = record["train_loss"]
+        if run.world > 1:  # every rank must step its scheduler alike
+            value = torch.tensor([monitored], dtype=torch.float64)
+            dist.all_reduce(value)
+            monitored = float(value) / run.world
+        return monitored, False
+    last_of_cycle = state.cycle_epoch + 1 >= config.epochs
+    if (state.cycle_epoch + 1) % config.val_every == 0 or last_of_cycle:
+        record.update(_validate(run.model, val_loader))
+        return record["val_loss"], True
+    return None, False
+
+
+def _end_cycle(run: _Run, state: TrainingState) -> None:
+    """After a cycle's last epoch: keep the restart checkpoint, then restart or finish."""
+    config, optimizer = run.config, run.optimizer
+    state.stop_reason = "min_lr" if _at_floor(optimizer, config) else "max_epochs"
+    if config.restarts > 0 and run.out_dir is not None:
+        path = run.out_dir / f"source_restart{state.cycle}.pt"
+        if run.writer:
+            checkpoint.save_restart(path, run.model, epoch=state.epoch - 1, cycle=state.cycle)
+        state.restart_checkpoints.append(path)
+    if state.cycle < config.restarts:  # restart: initial learning rates, fresh plateau state
+        state.cycle += 1
+        state.cycle_epoch = 0
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"]
+        run.scheduler = _make_scheduler(config, optimizer)
+    else:
+        state.finished = True
+
+
+def _epoch(run: _Run, state: TrainingState) -> tuple[dict[str, Any], bool]:
+    """Train and monitor one epoch, step the schedule; returns the record and whether the
+    epoch is the best so far."""
+    started = time.perf_counter()
+    record = _train_epoch(run, state)
+    monitored, validated = _monitor(run, state, record)
+    record["seconds"] = time.perf_counter() - started
+    state.history.append(record)
+    if monitored is not None:
+        run.scheduler.step(monitored)
+    improved = validated and monitored < state.best_val_loss
+    if improved:
+        state.best_val_loss, state.best_epoch = monitored, state.epoch
+    state.epoch += 1
+    state.cycle_epoch += 1
+    if _at_floor(run.optimizer, run.config) or state.cycle_epoch >= run.config.epochs:
+        _end_cycle(run, state)
+    return record, improved
+
+
 # ---------------------------------------------------------------------------------------------
-# The loop
+# Files
 
 
-def _make_optimizer(config: TrainConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+def _write_metrics(history: list[dict[str, Any]], out_dir: Path) -> None:
+    write_json(out_dir / "metrics.json", history)
+    columns: list[str] = []
+    for record in history:
+        columns += [k for k in record if k not in columns]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(out_dir / "metrics.csv", text.getvalue())
+
+
+def _save(
+    run: _Run, state: TrainingState, described: RunDescription, record: dict, improved: bool
+) -> None:
+    """The epoch's files (rank 0): ``best.pt`` if it improved, ``last.pt``, the metrics."""
+    if improved:
+        checkpoint.save_best(
+            run.out_dir / "best.pt", run.model, described, epoch=state.epoch - 1, metrics=record
         )
-    return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+    checkpoint.save_last(
+        run.out_dir / "last.pt", run.model, run.optimizer, run.scheduler, described, state
+    )
+    _write_metrics(state.history, run.out_dir)
 
 
-def _make_scheduler(
-    config: TrainConfig, optimizer: torch.optim.Optimizer
-) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
-    # every group's floor keeps its ratio to the main learning rate
-    floors = [config.min_lr * g["initial_lr"] / config.lr for g in optimizer.param_groups]
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=config.lr_factor, patience=config.lr_patience, min_lr=floors
+def _progress_bar(run: _Run, state: TrainingState, rank: int) -> tqdm:
+    config = run.config
+    return tqdm(
+        total=config.epochs * (config.restarts + 1),
+        initial=state.epoch,
+        disable=not (config.progress and rank == 0),
+        desc=f"{run.strategy.name}",
+        unit="epoch",
     )
 
 
-def _at_floor(optimizer: torch.optim.Optimizer, config: TrainConfig) -> bool:
-    return optimizer.param_groups[0]["lr"] <= config.min_lr * (1 + 1e-9)
+# ---------------------------------------------------------------------------------------------
+# The loop
 
 
 def train(
@@ -357,197 +462,33 @@ def _train(
     writer = rank == 0 and out_dir is not None
     if writer:
         out_dir.mkdir(parents=True, exist_ok=True)
-
-    train_set = _as_dataset(train_cases, config)
-    val_set = None if val_cases is None else _as_dataset(val_cases, config)
-    n_data = len(train_set)
-    if config.batch_size * world > n_data:
-        raise ValueError(
-            f"global batch {config.batch_size * world} exceeds the {n_data} training volumes"
-        )
-    # One replica without DDP: the order of epoch e depends on (seed, e) only, in both cases.
-    sampler = DistributedSampler(
-        train_set, num_replicas=world, rank=rank, shuffle=config.shuffle, seed=config.seed
-    )
-    loader = DataLoader(
-        train_set,
-        batch_size=config.batch_size,
-        sampler=sampler,
-        collate_fn=collate,
-        num_workers=config.num_workers,
-    )
-    val_loader = (
-        None
-        if val_set is None
-        else DataLoader(val_set, batch_size=config.batch_size, collate_fn=collate)
-    )
-
-    torch.manual_seed(config.seed)
-    spec = ModelSpec(config.in_channels, config.n_classes, tuple(config.widths))
-    model = strategy.build_model(spec)
-    model.train()
-    optimizer = _make_optimizer(config, strategy.param_groups(model, config.lr))
-    for group in optimizer.param_groups:
-        group["initial_lr"] = group["lr"]
+    data = _data(config, train_cases, val_cases, rank, world)
+    model, optimizer = _build(config, strategy)
     scheduler = _make_scheduler(config, optimizer)
+    state = _start(config, out_dir, resume, model, optimizer, scheduler)
+    net = DistributedDataParallel(model) if world > 1 else model
+    run = _Run(config, strategy, data, model, net, optimizer, scheduler, world, out_dir, writer)
+    # what rebuilds the network (checkpoint.load_model), in best.pt and last.pt
+    described = RunDescription(config.as_dict(), strategy.describe())
 
-    epoch, cycle, cycle_epoch, step = 0, 0, 0, 0
-    history: list[dict[str, Any]] = []
-    best_val, best_epoch = math.inf, -1
-    restart_files: list[Path] = []
-    finished, stop_reason = False, "max_epochs"
-    last = None if out_dir is None else out_dir / "last.pt"
-    if resume and last is not None and last.exists():
-        state = read_checkpoint(last)
-        missing = {"model", "optimizer", "scheduler", "epoch", "history"} - set(state)
-        if missing:
-            raise CheckpointError(
-                f"{last}: not a unet3d training checkpoint (missing {sorted(missing)})"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        epoch, cycle, cycle_epoch, step = (
-            state["epoch"],
-            state["cycle"],
-            state["cycle_epoch"],
-            state["step"],
-        )
-        history = list(state["history"])
-        best_val, best_epoch = state["best_val_loss"], state["best_epoch"]
-        restart_files = [Path(p) for p in state["restart_checkpoints"]]
-        finished, stop_reason = state["finished"], state["stop_reason"]
-        torch.set_rng_state(state["torch_rng"])
-    else:
-        torch.manual_seed(config.seed + 1)  # weight-noise stream, independent of the init
-
-    net: nn.Module = DistributedDataParallel(model) if world > 1 else model
-    bar = tqdm(
-        total=config.epochs * (config.restarts + 1),
-        initial=epoch,
-        disable=not (config.progress and rank == 0),
-        desc=f"{strategy.name}",
-        unit="epoch",
-    )
-    while not finished:
-        sampler.set_epoch(epoch)
-        if hasattr(train_set, "set_epoch"):
-            train_set.set_epoch(epoch)
-        started = time.perf_counter()
-        sums: dict[str, float] = {}
-        batches = 0
-        for batch in loader:
-            image, label = batch["image"], batch["label"]
-            optimizer.zero_grad(set_to_none=True)
-            logits = net(image)
-            loss, terms = strategy.loss(model, logits, label, n_data, image.shape[0], step)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            batches += 1
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v
-        record: dict[str, Any] = {
-            "epoch": epoch,
-            "cycle": cycle,
-            "step": step,
-            "lr": optimizer.param_groups[0]["lr"],
-        }
-        record.update({f"train_{k}": v / max(batches, 1) for k, v in sums.items()})
-        validated = val_loader is not None and (
-            (cycle_epoch + 1) % config.val_every == 0 or cycle_epoch + 1 >= config.epochs
-        )
-        if val_loader is None:
-            monitored = record["train_loss"]
-            if world > 1:  # every rank must step its scheduler alike
-                value = torch.tensor([monitored], dtype=torch.float64)
-                dist.all_reduce(value)
-                monitored = float(value) / world
-        elif validated:
-            record.update(_validate(model, val_loader))
-            monitored = record["val_loss"]
-        else:
-            monitored = None
-        record["seconds"] = time.perf_counter() - started
-        history.append(record)
-        if monitored is not None:
-            scheduler.step(monitored)
-        improved = validated and monitored < best_val
-        if improved:
-            best_val, best_epoch = monitored, epoch
-        epoch += 1
-        cycle_epoch += 1
-
-        cycle_done = _at_floor(optimizer, config) or cycle_epoch >= config.epochs
-        if cycle_done:
-            stop_reason = "min_lr" if _at_floor(optimizer, config) else "max_epochs"
-            if config.restarts > 0:
-                path = None if out_dir is None else out_dir / f"source_restart{cycle}.pt"
-                if writer:
-                    _save({"model": model.state_dict(), "epoch": epoch - 1, "cycle": cycle}, path)
-                if path is not None:
-                    restart_files.append(path)
-            if cycle < config.restarts:  # restart: initial learning rates, fresh plateau state
-                cycle += 1
-                cycle_epoch = 0
-                for group in optimizer.param_groups:
-                    group["lr"] = group["initial_lr"]
-                scheduler = _make_scheduler(config, optimizer)
-            else:
-                finished = True
-
+    bar = _progress_bar(run, state, rank)
+    while not state.finished:
+        record, improved = _epoch(run, state)
         if writer:
-            # What a reader needs to rebuild the network (unet3d.inference.load_model), in
-            # both checkpoints: best.pt is the one usually deployed.
-            described = {
-                "version": CHECKPOINT_VERSION,
-                "config": json.dumps(config.as_dict()),
-                "strategy": json.dumps(strategy.describe(), default=repr),
-            }
-            if improved:
-                _save(
-                    {
-                        **described,
-                        "model": model.state_dict(),
-                        "epoch": epoch - 1,
-                        "metrics": record,
-                    },
-                    out_dir / "best.pt",
-                )
-            _save(
-                {
-                    **described,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch,
-                    "cycle": cycle,
-                    "cycle_epoch": cycle_epoch,
-                    "step": step,
-                    "history": history,
-                    "best_val_loss": best_val,
-                    "best_epoch": best_epoch,
-                    "restart_checkpoints": [str(p) for p in restart_files],
-                    "finished": finished,
-                    "stop_reason": stop_reason,
-                    "torch_rng": torch.get_rng_state(),
-                },
-                last,
-            )
-            _write_metrics(history, out_dir)
+            _save(run, state, described, record, improved)
         if world > 1:
             dist.barrier()  # last.pt is complete before any rank may stop
         bar.update(1)
         bar.set_postfix({k: f"{record[k]:.4g}" for k in ("train_loss", "val_dice") if k in record})
         if on_epoch_end is not None:
-            on_epoch_end(epoch - 1, record)
+            on_epoch_end(state.epoch - 1, record)
     bar.close()
     return TrainResult(
         model=model,
-        history=history,
-        best_epoch=best_epoch,
-        best_val_loss=best_val,
-        stop_reason=stop_reason,
-        restart_checkpoints=restart_files,
+        history=state.history,
+        best_epoch=state.best_epoch,
+        best_val_loss=state.best_val_loss,
+        stop_reason=state.stop_reason,
+        restart_checkpoints=state.restart_checkpoints,
         out_dir=out_dir,
     )

@@ -23,33 +23,39 @@ import fnmatch
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .._io import atomic_write
+from ..io import FileFormat, LibraryFileError
+from ..kernel_bank import KernelBank
+from ..normal import normal_entropy, normal_nll_sum, standard_normal_kl
 from ..posterior import MeanFieldNormal, reparam_sample
-from ..vae import KernelVAE, VAEFit, _normal_nll_sum, _standard_normal_kl, fit_kernel_vae
+from ..vae import KernelVAE, VAEFit, fit_kernel_vae
 from .base import KLKind, Prior, PriorMismatchError
-
-if TYPE_CHECKING:
-    from ..kernels import KernelBank
 
 __all__ = ["DeepWeightPrior", "DeepWeightSitePrior", "PriorFileError"]
 
-FORMAT = "dwp.DeepWeightPrior"
-FORMAT_VERSION = 1
 #: layers with fewer kernels than this share one VAE call per step (see ``kl_batch``): a
 #: call costs ~1 ms of overhead, concatenating a layer ~0.1 us per kernel (CPU, measured)
 _BATCH_BELOW = 8192
-_LOG_2PI_E = math.log(2.0 * math.pi * math.e)
 
 
-class PriorFileError(ValueError):
+class PriorFileError(LibraryFileError):
     """A saved prior file is unreadable, of another kind, or inconsistent."""
+
+
+#: The deep weight prior's file: its VAEs (config and weights per group), the layer ->
+#: group map, the estimator options and the fit's provenance.
+PRIOR_FILE = FileFormat(
+    tag="dwp.DeepWeightPrior",
+    version=1,
+    keys=("groups", "layer_groups", "options", "metadata"),
+    error=PriorFileError,
+    what="deep weight prior",
+)
 
 
 def _freeze_as_buffers(module: nn.Module) -> None:
@@ -99,9 +105,7 @@ class DeepWeightSitePrior(Prior):
             z = torch.addcmul(z_loc, z_scale, torch.randn_like(z_loc))
             w_loc, w_scale = self.vae.decode(z)
             total = (
-                total
-                + _standard_normal_kl(z_loc, z_scale).sum()
-                + _normal_nll_sum(w, w_loc, w_scale)
+                total + standard_normal_kl(z_loc, z_scale).sum() + normal_nll_sum(w, w_loc, w_scale)
             )
         return total / self.n_samples
 
@@ -126,7 +130,7 @@ class DeepWeightSitePrior(Prior):
             _check_kernel_shape(
                 posterior.name, posterior.shape, posterior.kernel_dims, self.vae.kernel_shape
             )
-        neg_entropy = -sum(p.log_scale.sum() + 0.5 * _LOG_2PI_E * p.loc.numel() for p in posteriors)
+        neg_entropy = -sum(normal_entropy(p.log_scale) for p in posteriors)
         # Batching saves the per-call overhead of small layers; large layers go alone, as
         # concatenating them would only copy their kernels (and gradients) once more.
         per_kernel = math.prod(self.vae.kernel_shape)
@@ -429,16 +433,11 @@ class DeepWeightPrior(Prior):
     # -- saving ---------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write the prior (VAEs, groups, options, provenance) to one file, atomically."""
-        from .. import __version__
-
         if callable(self.layer_groups):
             raise ValueError(
                 "a prior with a function as layer_groups cannot be saved; use a mapping"
             )
-        payload = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "dwp_version": __version__,
+        entries = {
             "groups": {
                 g: {"config": vae.config(), "state_dict": vae.state_dict()}
                 for g, vae in self.vaes.items()
@@ -453,32 +452,13 @@ class DeepWeightPrior(Prior):
             },
             "metadata": self.metadata,
         }
-        with atomic_write(path) as f:
-            torch.save(payload, f)
+        PRIOR_FILE.save(entries, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, **overrides: Any) -> DeepWeightPrior:
         """Read a prior written by :meth:`save`, validating it; ``overrides`` replace saved
         options (``n_samples``, ``chunk_size``, ``train_encoder``...)."""
-        path = Path(path)
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise
-        except Exception as error:  # torch raises many kinds for a corrupt file
-            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
-            raise PriorFileError(
-                f"{path}: not a readable prior file ({type(error).__name__}: {reason})"
-            ) from error
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise PriorFileError(f"{path}: not a {FORMAT} file")
-        if payload.get("format_version") != FORMAT_VERSION:
-            raise PriorFileError(
-                f"{path}: format version {payload.get('format_version')}, this dwp reads {FORMAT_VERSION}"
-            )
-        missing = {"groups", "layer_groups", "options", "metadata"} - payload.keys()
-        if missing:
-            raise PriorFileError(f"{path}: missing {sorted(missing)}")
+        payload = PRIOR_FILE.load(path)
         if not isinstance(payload["groups"], dict) or not isinstance(payload["layer_groups"], dict):
             raise PriorFileError(f"{path}: groups and layer_groups must be mappings")
         vaes = {}

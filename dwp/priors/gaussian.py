@@ -7,12 +7,11 @@ import math
 import torch
 from torch import Tensor
 
+from ..normal import normal_log_density
 from ..posterior import MeanFieldNormal
 from .base import KLKind, Prior, PriorMismatchError
 
 __all__ = ["NormalPrior", "PretrainedNormalPrior", "gaussian_kl"]
-
-_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 def gaussian_kl(q: MeanFieldNormal, loc: Tensor, scale: Tensor) -> Tensor:
@@ -24,10 +23,6 @@ def gaussian_kl(q: MeanFieldNormal, loc: Tensor, scale: Tensor) -> Tensor:
     var_ratio = torch.exp(-2.0 * log_ratio)  # q.scale^2 / scale^2
     mahalanobis = ((q.loc - loc) / scale).pow(2)
     return (log_ratio + 0.5 * (var_ratio + mahalanobis) - 0.5).sum()
-
-
-def _gaussian_log_prob(value: Tensor, loc: Tensor, scale: Tensor) -> Tensor:
-    return (-0.5 * ((value - loc) / scale).pow(2) - scale.log() - _HALF_LOG_2PI).sum()
 
 
 class NormalPrior(Prior):
@@ -52,7 +47,7 @@ class NormalPrior(Prior):
         return gaussian_kl(posterior, self.loc, self.scale)
 
     def log_prob(self, value: Tensor) -> Tensor:
-        return _gaussian_log_prob(value, self.loc, self.scale)
+        return normal_log_density(value, self.loc, self.scale).sum()
 
     def sample(self, shape: torch.Size | tuple[int, ...]) -> Tensor:
         return self.loc + self.scale * torch.randn(shape, device=self.loc.device)
@@ -132,7 +127,7 @@ class PretrainedNormalPrior(Prior):
         return gaussian_kl(posterior, self.loc, self.scale)
 
     def log_prob(self, value: Tensor) -> Tensor:
-        return _gaussian_log_prob(value, self.loc, self.scale)
+        return normal_log_density(value, self.loc, self.scale).sum()
 
     def sample(self, shape: torch.Size | tuple[int, ...]) -> Tensor:
         self._require_centre()

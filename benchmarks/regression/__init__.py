@@ -1,0 +1,59 @@
+"""Regression benchmark: 3D BagNets, Hydranet and importance maps on the synthetic cohorts.
+
+Three sections, on 4 mm volumes of the offline MNI152-based cohorts (:mod:`cohorts`):
+
+(a) **BagNet receptive field** 9 / 17 / 33 / 177: age MAE and sex accuracy on ``brain_age``,
+    in the layout of Pawlowski & Glocker's table, with local-map figures of the youngest and
+    the oldest test subject;
+(b) **Hydranet** vs its base regressor, the base regressor with an N(0, 1) prior and with a
+    deep weight prior (fitted on the 3x3x3 kernels of regressors trained on the ``ms_source``
+    cohort's lesion count and volume), on ``lesion_count`` count and volume with 12-30
+    training subjects: MSE and ICC(2,1), several seeds;
+(c) **Importance maps**: a noise model (Bintsi et al. 2021) on the frozen best age BagNet,
+    scored by AUC against the known ageing map, next to the BagNet local maps' AUC.
+
+Usage::
+
+    python -m benchmarks.regression --preset quick --seed 0       # ~20-30 min on 2 cores
+    python -m benchmarks.regression --preset ci --out /tmp/reg    # a minute: pipeline check
+    dwp-regression --preset full
+
+Writes ``regression.json`` / ``regression.md`` (``regression_<preset>.*`` for presets other
+than quick) and ``regression_local_maps.png``, ``regression_hydranet.png``,
+``regression_importance.png`` into ``--out`` (default ``benchmarks/results``).
+
+Honest small-scale caveats: tiny widths and a few hundred steps on CPU, synthetic anatomy
+where sex changes brain size only, so numbers are not comparable with the papers' (which
+are given beside them for the layout only).
+"""
+
+from __future__ import annotations
+
+# .cli takes the command's --help description from this docstring's first paragraph
+from .bagnets import run_bagnets
+from .cli import main, parse_args
+from .cohort import Cohort, load_cohort
+from .config import METHODS, PRESETS, RECEPTIVE_FIELDS, Preset
+from .figures import plot_hydranet, plot_importance, plot_local_maps
+from .hydranet import fit_source_prior, run_hydranet
+from .importance import run_importance
+from .report import render_markdown
+
+__all__ = [
+    "METHODS",
+    "PRESETS",
+    "RECEPTIVE_FIELDS",
+    "Cohort",
+    "Preset",
+    "fit_source_prior",
+    "load_cohort",
+    "main",
+    "parse_args",
+    "plot_hydranet",
+    "plot_importance",
+    "plot_local_maps",
+    "render_markdown",
+    "run_bagnets",
+    "run_hydranet",
+    "run_importance",
+]

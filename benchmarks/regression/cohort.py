@@ -1,0 +1,70 @@
+"""The benchmark's data: subjects of the synthetic :mod:`cohorts`, generated in memory at
+4 mm, cropped to the region a section needs and intensity-normalised."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import cohorts
+import regression3d as r3d
+
+from .config import RESOLUTION
+
+__all__ = ["Cohort", "load_cohort"]
+
+
+@dataclass
+class Cohort:
+    """Cropped images ``(N, 1, D, H, W)``, brain masks, targets and ageing labels."""
+
+    x: Tensor
+    mask: Tensor
+    targets: dict[str, np.ndarray]
+    labels: np.ndarray
+    affine: np.ndarray
+
+
+def _crop_affine(affine: np.ndarray, crop: tuple[slice, ...]) -> np.ndarray:
+    shift = np.eye(4)
+    shift[:3, 3] = [s.start for s in crop]
+    return affine @ shift
+
+
+def load_cohort(
+    name: str, n: int, split: str, seed: int, crop: tuple[slice, ...], scaling: str
+) -> Cohort:
+    """``n`` subjects of a cohort in memory, cropped and intensity-normalised.
+
+    ``scaling``: ``"zscore"`` inside the brain (brain age) or ``"minmax"`` to [0, 1] (lesion
+    count: Hydranet's zero images are then black images, as in the paper).
+    """
+    images, masks, labels, targets = [], [], [], {}
+    for i in range(n):
+        s = cohorts.subject(name, i, resolution=RESOLUTION, seed=seed, split=split)
+        brain = sum(s["tissues"].values()) > 0.5
+        images.append(s["image"][crop])
+        masks.append(brain[crop])
+        labels.append(s["label"][crop])
+        # ms_source is a segmentation cohort, but its subjects carry count and volume too
+        keys = cohorts.COHORTS[name].targets or ("count", "volume_mm3")
+        for key in keys:
+            value = s["meta"][key]
+            targets.setdefault(key, []).append(
+                1.0 if value == "F" else 0.0 if value == "M" else value
+            )
+    x = torch.from_numpy(np.stack(images)).float().unsqueeze(1)
+    mask = torch.from_numpy(np.stack(masks)).unsqueeze(1)
+    if scaling == "zscore":
+        x = r3d.standardise_images(x, mask) * mask
+    else:
+        low = x.amin(dim=(2, 3, 4), keepdim=True)
+        high = x.amax(dim=(2, 3, 4), keepdim=True)
+        x = (x - low) / (high - low).clamp_min(1e-8)
+    affine = _crop_affine(np.asarray(s["affine"]), crop)
+    return Cohort(
+        x, mask[:, 0], {k: np.asarray(v) for k, v in targets.items()}, np.stack(labels), affine
+    )

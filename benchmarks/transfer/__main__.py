@@ -1,0 +1,5 @@
+"""``python -m benchmarks.transfer``."""
+
+from .cli import main
+
+raise SystemExit(main())

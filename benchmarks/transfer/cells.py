@@ -1,0 +1,178 @@
+"""Stage 4: the grid of target runs, one cell (method, train size, split) at a time, on
+nested training subsets shared by every method (:func:`split_indices`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Subset
+
+from dwp.io import write_json
+from unet3d.checkpoint import read_state_dict
+from unet3d.data import SegmentationDataset
+from unet3d.inference import predict_volume
+from unet3d.metrics import evaluate
+from unet3d.strategies import ModelSpec, get_strategy
+from unet3d.train import train
+
+from .config import Preset
+from .data import Data
+from .sources import train_config
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of the grid."""
+
+    method: str
+    size: int
+    split: int
+
+    def folder(self) -> str:
+        return f"n{self.size}/split{self.split}"
+
+
+def grid(preset: Preset) -> list[Cell]:
+    """Every cell, smallest training sets first (their runs are the cheapest)."""
+    return [
+        Cell(m, n, s) for n in preset.sizes for s in range(preset.splits) for m in preset.methods
+    ]
+
+
+def parse_only(text: str | None) -> dict[str, set[str]]:
+    """``"method=dwp,size=5+10,split=0"`` -> ``{"method": {"dwp"}, "size": {"5", "10"}, ...}``."""
+    if not text:
+        return {}
+    out: dict[str, set[str]] = {}
+    for part in text.split(","):
+        name, sep, values = part.partition("=")
+        if not sep or name not in ("method", "size", "split") or not values:
+            raise ValueError(
+                f"--only: expected method=..,size=..,split=.. (values joined by '+'), got {part!r}"
+            )
+        out[name] = set(values.split("+"))
+    return out
+
+
+def selected(cell: Cell, only: Mapping[str, set[str]]) -> bool:
+    """Whether ``cell`` is one of the cells :func:`parse_only`'s ``only`` selects."""
+    values = {"method": cell.method, "size": str(cell.size), "split": str(cell.split)}
+    return all(values[k] in allowed for k, allowed in only.items())
+
+
+def split_indices(pool: int, size: int, split: int, seed: int) -> list[int]:
+    """Pool indices of the training subset: the first ``size`` of split ``split``'s
+    permutation, so the subsets of one split are nested and every method gets the same."""
+    order = np.random.default_rng([seed, split]).permutation(pool)
+    return sorted(int(i) for i in order[:size])
+
+
+def _epochs(preset: Preset, size: int) -> int:
+    if preset.steps <= 0:
+        return preset.epochs
+    return math.ceil(preset.steps / math.ceil(size / 2))
+
+
+def _val_every(preset: Preset, size: int) -> int:
+    """Epochs between validations: about ``val_every_steps`` steps (batch 2)."""
+    if preset.val_every_steps <= 0:
+        return 1
+    return max(1, round(preset.val_every_steps / math.ceil(size / 2)))
+
+
+class Datasets:
+    """The target volumes, loaded once per process and shared by every cell."""
+
+    def __init__(self, preset: Preset, data: Data) -> None:
+        options = {"normalise": "minmax", "binarise": True, "size": preset.crop, "cache": True}
+        self.pool = SegmentationDataset(data.pool, **options)
+        self.val = SegmentationDataset(data.val, **options)
+        self.test = SegmentationDataset(data.test, **options)
+
+
+def evaluate_model(
+    model: torch.nn.Module, test: SegmentationDataset, preset: Preset, bayesian: bool, seed: int
+) -> dict[str, Any]:
+    """Dice, IoU and HD95 (mm) of ``model`` on every test volume (whole-volume prediction)."""
+    predictions, labels = [], []
+    samples = preset.eval_samples if bayesian else 0
+    for i in range(len(test)):
+        item = test[i]
+        out = predict_volume(
+            model,
+            item["image"],
+            n_samples=max(samples, 1),
+            roi_size=preset.crop,
+            sample=samples > 0,
+            seed=seed + i,
+        )
+        predictions.append(out.mask)
+        labels.append(item["label"])
+    return evaluate(predictions, labels, spacing=(preset.resolution,) * 3)
+
+
+def run_cell(
+    cell: Cell,
+    preset: Preset,
+    data: Data,
+    datasets: Datasets,
+    folder: Path,
+    options: dict[str, Any],
+    seed: int,
+) -> dict[str, Any]:
+    """Train one cell (resuming an interrupted run) and score it on the test set."""
+    result_file = folder / "result.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text())
+    train_idx = split_indices(preset.pool, cell.size, cell.split, seed)
+    config = train_config(
+        preset,
+        strategy=cell.method,
+        strategy_options=options,
+        out_dir=folder,
+        epochs=_epochs(preset, cell.size),
+        val_every=_val_every(preset, cell.size),
+        lr_patience=preset.patience,
+        seed=seed * 1000 + 100 * cell.split + cell.size,
+    )
+    started = time.perf_counter()
+    result = train(config, Subset(datasets.pool, train_idx), datasets.val, resume=True)
+    seconds = time.perf_counter() - started
+    strategy = get_strategy(cell.method, **options)
+    model = strategy.build_model(ModelSpec(widths=preset.widths))
+    model.load_state_dict(read_state_dict(folder / "best.pt"))
+    started = time.perf_counter()
+    scores = evaluate_model(model, datasets.test, preset, strategy.bayesian, seed)
+    eval_seconds = time.perf_counter() - started
+    best = result.history[result.best_epoch]
+    record = {
+        "method": cell.method,
+        "size": cell.size,
+        "split": cell.split,
+        "train_ids": [data.pool[i].id for i in train_idx],
+        "dice": scores["dice_mean"],
+        "iou": scores["iou_mean"],
+        "hd95_mm": scores["hd95_mean"],
+        "val_dice": best["val_dice"],
+        "val_loss": best["val_loss"],
+        "best_epoch": result.best_epoch,
+        "epochs": len(result.history),
+        "stop_reason": result.stop_reason,
+        "train_seconds": seconds,
+        "eval_seconds": eval_seconds,
+        "test": {k: scores[k] for k in ("dice", "iou", "hd95")},
+        "strategy": strategy.describe(),
+        "config": config.as_dict(),
+    }
+    write_json(result_file, record, default=str)
+    # The run's checkpoints are large and no longer needed (``best.pt`` stays).
+    (folder / "last.pt").unlink(missing_ok=True)
+    return record

@@ -1,0 +1,120 @@
+"""The command line: ``python -m benchmarks.transfer`` (console script ``dwp-transfer``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .cells import parse_only
+from .config import PRESETS, override
+from .execution import default_jobs, merge, run
+from .report import write_report
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dwp-transfer",
+        description="DWP vs pretrain vs frozen pretrain vs random init (Kuzina et al. 2019).",
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path("runs/transfer"),
+        help="where stages cache their outputs (default runs/transfer)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("benchmarks/results"),
+        help="where the report goes (default benchmarks/results)",
+    )
+    parser.add_argument("--name", help="report file name (default transfer[_<preset>])")
+    parser.add_argument("--only", help="run some cells only, e.g. method=dwp,size=5+10,split=0")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        metavar="WORK_DIR",
+        help="write the report from finished cells of these work folders",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a preset setting (repeatable), e.g. dwp_beta=1e-4",
+    )
+    parser.add_argument("--source-data", type=Path, help="your source Decathlon folder")
+    parser.add_argument("--target-data", type=Path, help="your target Decathlon folder")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=default_jobs(),
+        help="runs trained at a time, in worker processes (default: CPU count, at most 2)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads in all (default: torch's count); each of the --jobs runs gets "
+        "threads // jobs, and a run's numbers depend on that count",
+    )
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        preset = override(PRESETS[args.preset], args.set)
+        only = parse_only(args.only)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
+        print("error: --jobs and --threads must be >= 1", file=sys.stderr)
+        return 2
+    name = args.name or ("transfer" if args.preset == "quick" else f"transfer_{args.preset}")
+    command = "python -m benchmarks.transfer " + " ".join(
+        sys.argv[1:] if argv is None else list(argv)
+    )
+    progress = not args.no_progress
+    try:
+        if args.merge:
+            plan = merge(
+                preset,
+                args.merge,
+                args.seed,
+                source_data=args.source_data,
+                target_data=args.target_data,
+            )
+        else:
+            plan = run(
+                preset,
+                args.work_dir,
+                args.seed,
+                only=only,
+                source_data=args.source_data,
+                target_data=args.target_data,
+                progress=progress,
+                jobs=args.jobs,
+                threads=args.threads,
+            )
+    except (ValueError, OSError) as error:  # DataError and CheckpointError are ValueErrors
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if only:
+        for record in plan.records:
+            print(
+                json.dumps(
+                    {k: record[k] for k in ("method", "size", "split", "dice", "iou", "val_dice")}
+                )
+            )
+        return 0
+    write_report(plan, args.out, name, command)
+    print((args.out / f"{name}.md").read_text())
+    return 0

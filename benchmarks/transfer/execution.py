@@ -1,0 +1,270 @@
+"""Running the pipeline: the stages the selected cells need, then the cells, in worker
+processes (:class:`CellRunner`); or merging finished cells of several work folders."""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..stages import stage_folder
+from .cells import Cell, Datasets, grid, run_cell, selected
+from .config import PRIOR, SOURCE, Preset, log
+from .data import Data, data_key, prepare_data
+from .keys import stage_key, strategy_options
+from .prior import PRIOR_STAGE, fit_prior
+from .selection import candidates, choose_all, tuning_cell
+from .sources import SOURCE_STAGE, train_sources
+
+
+@dataclass
+class Plan:
+    """What :func:`run` did: the settings, the stage summaries and every cell's record."""
+
+    preset: Preset
+    seed: int
+    data_key: dict[str, Any]
+    sources: dict[str, Any] | None
+    prior: dict[str, Any] | None
+    records: list[dict[str, Any]] = field(default_factory=list)
+    wall_seconds: float | None = None
+    subjects: dict[str, list[str]] | None = None
+    selections: list[dict[str, Any]] = field(default_factory=list)
+    execution: dict[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    """One cell to run with its settings: what a worker process needs besides the data."""
+
+    cell: Cell
+    preset: Preset
+    folder: Path
+    options: dict[str, Any]
+    seed: int
+
+    def finished(self) -> bool:
+        return (self.folder / "result.json").exists()
+
+    def record(self) -> dict[str, Any]:
+        """The finished cell's record."""
+        return json.loads((self.folder / "result.json").read_text())
+
+
+_WORKER: tuple[Data, Datasets] | None = None
+
+
+def _init_worker(preset: Preset, data: Data, threads: int) -> None:
+    global _WORKER
+    torch.set_num_threads(threads)
+    _WORKER = (data, Datasets(preset, data))
+
+
+def _run_task(task: Task, worker: tuple[Data, Datasets] | None = None) -> dict[str, Any]:
+    worker = worker or _WORKER
+    assert worker is not None, "worker not initialised"
+    data, datasets = worker
+    return run_cell(task.cell, task.preset, data, datasets, task.folder, task.options, task.seed)
+
+
+class CellRunner:
+    """Runs cells in this process (``jobs=1``) or in ``jobs`` worker processes.
+
+    Every run seeds itself, so a cell's numbers depend on its settings and on the torch
+    thread count of the process that runs it (``threads`` each), not on which worker runs
+    it or when.  On a 2-core CPU two 1-thread runs at a time train 1.4x faster than one
+    2-thread run (small 3D convolutions use a second thread poorly).
+    """
+
+    def __init__(self, preset: Preset, data: Data, jobs: int = 1, threads: int = 1) -> None:
+        self.pool = None
+        if jobs > 1:
+            # spawn, not fork: a forked child of a process that already ran OpenMP code
+            # (the source nets, the VAEs) can deadlock in its first parallel region.
+            self.pool = ProcessPoolExecutor(
+                jobs,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(preset, data, threads),
+            )
+        else:
+            torch.set_num_threads(threads)
+            self.local = (data, Datasets(preset, data))
+
+    def run(
+        self, tasks: Sequence[Task], done: Callable[[Task], None] | None = None
+    ) -> list[dict[str, Any]]:
+        """The records of ``tasks`` in their order; ``done(task)`` after each one."""
+        records: list[dict[str, Any] | None] = [None] * len(tasks)
+        if self.pool is None:
+            for i, t in enumerate(tasks):
+                records[i] = _run_task(t, self.local)
+                if done:
+                    done(t)
+            return records  # type: ignore[return-value]
+        futures = {self.pool.submit(_run_task, t): i for i, t in enumerate(tasks)}
+        try:
+            for future in as_completed(futures):
+                records[futures[future]] = future.result()
+                if done:
+                    done(tasks[futures[future]])
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+        return records  # type: ignore[return-value]
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
+def default_jobs() -> int:
+    """Cells run at a time by default: the CPU count, at most 2 (see :class:`CellRunner`)."""
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def run(
+    preset: Preset,
+    work: Path,
+    seed: int = 0,
+    *,
+    only: Mapping[str, set[str]] | None = None,
+    source_data: Path | None = None,
+    target_data: Path | None = None,
+    progress: bool = True,
+    jobs: int = 1,
+    threads: int | None = None,
+) -> Plan:
+    """Run the stages the selected cells need, then the cells (cached ones are read back).
+
+    The source nets and the prior use ``threads`` torch threads (default: torch's
+    current count); the cells run ``jobs`` at a time with ``threads // jobs`` each.
+    """
+    started = time.perf_counter()
+    threads = threads or torch.get_num_threads()
+    if jobs < 1 or threads < 1:
+        raise ValueError(f"jobs and threads must be >= 1, got {jobs} and {threads}")
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    cells = [c for c in grid(preset) if selected(c, only or {})]
+    if not cells:
+        raise ValueError(f"--only {only} selects no cell of the grid")
+    methods = {c.method for c in cells}
+    data = prepare_data(preset, work, seed, source_data, target_data, progress)
+    sources = prior = None
+    # DWP needs the source kernels whatever its initialisation; N(0, 1) only to start there.
+    needs_source = bool(methods & {"pretrained", "pretrained_frozen", "dwp"}) or (
+        "normal_prior" in methods and "pretrained" in (preset.normal_init, *preset.normal_init_grid)
+    )
+    if needs_source:
+        sources = train_sources(preset, data, work, seed)
+    if "dwp" in methods:
+        prior = fit_prior(preset, data.key, sources, work, seed, progress)
+
+    def task(candidate: Preset, cell: Cell) -> Task:
+        key = stage_key(candidate, cell.method, seed, data.key)
+        folder = stage_folder(work / "runs", cell.method, key)
+        options = strategy_options(candidate, cell.method, sources, prior)
+        return Task(cell, candidate, folder / cell.folder(), options, seed)
+
+    tuning_tasks = [
+        task(preset.replace(**option), tuning_cell(preset, method))
+        for method in sorted(methods)
+        for option in candidates(preset, method)
+    ]
+    # An upper bound until the settings are chosen (a chosen tuning run is a grid cell).
+    total = len(tuning_tasks) + sum(c != tuning_cell(preset, c.method) for c in cells)
+    done = sum(t.finished() for t in tuning_tasks)
+    bar = tqdm(total=total, initial=done, desc="transfer runs", disable=not progress)
+
+    def advance(t: Task) -> None:
+        bar.set_postfix_str(f"{t.cell.method} n={t.cell.size} split={t.cell.split}")
+        bar.update()
+
+    def score(candidate: Preset, method: str) -> float:
+        # The folder hash holds this method's settings only, so the other method's
+        # choice (already in ``candidate``) does not move it.
+        return task(candidate, tuning_cell(candidate, method)).record()["val_dice"]
+
+    runner = CellRunner(preset, data, jobs, max(1, threads // jobs))
+    try:
+        runner.run([t for t in tuning_tasks if not t.finished()], advance)
+        preset, selections = choose_all(preset, methods, score)
+        for selection in selections:
+            log(f"{selection['method']}: {selection['chosen']} chosen on validation Dice")
+        tasks = [task(preset, c) for c in cells]
+        bar.total = bar.n + sum(not t.finished() for t in tasks)
+        bar.refresh()
+        runner.run([t for t in tasks if not t.finished()], advance)
+    finally:
+        runner.close()
+        bar.close()
+    records = [t.record() for t in tasks]
+    roles = {"pool": data.pool, "val": data.val, "test": data.test}
+    subjects = {role: [c.id for c in cases] for role, cases in roles.items()}
+    plan = Plan(preset, seed, data.key, sources, prior, records, subjects=subjects)
+    plan.selections = selections
+    plan.wall_seconds = time.perf_counter() - started
+    plan.execution = {"jobs": jobs, "threads": threads, "threads_per_run": max(1, threads // jobs)}
+    return plan
+
+
+def merge(
+    preset: Preset,
+    work_dirs: Sequence[Path],
+    seed: int = 0,
+    *,
+    source_data: Path | None = None,
+    target_data: Path | None = None,
+) -> Plan:
+    """Finished cells of this configuration from several work folders (e.g. one per
+    machine), for one report; nothing is trained.
+
+    Run folders of other configurations are ignored (their hash differs); a cell found in
+    two folders must agree.  Source and prior summaries come from the first folder that
+    has them.
+    """
+    data = data_key(preset, seed, source_data, target_data)
+    work_dirs = [Path(w) for w in work_dirs]
+    for work in work_dirs:
+        if not work.is_dir():
+            raise FileNotFoundError(f"--merge: {work} is not a folder")
+
+    def records(candidate: Preset, method: str) -> dict[tuple, dict[str, Any]]:
+        key = stage_key(candidate, method, seed, data)
+        found: dict[tuple, dict[str, Any]] = {}
+        for work in work_dirs:
+            folder = stage_folder(work / "runs", method, key, create=False)
+            for path in sorted(folder.glob("n*/split*/result.json")):
+                record = json.loads(path.read_text())
+                cell = (record["method"], record["size"], record["split"])
+                if cell in found and not math.isclose(found[cell]["dice"], record["dice"]):
+                    raise ValueError(f"{path}: disagrees with another copy of cell {cell}")
+                found[cell] = record
+        return found
+
+    def score(candidate: Preset, method: str) -> float | None:
+        cell = tuning_cell(candidate, method)
+        record = records(candidate, method).get((method, cell.size, cell.split))
+        return None if record is None else record["val_dice"]
+
+    sources = SOURCE_STAGE.find(work_dirs, stage_key(preset, SOURCE, seed, data))
+    prior = PRIOR_STAGE.find(work_dirs, stage_key(preset, PRIOR, seed, data))
+    preset, selections = choose_all(preset, preset.methods, score)
+    found = {k: v for method in preset.methods for k, v in records(preset, method).items()}
+    wanted = {(c.method, c.size, c.split) for c in grid(preset)}
+    rows = [found[k] for k in sorted(found) if k in wanted]
+    if len(rows) < len(wanted):
+        log(f"{len(wanted) - len(rows)} of {len(wanted)} cells have no result yet")
+    return Plan(preset, seed, data, sources, prior, rows, selections=selections)

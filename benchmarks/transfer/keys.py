@@ -1,0 +1,74 @@
+"""The cache key of every stage, built from the :class:`~.config.Preset` fields that
+declare it (:func:`~.config.setting`) and the keys of the stages it reads from.
+
+Stages: ``source`` (the source nets), ``prior`` (the deep weight prior, fitted on the
+source kernels) and one per method (its runs, ``runs/<method>-<hash>/``).  A key holds
+the upstream stages by their hashes rather than their file paths, so machines with other
+folders agree on it (``--merge``); keys are computed without touching any file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..stages import digest
+from .config import PRIOR, RUNS, SOURCE, Preset
+
+#: The data each stage reads (:func:`~.data.data_key`'s entries).
+STAGE_DATA = {SOURCE: "source", **dict.fromkeys(RUNS, "target")}
+#: Strategy options that name another stage's file, and that stage.
+OPTION_STAGES = {"source": SOURCE, "prior_path": PRIOR}
+
+
+def strategy_options(
+    preset: Preset,
+    method: str,
+    sources: Mapping[str, Any] | None = None,
+    prior: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``method``'s options for :func:`unet3d.strategies.get_strategy`; the file paths are
+    ``None`` without ``sources`` / ``prior`` (their stage summaries)."""
+    source = None if sources is None else sources["nets"][0]["best"]
+    if method in ("pretrained", "pretrained_frozen"):
+        options: dict[str, Any] = {"source": source}
+        if method == "pretrained_frozen":
+            options["freeze_depth"] = preset.freeze_depth
+        return options
+    if method == "normal_prior":
+        if preset.normal_init == "pretrained":
+            return {"beta": preset.normal_beta, "init": "pretrained", "source": source}
+        return {"beta": preset.normal_beta}  # He-initialised means
+    if method == "dwp":
+        options = {
+            "prior_path": None if prior is None else prior["prior"],
+            "beta": preset.dwp_beta,
+            "init": preset.dwp_init,
+        }
+        if preset.dwp_init == "pretrained":
+            options["source"] = source
+        return options
+    return {}
+
+
+def upstream(preset: Preset, stage: str) -> tuple[str, ...]:
+    """The stages whose outputs ``stage`` reads: the prior reads the source nets, a
+    method's runs the stages whose files their strategy options name."""
+    if stage == SOURCE:
+        return ()
+    if stage == PRIOR:
+        return (SOURCE,)
+    options = strategy_options(preset, stage)
+    return tuple(OPTION_STAGES[name] for name in options if name in OPTION_STAGES)
+
+
+def stage_key(preset: Preset, stage: str, seed: int, data: Mapping[str, Any]) -> dict[str, Any]:
+    """Everything ``stage``'s results depend on: the seed, the data it reads (``data``:
+    :func:`~.data.data_key`), the hashes of its upstream stages' keys and the preset
+    fields that declare it (:meth:`~.config.Preset.settings`)."""
+    key: dict[str, Any] = {"stage": stage, "seed": seed}
+    if stage in STAGE_DATA:
+        key["data"] = dict(data[STAGE_DATA[stage]])
+    key["upstream"] = {s: digest(stage_key(preset, s, seed, data)) for s in upstream(preset, stage)}
+    key["settings"] = preset.settings(stage)
+    return key

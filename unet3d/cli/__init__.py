@@ -1,0 +1,94 @@
+"""Command line of the ``unet3d`` application: ``unet3d train`` and ``unet3d predict``.
+
+Also runnable as ``python -m unet3d``.
+
+``train``
+    Trains a :class:`unet3d.UNet3D` with one of the :mod:`unet3d.strategies` on a Decathlon
+    folder or a CSV of NIfTI files (:mod:`unet3d.cli.train_command`).
+``predict``
+    Rebuilds a trained network from its checkpoint and writes probability, mask and
+    mutual-information maps of NIfTI images (:mod:`unet3d.cli.predict_command`).
+
+Argument types both share are in :mod:`unet3d.cli.arguments`.
+
+Errors in the input (:class:`unet3d.data.DataError`, :class:`unet3d.checkpoint.CheckpointError`,
+:class:`dwp.priors.deep.PriorFileError`, other ``ValueError`` and ``OSError``) are printed as
+one ``error: <message>`` line naming the file, with exit status 2; bad command-line arguments
+get argparse's usage message (also status 2).  An interrupted ``train`` exits with status 130
+and says how to resume.
+
+Examples
+--------
+::
+
+    unet3d train --data data/tumour --val-fraction 0.2 --strategy random_init --out runs/ri
+    unet3d train --data data/tumour --val-fraction 0.2 --strategy dwp --prior prior.pt \\
+        --beta 1e-3 --out runs/dwp
+    unet3d predict --checkpoint runs/dwp/best.pt --input data/tumour --samples 8 --out pred/
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from . import predict_command, train_command
+
+__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "build_parser", "main"]
+
+#: Exit status of an input error (the same as argparse's for bad arguments).
+EXIT_ERROR = 2
+#: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``unet3d`` argument parser (subcommands ``train`` and ``predict``)."""
+    parser = argparse.ArgumentParser(
+        prog="unet3d",
+        description="3D U-Net segmentation with transfer strategies and deep weight priors.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train_command.add_parser(commands)
+    predict_command.add_parser(commands)
+    return parser
+
+
+def _message(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.filename is not None:
+        # "[Errno 2] No such file or directory: 'x'" -> "x: No such file or directory"
+        return f"{error.filename}: {error.strerror or error}"
+    return str(error) or type(error).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``unet3d``; returns the exit status.
+
+    Parameters
+    ----------
+    argv
+        Arguments without the program name; default ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        0 on success, :data:`EXIT_ERROR` (2) for bad input (``error: ...`` on stderr),
+        :data:`EXIT_INTERRUPTED` (130) after Ctrl-C.  Bad arguments raise ``SystemExit(2)``
+        from argparse, as usual.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    args.check(args)
+    try:
+        return args.handler(args)
+    except (ValueError, OSError) as error:
+        # DataError, CheckpointError, PriorFileError and PriorMismatchError are ValueErrors
+        # whose messages name the file or layer: the message is the whole story.
+        print(f"error: {_message(error)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        hint = " (continue with --resume)" if args.command == "train" else ""
+        print(f"interrupted{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
