@@ -181,7 +181,10 @@ def train_target(
     def choose(name: str, layer: nn.Module) -> dwp.Prior:
         return kernel_prior if name in KERNEL_LAYERS else head_prior
 
-    bnn = dwp.bayesianize(init, prior=choose)
+    # The toy's claims (tests/test_transfer_end_to_end.py) were measured with Adam and the
+    # reference implementations' log-sigma of -5; it shows the kernel transfer, not the
+    # optimisers (benchmarks/variational compares those), so it keeps them.
+    bnn = dwp.bayesianize(init, prior=choose, init_log_sigma=-5.0)
     optimiser = torch.optim.Adam(dwp.param_groups(bnn, lr=lr, scale_lr=scale_lr))
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():

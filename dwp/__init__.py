@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 
-from . import likelihoods, priors
+from . import likelihoods, optim, priors
 from ._version import __version__
 from .controls import estimator, fixed_sample, sampling, set_estimator, set_mode
 from .convert import bayesianize, init_from_prior_, name_sites, to_deterministic
@@ -39,7 +39,7 @@ from .nn import (
     NonFinitePosteriorError,
 )
 from .posterior import MeanFieldNormal
-from .predict import Prediction, PredictiveStatistics, expected_calibration_error, predict
+from .predict import Prediction, PredictiveStatistics, predict
 from .priors import (
     DeepWeightPrior,
     LogUniformPrior,
@@ -51,6 +51,13 @@ from .priors import (
 )
 from .select import LayerSelector, bayesian_layers
 from .settings import Estimator, Mode, set_validation
+from .uncertainty import (
+    brier_score,
+    error_detection_auroc,
+    expected_calibration_error,
+    negative_log_likelihood,
+    uncertainty_metrics,
+)
 from .vae import KernelVAE, VAEFit, fit_kernel_vae
 
 __all__ = [
@@ -86,8 +93,10 @@ __all__ = [
     "__version__",
     "bayesian_layers",
     "bayesianize",
+    "brier_score",
     "collect_kernels",
     "elbo",
+    "error_detection_auroc",
     "estimator",
     "expected_calibration_error",
     "fit_kernel_vae",
@@ -97,6 +106,8 @@ __all__ = [
     "kl_per_site",
     "likelihoods",
     "name_sites",
+    "negative_log_likelihood",
+    "optim",
     "param_groups",
     "predict",
     "priors",
@@ -105,6 +116,7 @@ __all__ = [
     "set_mode",
     "set_validation",
     "to_deterministic",
+    "uncertainty_metrics",
 ]
 
 

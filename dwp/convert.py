@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .nn import DEFAULT_INIT_LOG_SIGMA, BayesianLayer, bayesian_twin
+from .nn import DEFAULT_INIT_LOG_SIGMA, BayesianLayer, InitLogSigma, bayesian_twin
 from .priors import Prior
 from .select import LayerSelector, LayerSpec, bayesian_layers, model_layers
 from .settings import Estimator, Mode
@@ -141,7 +141,7 @@ def bayesianize(
     init: Init = "pretrained",
     bias_prior: Prior | None = None,
     bayesian_bias: bool = False,
-    init_log_sigma: float = DEFAULT_INIT_LOG_SIGMA,
+    init_log_sigma: InitLogSigma = DEFAULT_INIT_LOG_SIGMA,
     estimator: Estimator | str = Estimator.REPARAM,
     mode: Mode | str = Mode.AUTO,
     inplace: bool = False,

@@ -1,4 +1,8 @@
-"""Monte Carlo prediction with Bayesian networks and the uncertainty measures built on it."""
+"""Monte Carlo prediction with Bayesian networks and the uncertainty measures built on it.
+
+How good those probabilities and uncertainties are (NLL, Brier, ECE, error-detection
+AUROC) is :mod:`dwp.uncertainty`'s.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from torch import Tensor, nn
 
 from .controls import sampling
 from .select import bayesian_layers
+from .uncertainty import expected_calibration_error  # re-exported from its old home
 
 __all__ = [
     "Prediction",
@@ -228,48 +233,3 @@ def predict(
         if is_module:
             model.train(was_training)
     return stats.result()
-
-
-def expected_calibration_error(
-    probs: Tensor, target: Tensor, n_bins: int = 15, class_dim: int = 1
-) -> Tensor:
-    """Top-label expected calibration error (Guo et al. 2017), equal-width bins.
-
-    ECE = sum_b (n_b / n) * |accuracy_b - confidence_b| over the bins ``((b-1)/M, b/M]``
-    of confidence ``max_c p_c``.  Every voxel of a segmentation counts as one prediction.
-
-    Parameters
-    ----------
-    probs
-        Class probabilities ``(N, C, *)``; ``C == 1`` means the probability of the positive
-        class of a binary problem.
-    target
-        Integer labels ``(N, *)``.
-    n_bins
-        Number of confidence bins ``M``.
-
-    Returns
-    -------
-    Tensor
-        Scalar in ``[0, 1]``.
-    """
-    if probs.dim() != target.dim() + 1:
-        raise ValueError(
-            f"probs {tuple(probs.shape)} must have one (class) dimension more than target "
-            f"{tuple(target.shape)}"
-        )
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-    if probs.shape[class_dim] == 1:  # binary: stack the negative class
-        p = probs.select(class_dim, 0)
-        confidence = torch.maximum(p, 1 - p)
-        predicted = (p > 0.5).long()
-    else:
-        confidence, predicted = probs.max(dim=class_dim)
-    correct = (predicted == target).double().flatten()
-    confidence = confidence.double().flatten()
-    # bin b holds confidences in ((b-1)/M, b/M]; confidence 0 cannot occur for top labels
-    bins = (confidence * n_bins).ceil().clamp(1, n_bins).long() - 1
-    sum_conf = torch.bincount(bins, weights=confidence, minlength=n_bins)
-    sum_acc = torch.bincount(bins, weights=correct, minlength=n_bins)
-    return ((sum_acc - sum_conf).abs().sum() / confidence.numel()).to(probs.dtype)

@@ -62,7 +62,7 @@ def make_bayesian(
     kernel_prior: dwp.Prior | None = None,
     estimator: str = "reparam",
     init: Literal["pretrained", "prior", "fresh"] = "pretrained",
-    init_log_sigma: float = -5.0,
+    init_log_sigma: float | Literal["fan_in"] = "fan_in",
 ) -> nn.Module:
     """A Bayesian copy of ``model`` through :func:`dwp.bayesianize` (the U-Net's code path).
 
@@ -115,14 +115,21 @@ class TrainConfig:
     Attributes
     ----------
     steps, batch_size, lr, weight_decay
-        Adam(W) optimisation; ``batch_size`` counts images (Hydranet: images per step, i.e.
-        ``batch_size // set_size`` sets, at least one).
+        Optimisation steps, images per step (Hydranet: ``batch_size // set_size`` sets, at
+        least one), the means' learning rate and decoupled weight decay.
+    optimizer
+        ``"auto"``: ``"natural"`` for a Bayesian network (Adam on the means, natural-
+        gradient steps on the posterior scales, :class:`dwp.optim.NaturalVI`), AdamW for a
+        deterministic one; or ``"adam"`` / ``"sgd"`` (:func:`dwp.optim.build_optimizer`).
+    scale_rate
+        ``natural``: the rate of the natural-gradient step on the scales.
     beta
         KL weight of the ELBO (Bayesian networks only).
     kl_warmup
         Steps of a log-linear warm-up of beta from ``beta * 1e-4`` (0: constant).
     scale_lr
-        Learning rate of the posterior log-sigmas (:func:`dwp.param_groups`).
+        ``adam`` / ``sgd``: learning rate of the posterior log-sigmas
+        (:func:`dwp.param_groups`).
     noise_scale
         Standard deviation of the Gaussian likelihood, in standardised target units.
     hydranet
@@ -135,6 +142,8 @@ class TrainConfig:
     batch_size: int = 4
     lr: float = 1e-3
     weight_decay: float = 0.0
+    optimizer: str = "auto"
+    scale_rate: float = 0.1
     beta: float = 1.0
     kl_warmup: int = 0
     scale_lr: float | None = 1e-4
@@ -212,6 +221,29 @@ def _check_images(x: Tensor, name: str) -> None:
         raise ValueError(f"{name} holds NaN or inf values")
 
 
+def _optimiser(
+    model: nn.Module, config: TrainConfig, schedule: dwp.KLSchedule, bayesian: bool
+) -> torch.optim.Optimizer:
+    """``config.optimizer`` for ``model``; ``"auto"``: natural-gradient scales for a
+    Bayesian network, AdamW (decoupled weight decay) for a deterministic one."""
+    name = config.optimizer
+    if name == "auto" and not bayesian:
+        return torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+        )
+    return dwp.optim.build_optimizer(
+        "natural" if name == "auto" else name,
+        model,
+        config.lr,
+        kl_weight=schedule,
+        scale_rate=config.scale_rate,
+        scale_lr=config.scale_lr,
+        weight_decay=config.weight_decay,
+    )
+
+
 def fit(
     model: nn.Module,
     x: Tensor,
@@ -266,10 +298,6 @@ def fit(
         shift, scale, z = torch.zeros(1), torch.ones(1), y.long()
 
     bayesian = bool(dwp.bayesian_layers(model))
-    optimiser = torch.optim.AdamW(
-        dwp.param_groups(model, lr=config.lr, scale_lr=config.scale_lr),
-        weight_decay=config.weight_decay,
-    )
     schedule = (
         dwp.KLSchedule(
             "log_linear", start=config.beta * 1e-4, end=config.beta, steps=config.kl_warmup
@@ -277,6 +305,7 @@ def fit(
         if config.kl_warmup > 0 and config.beta > 0
         else dwp.KLSchedule("constant", end=config.beta)
     )
+    optimiser = _optimiser(model, config, schedule, bayesian)
     generator = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, float]] = []
 

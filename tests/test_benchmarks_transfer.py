@@ -88,6 +88,80 @@ def test_ci_preset_writes_every_file(ci_run: SimpleNamespace) -> None:
         assert sum(line.startswith(f"| {size} |") for line in text.splitlines()) == 2
 
 
+UNCERTAINTY_KEYS = {
+    f"{k}_{where}"
+    for k in ("accuracy", "nll", "brier", "ece", "auroc_mi", "auroc_entropy")
+    for where in ("all", "roi")
+} | {"roi_fraction", "passes"}
+
+
+def test_records_and_report_hold_the_uncertainty_scores(ci_run: SimpleNamespace) -> None:
+    for r in ci_run.payload["rows"]:
+        bayesian = r["method"] in transfer.BAYESIAN
+        tta = not bayesian and r["size"] in CI.tta_sizes
+        assert set(r["uncertainty"]) == ({"model", "tta"} if tta else {"model"})
+        for variant, scores in r["uncertainty"].items():
+            assert set(scores) == UNCERTAINTY_KEYS, variant
+            assert 0 <= scores["accuracy_all"] <= 1 and scores["nll_all"] > 0
+            assert 0 <= scores["ece_roi"] <= 1 and 0 <= scores["brier_roi"] <= 2
+            assert 0 < scores["roi_fraction"] <= 1
+            assert 0 <= scores["auroc_entropy_roi"] <= 1
+        # CI's eval_samples is 0: the Bayesian nets' MI comes from uncertainty_samples
+        model = r["uncertainty"]["model"]
+        assert model["passes"] == (CI.uncertainty_samples if bayesian else 1)
+        if not bayesian:
+            assert model["auroc_mi_all"] == 0.5  # a deterministic net's MI is 0 everywhere
+        if tta:
+            assert r["uncertainty"]["tta"]["passes"] == 2  # the left-right mirror
+        assert 0 <= r["uncertainty_seconds"] <= r["eval_seconds"]
+    summary = ci_run.payload["config"]["summary"]["uncertainty"]
+    n_tta = len(transfer.METHODS) - len(transfer.BAYESIAN)
+    assert len(summary) == len(CI.methods) * len(CI.sizes) + n_tta * len(CI.tta_sizes)
+    assert all(row["n"] == CI.splits for row in summary)
+    text = (ci_run.out / "transfer_ci.md").read_text()
+    assert "**Uncertainty** per test voxel" in text
+    header = "| method | train size | passes | NLL | Brier | ECE | ECE (whole volume) | AUROC MI |"
+    assert header in text
+    for size in CI.tta_sizes:
+        assert (
+            sum(line.startswith(f"| UNet-PR + TTA | {size} | 2 |") for line in text.splitlines())
+            == 1
+        )
+
+
+def test_uncertainty_summary_means_over_splits() -> None:
+    preset = CI.replace(methods=("dwp", "random_init"), sizes=(2,), splits=2)
+
+    def record(method: str, split: int, scores: dict | None) -> dict:
+        base = {"method": method, "size": 2, "split": split, "dice": 0.5, "iou": 0.3}
+        return base if scores is None else {**base, "uncertainty": scores}
+
+    nan = float("nan")
+    one_pass = {"passes": 1, "nll_roi": 0.4, "auroc_mi_roi": 0.5, "auroc_entropy_roi": nan}
+    records = [
+        record("dwp", 0, {"model": {"passes": 2, "nll_roi": 0.2, "auroc_mi_roi": 0.7}}),
+        record("dwp", 1, {"model": {"passes": 2, "nll_roi": 0.4, "auroc_mi_roi": nan}}),
+        record("random_init", 0, {"model": one_pass, "tta": {**one_pass, "passes": 2}}),
+        record("random_init", 1, None),  # cached before the uncertainty was scored
+    ]
+    summary = transfer.summarise(records, preset)
+    table = summary["uncertainty"]
+    assert set(table) == {
+        ("dwp", 2, "model"),
+        ("random_init", 2, "model"),
+        ("random_init", 2, "tta"),
+    }
+    assert table["dwp", 2, "model"]["nll_roi"] == pytest.approx(0.3)
+    assert table["dwp", 2, "model"]["auroc_mi_roi"] == pytest.approx(0.7)  # the finite one
+    assert table["dwp", 2, "model"]["n"] == 2 and table["random_init", 2, "tta"]["n"] == 1
+    text = transfer.render(summary, {}, preset)
+    lines = {line.split(" | ")[0]: line for line in text.splitlines() if "| 2 |" in line}
+    assert lines["| UNet-DWP"].startswith("| UNet-DWP | 2 | 2 | 0.300 |")
+    # one pass: no mutual information to rank by; no finite value: nothing to show
+    assert lines["| UNet-RI"].endswith("| - | - |")
+    assert lines["| UNet-RI + TTA"].endswith("| 0.500 | - |")
+
+
 def test_subsets_are_nested_and_shared(ci_run: SimpleNamespace) -> None:
     by = {(r["method"], r["size"], r["split"]): r for r in ci_run.payload["rows"]}
     for split in range(CI.splits):
@@ -117,6 +191,8 @@ def test_rerun_is_cached_and_one_cell_recomputes_identically(ci_run: SimpleNames
     after = json.loads(results[cell].read_text())
     assert after["dice"] == pytest.approx(before["dice"], abs=1e-6)
     assert after["test"]["dice"] == pytest.approx(before["test"]["dice"], abs=1e-6)
+    # the posterior samples of the uncertainty scores are seeded too
+    assert _flat(after["uncertainty"]) == pytest.approx(_flat(before["uncertainty"]), abs=1e-6)
 
 
 def _flat(value: object, path: tuple = ()) -> dict[tuple, object]:

@@ -745,13 +745,29 @@ def test_loading_a_different_prior_type_raises(saved, loaded):
 
 
 # -- 9. initial posterior scale ----------------------------------------------------------------
+def test_fan_in_init_scales_the_noise_with_the_layer():
+    """The weight noise is the same fraction of the pre-activation spread in a narrow and a
+    wide layer: sigma * sqrt(fan_in / 2) = 0.1 (a constant log-sigma would not do that)."""
+    for layer in (dwp.BayesConv3d(16, 8, 3), dwp.BayesConv3d(64, 8, 3), dwp.BayesLinear(10, 2)):
+        fan_in = layer.weight[0].numel()
+        relative = layer.weight_posterior.scale * math.sqrt(fan_in / 2)
+        torch.testing.assert_close(relative, torch.full_like(relative, 0.1))
+    with pytest.raises(ValueError, match="init_log_sigma must be a number or 'fan_in'"):
+        dwp.BayesLinear(2, 2, init_log_sigma="he")
+    with pytest.raises(ValueError, match="finite"):
+        dwp.BayesLinear(2, 2, init_log_sigma=float("nan"))
+
+
 @pytest.mark.parametrize("cls", BAYES_CLASSES, ids=lambda c: c.__name__)
-@pytest.mark.parametrize("init_log_sigma", [None, -3.0])
+@pytest.mark.parametrize("init_log_sigma", [None, "fan_in", -3.0])
 def test_init_log_sigma_and_reset_parameters(cls, init_log_sigma):
     args = (4, 6) if cls is dwp.BayesLinear else (4, 6, 3)
     kwargs = {} if init_log_sigma is None else {"init_log_sigma": init_log_sigma}
-    expected = -5.0 if init_log_sigma is None else init_log_sigma
     layer = cls(*args, bayesian_bias=True, **kwargs)
+    # the default: a tenth of the He standard deviation, from the fan-in torch counts
+    fan_in = nn.init._calculate_fan_in_and_fan_out(layer.weight)[0]
+    he_tenth = math.log(0.1 * math.sqrt(2.0 / fan_in))
+    expected = he_tenth if init_log_sigma in (None, "fan_in") else init_log_sigma
     # a plain float setting, not a trainable parameter or buffer
     assert isinstance(layer.init_log_sigma, float) and layer.init_log_sigma == expected
     assert not any("init_log_sigma" in key for key in layer.state_dict())

@@ -1,4 +1,5 @@
-"""Monte Carlo prediction: predictive moments, entropy decomposition, state handling, ECE."""
+"""Monte Carlo prediction: predictive moments, entropy decomposition, state handling
+(the ECE's tests moved with it to test_uncertainty.py)."""
 
 import math
 
@@ -106,27 +107,6 @@ def test_predict_rejects_bad_arguments(kwargs, error):
 def test_entropy_handles_zero_probabilities():
     assert entropy(torch.tensor([[1.0, 0.0]])).item() == 0.0
     assert entropy(torch.tensor([[0.5, 0.5]])).item() == pytest.approx(math.log(2))
-
-
-def test_ece_hand_computed():
-    # confidences 0.9, 0.9 (one right, one wrong) and 0.6, 0.6 (both right), 10 bins:
-    # bin (0.8, 0.9]: |0.5 - 0.9| * 2/4 = 0.2; bin (0.5, 0.6]: |1.0 - 0.6| * 2/4 = 0.2.
-    probs = torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.6, 0.4], [0.4, 0.6]])
-    target = torch.tensor([0, 0, 0, 1])
-    ece = dwp.expected_calibration_error(probs, target, n_bins=10)
-    assert ece.item() == pytest.approx(0.4)
-    # the same problem as binary probabilities of class 1 (C == 1)
-    binary = dwp.expected_calibration_error(probs[:, 1:], target, n_bins=10)
-    assert binary.item() == pytest.approx(0.4)
-
-
-def test_ece_is_zero_for_calibrated_voxels_and_checks_shapes():
-    # 4 voxels at confidence 0.75 of which 3 are right: perfectly calibrated
-    probs = torch.tensor([0.75, 0.25]).view(1, 2, 1, 1).expand(1, 2, 2, 2)
-    target = torch.tensor([[[0, 0], [0, 1]]])
-    assert dwp.expected_calibration_error(probs, target).item() == pytest.approx(0.0)
-    with pytest.raises(ValueError, match="class"):
-        dwp.expected_calibration_error(probs, target[0])
 
 
 @pytest.mark.parametrize("variance", [True, False])

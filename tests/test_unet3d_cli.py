@@ -377,10 +377,35 @@ def test_train_errors_name_the_file(
     assert not (out / "last.pt").exists()
 
 
+def test_an_optimizer_that_does_not_fit_the_strategy_is_named(
+    tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    status, _, err = _run(_train_argv(data, out, "--optimizer", "natural"), capsys)
+    assert status == cli.EXIT_ERROR, err
+    assert err.startswith("error: optimizer 'natural' updates posterior scales") and (
+        "Traceback" not in err
+    )
+    assert not (out / "last.pt").exists()
+
+
+def test_bayesian_runs_learn_their_scales_by_default(runs: dict[str, Path]) -> None:
+    """``--optimizer auto`` is the natural-gradient path for normal_prior: after one epoch
+    (2 steps) the scales have moved off their initial -3, differently per weight."""
+    state = torch.load(runs["normal_prior"] / "last.pt", weights_only=True)
+    config = json.loads(state["config"])
+    assert config["optimizer"] == "auto" and config["scale_rate"] == 0.1
+    sigmas = torch.cat([v.flatten() for k, v in state["model"].items() if k.endswith("_log_sigma")])
+    assert (sigmas + 3.0).abs().mean() > 1e-3 and sigmas.std() > 1e-4
+
+
 @pytest.mark.parametrize(
     "argv",
     [
         ["train", "--data", "d", "--out", "o", "--prior", "p.pt"],  # not random_init's
+        ["train", "--data", "d", "--out", "o", "--optimizer", "ivon"],  # not in unet3d
+        ["train", "--data", "d", "--out", "o", "--scale-rate", "1.5"],
+        ["train", "--data", "d", "--out", "o", "--init-log-sigma", "he"],
         ["train", "--data", "d", "--out", "o", "--strategy", "pretrained"],  # no --source
         ["train", "--data", "d", "--out", "o", "--strategy", "dwp"],  # no --prior
         ["train", "--data", "d", "--csv", "c", "--out", "o"],  # two sources

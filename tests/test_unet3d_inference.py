@@ -1,4 +1,5 @@
-"""Sliding-window inference: shapes, probabilities, MC uncertainty, NIfTI output, errors."""
+"""Sliding-window inference: shapes, probabilities, MC uncertainty, test-time augmentation,
+NIfTI output, errors."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ import cohorts
 import dwp
 from unet3d import UNet3D
 from unet3d.data import load_decathlon
-from unet3d.inference import VolumePrediction, predict_case, predict_volume
+from unet3d.inference import (
+    VolumePrediction,
+    flip_combinations,
+    predict_case,
+    predict_volume,
+    predict_volume_tta,
+)
 
 pytest.importorskip("monai")
 
@@ -135,6 +142,89 @@ def test_errors():
     with pytest.raises(ValueError, match="overlap"):
         predict_volume(model, x, roi_size=16, overlap=1.0)
     assert model.training  # restored even when an error was raised inside
+
+
+# ---------------------------------------------------------------------------- test-time flips
+
+
+class _Ramp(torch.nn.Module):
+    """Foreground logit ``3 x + ramp(D)``: flip-equivariant along H and W (each voxel on
+    its own), not along D (a position-dependent bias within the window)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(3.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ramp = torch.linspace(-2.0, 2.0, x.shape[2]).view(1, 1, -1, 1, 1)
+        return torch.cat([torch.zeros_like(x), self.scale * x + ramp], dim=1)
+
+
+def test_tta_of_a_flip_equivariant_model_is_its_plain_prediction():
+    pointwise = torch.nn.Conv3d(1, 2, 1)  # each voxel on its own: equivariant to any flip
+    x = volume()  # ODD: several windows, MONAI's padding
+    plain = predict_volume(pointwise, x, roi_size=16, overlap=0.25)
+    tta = predict_volume_tta(pointwise, x, roi_size=16, overlap=0.25)
+    assert tta.n_samples == 8  # every combination of the three axes
+    assert torch.allclose(tta.probabilities, plain.probabilities, atol=1e-6)
+    assert torch.equal(tta.mask, plain.mask)
+    assert tta.mutual_information.max() < 1e-6  # the flips agree
+    assert torch.allclose(tta.predictive_entropy, plain.predictive_entropy, atol=1e-5)
+    # _Ramp is equivariant to flips of H and W only
+    assert torch.allclose(
+        predict_volume_tta(_Ramp(), x, flips=(1, 2), roi_size=32).probabilities,
+        predict_volume(_Ramp(), x, roi_size=32).probabilities,
+        atol=1e-6,
+    )
+
+
+def test_tta_undoes_its_flips():
+    # one window: a pass is one forward; by hand: the mean of flip(softmax(f(flip(x))))
+    model, x = _Ramp(), volume((16, 16, 16))
+    tta = predict_volume_tta(model, x, flips=(0, 2), roi_size=16)
+    with torch.no_grad():
+        by_hand = torch.stack(
+            [
+                model(x.flip(axes)[None]).softmax(1)[0].flip(axes)
+                for axes in ([], [1], [3], [1, 3])  # the spatial axes 0, 2 of (C, D, H, W)
+            ]
+        ).mean(0)
+    assert tta.n_samples == 4
+    assert torch.allclose(tta.probabilities, by_hand, atol=1e-6)
+    # the D-flipped prediction disagrees with the plain one, and only through D's ramp
+    assert tta.mutual_information.max() > 1e-3
+    plain = predict_volume(model, x, roi_size=16).probabilities
+    assert not torch.allclose(tta.probabilities, plain, atol=1e-3)
+
+
+def test_tta_shapes_modes_and_errors():
+    model = tiny(n_classes=3)
+    model.train()
+    pred = predict_volume_tta(model, volume(), flips=(0, 2), roi_size=16, overlap=0.25)
+    assert isinstance(pred, VolumePrediction) and pred.n_samples == 4
+    assert pred.probabilities.shape == (3, *ODD)
+    assert pred.mask.shape == pred.mutual_information.shape == pred.predictive_entropy.shape
+    assert pred.mask.shape == ODD
+    assert torch.allclose(pred.probabilities.sum(0), torch.ones(ODD), atol=1e-5)
+    assert (pred.mutual_information >= 0).all()
+    assert model.training  # restored
+    # no flip: the plain prediction
+    single = predict_volume_tta(model, volume(), flips=(), roi_size=16, overlap=0.25)
+    plain = predict_volume(model, volume(), roi_size=16, overlap=0.25)
+    assert single.n_samples == 1 and torch.equal(single.probabilities, plain.probabilities)
+    # a Bayesian model: its posterior means, and they stay in place
+    b = bayesian()
+    before = {k: v.detach().clone() for k, v in b.named_parameters()}
+    means = predict_volume_tta(b, volume(), flips=(1,), roi_size=16, overlap=0.25)
+    twin = predict_volume_tta(
+        dwp.to_deterministic(b), volume(), flips=(1,), roi_size=16, overlap=0.25
+    )
+    assert torch.allclose(means.probabilities, twin.probabilities, atol=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in b.named_parameters())
+    assert flip_combinations((2, 0)) == [(), (2,), (0,), (2, 0)]
+    for flips in ((3,), (0, 0), (True,), (-1,)):
+        with pytest.raises(ValueError, match="flips"):
+            predict_volume_tta(model, volume(), flips=flips, roi_size=16)
 
 
 @pytest.fixture(scope="module")

@@ -273,17 +273,21 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_ddp_equals_single_process(tmp_path):
-    script = tmp_path / "ddp_run.py"
-    script.write_text(textwrap.dedent(DDP_SCRIPT))
+def _torchrun(script: Path, *args: Path) -> None:
+    """Run ``script`` under torchrun with 2 CPU processes (gloo), one thread each."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script),
-        str(tmp_path / "ddp"),
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), *map(str, args),
     ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_ddp_equals_single_process(tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    _torchrun(script, tmp_path / "ddp")
     ddp = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
 
     single = runpy.run_path(str(script))["run"](tmp_path / "single", 4)  # global batch 4
@@ -301,6 +305,27 @@ def test_ddp_equals_single_process(tmp_path):
     assert moved
     history = torch.load(tmp_path / "single" / "last.pt", weights_only=True)["history"]
     assert history[0]["train_kl"] == pytest.approx(ddp["history"][0]["train_kl"], rel=1e-6)
+
+
+def test_ddp_equals_single_process_under_natural_scales(tmp_path):
+    """The default optimiser of the variational strategies under DDP: in mean mode only the
+    KL moves the scales, so each of the 4 steps is the closed-form natural step
+    log sigma -= log(1 + x + x^2 / 2) / 2 with x = rate * (sigma^2 - 1) (beta 1, prior
+    N(0, 1)); a KL counted once per rank instead of once per step would double x."""
+    script = tmp_path / "ddp_run.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT).replace('optimizer="sgd"', 'optimizer="natural"'))
+    _torchrun(script, tmp_path / "ddp")
+    ddp = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    single = runpy.run_path(str(script))["run"](tmp_path / "single", 4)
+    log_sigma = torch.tensor(-3.0, dtype=torch.float64)
+    for _ in range(4):
+        x = 0.1 * (torch.exp(2 * log_sigma) - 1.0)
+        log_sigma = log_sigma - 0.5 * torch.log1p(x + x * x / 2)
+    for key, value in dict(single.model.named_parameters()).items():
+        torch.testing.assert_close(ddp["model"][key], value, atol=1e-6, rtol=1e-5, msg=key)
+        if key.endswith("_log_sigma"):
+            expected = torch.full_like(value, float(log_sigma))
+            torch.testing.assert_close(value.detach(), expected, atol=1e-6, rtol=0, msg=key)
 
 
 def test_corrupt_checkpoints_raise_errors_naming_the_file(tmp_path):
@@ -378,13 +403,7 @@ if __name__ == "__main__":
 def test_ddp_resume_equals_uninterrupted_ddp(tmp_path):
     script = tmp_path / "ddp_resume.py"
     script.write_text(textwrap.dedent(DDP_RESUME_SCRIPT))
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(script), str(tmp_path),
-    ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _torchrun(script, tmp_path)
     full = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
     resumed = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert full["step"] == resumed["step"] == 6  # 3 epochs of 8 volumes, global batch 4

@@ -30,8 +30,16 @@ class TrainConfig:
         Where metrics and checkpoints go; ``None`` writes nothing (and cannot resume).
     epochs : int
         Maximum epochs per cycle.
-    lr, batch_size, optimizer, momentum, weight_decay
-        Optimiser: Adam (default) or SGD, ``batch_size`` volumes per process and step.
+    lr, batch_size, momentum, weight_decay
+        Learning rate of the means (and every other parameter), ``batch_size`` volumes per
+        process and step, SGD's momentum, weight decay.
+    optimizer : str
+        ``"auto"`` (the strategy's default: ``"natural"`` for the variational strategies,
+        ``"adam"`` for the others), ``"natural"``, ``"adam"`` or ``"sgd"``
+        (:class:`dwp.optim.OptimizerName`).
+    scale_rate : float
+        ``natural``: the rate of the natural-gradient step on the posterior scales
+        (:class:`dwp.optim.NaturalVI`); the scheduler anneals it with the learning rate.
     lr_factor, lr_patience, min_lr
         ``ReduceLROnPlateau`` on the validation loss; a cycle ends once the learning rate
         of the first parameter group is at ``min_lr``.
@@ -65,7 +73,8 @@ class TrainConfig:
     epochs: int = 100
     lr: float = 1e-3
     batch_size: int = 2
-    optimizer: Literal["adam", "sgd"] = "adam"
+    optimizer: Literal["auto", "natural", "adam", "sgd"] = "auto"
+    scale_rate: float = 0.1
     momentum: float = 0.0
     weight_decay: float = 0.0
     lr_factor: float = 0.1
@@ -91,8 +100,12 @@ class TrainConfig:
                 "epochs, batch_size and val_every must be >= 1 and restarts >= 0, got "
                 f"{self.epochs}, {self.batch_size}, {self.val_every}, {self.restarts}"
             )
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.optimizer not in ("auto", "natural", "adam", "sgd"):
+            raise ValueError(
+                f"optimizer must be 'auto', 'natural', 'adam' or 'sgd', got {self.optimizer!r}"
+            )
+        if not 0 < self.scale_rate <= 1:
+            raise ValueError(f"scale_rate must be in (0, 1], got {self.scale_rate}")
         if not 0 < self.lr_factor < 1:
             raise ValueError(f"lr_factor must be in (0, 1), got {self.lr_factor}")
 

@@ -3,6 +3,8 @@
 * :func:`predict_volume`: one ``(C, D, H, W)`` volume of any size -> class probabilities,
   the mask (argmax) and, for Bayesian networks, the epistemic uncertainty (mutual
   information) averaged over ``n_samples`` posterior samples.
+* :func:`predict_volume_tta`: the same with test-time augmentation (the softmax averaged
+  over flipped copies of the volume), a baseline of uncertainty that needs no posterior.
 * :func:`predict_case`: a :class:`unet3d.data.Case` -> ``<id>_prob.nii.gz`` (foreground
   probability, float32), ``<id>_mask.nii.gz`` (uint8) and ``<id>_mi.nii.gz`` (float32) on
   the input file's grid, with its affine and header.
@@ -33,8 +35,10 @@ grow with ``n_samples``.
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,8 +56,10 @@ from .model import SIZE_DIVISOR
 __all__ = [
     "MIN_ROI",
     "VolumePrediction",
+    "flip_combinations",
     "predict_case",
     "predict_volume",
+    "predict_volume_tta",
 ]
 
 #: Smallest window side: three stride-2 levels leave 2 voxels, the least InstanceNorm takes.
@@ -73,11 +79,13 @@ class VolumePrediction:
         ``(D, H, W)`` int64: the most probable class of each voxel.
     mutual_information
         ``(D, H, W)`` float32: ``H[E_q p] - E_q H[p]`` in nats, clamped at 0 (the epistemic
-        part of the uncertainty); all zeros for a deterministic model.
+        part of the uncertainty); all zeros for one pass (a deterministic model, or the
+        posterior means); across the flips for :func:`predict_volume_tta`.
     predictive_entropy
         ``(D, H, W)`` float32: ``H[E_q p]``, the total uncertainty in nats.
     n_samples
-        Passes averaged (1 for a deterministic model).
+        Passes averaged: posterior samples (1 for a deterministic model), or the
+        augmentations of :func:`predict_volume_tta`.
     """
 
     probabilities: Tensor
@@ -108,6 +116,105 @@ def _roi(roi_size: int | Sequence[int]) -> tuple[int, int, int]:
 def _device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
+
+
+def _positive_int(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _sliding_window(
+    model: nn.Module,
+    image: Tensor,
+    roi_size: int | Sequence[int],
+    overlap: float,
+    sw_batch_size: int,
+    n_classes: int | None,
+) -> tuple[Callable[[Tensor], Tensor], Tensor]:
+    """Check the arguments of a whole-volume prediction; return ``one_pass`` and the image
+    on the model's device.  ``one_pass(x)``: a ``(C, D, H, W)`` volume on that device ->
+    its class probabilities ``(K, D, H, W)``, float64, Gaussian-blended windows."""
+    from monai.inferers import sliding_window_inference
+
+    roi = _roi(roi_size)
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap!r}")
+    _positive_int(sw_batch_size, "sw_batch_size")
+    if not isinstance(image, Tensor) or image.dim() != 4:
+        shape = tuple(image.shape) if hasattr(image, "shape") else type(image).__name__
+        raise ValueError(f"image must be a (C, D, H, W) tensor, got {shape}")
+    if not image.is_floating_point():
+        image = image.float()
+    expected_in = getattr(model, "in_channels", None)
+    if isinstance(expected_in, int) and image.shape[0] != expected_in:
+        raise ValueError(
+            f"image has {image.shape[0]} channels, the model takes {expected_in} "
+            "(choose the modality with modality=...)"
+        )
+    spatial = tuple(image.shape[1:])
+    # No window larger than the (8-rounded) volume: less padding, fewer wasted voxels.
+    window = tuple(
+        min(r, max(MIN_ROI, -(-n // SIZE_DIVISOR) * SIZE_DIVISOR))
+        for r, n in zip(roi, spatial, strict=True)
+    )
+
+    def predictor(x: Tensor) -> Tensor:
+        logits = model(x)
+        if logits.dim() != 5 or tuple(logits.shape[2:]) != tuple(x.shape[2:]):
+            raise ValueError(
+                f"the model maps a window {tuple(x.shape)} to {tuple(logits.shape)}; it must "
+                "keep the spatial size (B, K, D, H, W)"
+            )
+        channels = logits.shape[1]
+        if n_classes is not None and channels != n_classes:
+            raise ValueError(
+                f"the model outputs {channels} channels, but {n_classes} classes are expected"
+            )
+        if channels < 2:
+            raise ValueError(
+                f"the model outputs {channels} channel; softmax segmentation needs >= 2 "
+                "(background and foreground logits)"
+            )
+        return logits.float().softmax(1)
+
+    def one_pass(x: Tensor) -> Tensor:
+        out = sliding_window_inference(
+            x[None], window, sw_batch_size, predictor, overlap=overlap, mode="gaussian"
+        )
+        # plain tensor (MONAI may return a MetaTensor), double for the running sums
+        probs = out.as_subclass(Tensor)[0].double()
+        # Gaussian blending may leave sums a rounding error away from 1
+        return probs / probs.sum(0, keepdim=True)
+
+    return one_pass, image.to(_device(model))
+
+
+@contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` for the block; its train / eval state is restored after (also on
+    errors)."""
+    was_training = model.training
+    try:
+        model.eval()
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _statistics() -> dwp.PredictiveStatistics:
+    # no variance: one volume less in memory; the entropies give the mutual information
+    return dwp.PredictiveStatistics("classification", class_dim=0, variance=False)
+
+
+def _volume_prediction(stats: dwp.PredictiveStatistics) -> VolumePrediction:
+    result = stats.result(torch.float32)
+    return VolumePrediction(
+        probabilities=result.mean.cpu(),
+        mask=stats.mean.argmax(0).cpu(),  # of the float64 mean, as the sums were kept
+        mutual_information=result.mutual_information.cpu(),
+        predictive_entropy=result.predictive_entropy.cpu(),
+        n_samples=stats.n,
+    )
 
 
 @torch.no_grad()
@@ -167,93 +274,93 @@ def predict_volume(
         with fewer than 2 channels, ``n_classes`` channels expected but others found, or a
         window output of the wrong spatial size.
     """
-    from monai.inferers import sliding_window_inference
-
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples must be an int >= 1, got {n_samples!r}")
-    roi = _roi(roi_size)
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap!r}")
-    if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, int) or sw_batch_size < 1:
-        raise ValueError(f"sw_batch_size must be an int >= 1, got {sw_batch_size!r}")
-    if not isinstance(image, Tensor) or image.dim() != 4:
-        shape = tuple(image.shape) if hasattr(image, "shape") else type(image).__name__
-        raise ValueError(f"image must be a (C, D, H, W) tensor, got {shape}")
-    if not image.is_floating_point():
-        image = image.float()
-    expected_in = getattr(model, "in_channels", None)
-    if isinstance(expected_in, int) and image.shape[0] != expected_in:
-        raise ValueError(
-            f"image has {image.shape[0]} channels, the model takes {expected_in} "
-            "(choose the modality with modality=...)"
-        )
-    spatial = tuple(image.shape[1:])
-    # No window larger than the (8-rounded) volume: less padding, fewer wasted voxels.
-    window = tuple(
-        min(r, max(MIN_ROI, -(-n // SIZE_DIVISOR) * SIZE_DIVISOR))
-        for r, n in zip(roi, spatial, strict=True)
-    )
-
-    def predictor(x: Tensor) -> Tensor:
-        logits = model(x)
-        if logits.dim() != 5 or tuple(logits.shape[2:]) != tuple(x.shape[2:]):
-            raise ValueError(
-                f"the model maps a window {tuple(x.shape)} to {tuple(logits.shape)}; it must "
-                "keep the spatial size (B, K, D, H, W)"
-            )
-        channels = logits.shape[1]
-        if n_classes is not None and channels != n_classes:
-            raise ValueError(
-                f"the model outputs {channels} channels, but {n_classes} classes are expected"
-            )
-        if channels < 2:
-            raise ValueError(
-                f"the model outputs {channels} channel; softmax segmentation needs >= 2 "
-                "(background and foreground logits)"
-            )
-        return logits.float().softmax(1)
-
+    _positive_int(n_samples, "n_samples")
+    one_pass, x = _sliding_window(model, image, roi_size, overlap, sw_batch_size, n_classes)
     bayesian = sample and bool(dwp.bayesian_layers(model))
-    passes = n_samples if bayesian else 1
-    device = _device(model)
-    x = image.to(device)[None]
     generator = None
     if bayesian and seed is not None:
-        generator = torch.Generator(device=device)
+        generator = torch.Generator(device=x.device)
         generator.manual_seed(int(seed))
-
-    def one_pass() -> Tensor:
-        out = sliding_window_inference(
-            x, window, sw_batch_size, predictor, overlap=overlap, mode="gaussian"
-        )
-        # plain tensor (MONAI may return a MetaTensor), double for the running sums
-        return out.as_subclass(Tensor)[0].double()
-
-    # no variance: one volume less in memory; the entropies give the mutual information
-    stats = dwp.PredictiveStatistics("classification", class_dim=0, variance=False)
-    was_training = model.training
-    try:
-        model.eval()
-        for _ in range(passes):
+    stats = _statistics()
+    with _evaluating(model):
+        for _ in range(n_samples if bayesian else 1):
             if bayesian:
                 with dwp.fixed_sample(model, generator):
-                    probs = one_pass()
+                    stats.update(one_pass(x))
             else:  # a Bayesian model's layers use their posterior means in eval()
                 with dwp.sampling(False, model):
-                    probs = one_pass()
-            # Gaussian blending may leave sums a rounding error away from 1
-            stats.update(probs / probs.sum(0, keepdim=True))
-    finally:
-        model.train(was_training)
+                    stats.update(one_pass(x))
+    return _volume_prediction(stats)
 
-    result = stats.result(torch.float32)
-    return VolumePrediction(
-        probabilities=result.mean.cpu(),
-        mask=stats.mean.argmax(0).cpu(),  # of the float64 mean, as the sums were kept
-        mutual_information=result.mutual_information.cpu(),
-        predictive_entropy=result.predictive_entropy.cpu(),
-        n_samples=passes,
-    )
+
+def flip_combinations(flips: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every subset of the spatial axes ``flips`` (0, 1, 2 = D, H, W), the empty one (no
+    flip) first: the ``2 ** len(flips)`` augmentations of :func:`predict_volume_tta`."""
+    axes = tuple(flips)
+    if len(set(axes)) != len(axes) or any(
+        isinstance(a, bool) or not isinstance(a, int) or a not in (0, 1, 2) for a in axes
+    ):
+        raise ValueError(
+            f"flips must be distinct spatial axes among 0, 1, 2 (D, H, W), got {flips!r}"
+        )
+    return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+
+@torch.no_grad()
+def predict_volume_tta(
+    model: nn.Module,
+    image: Tensor,
+    flips: Sequence[int] = (0, 1, 2),
+    *,
+    roi_size: int | Sequence[int] = 64,
+    overlap: float = 0.5,
+    sw_batch_size: int = 1,
+    n_classes: int | None = None,
+) -> VolumePrediction:
+    """Test-time augmentation: the softmax averaged over flipped copies of the volume.
+
+    A baseline of uncertainty that needs no posterior.  Every combination of the spatial
+    axes ``flips`` is one augmentation (``flips=(0, 1, 2)``: 8, the unflipped volume
+    included): the volume is flipped (:class:`monai.transforms.Flip`), predicted as by
+    :func:`predict_volume` (a Bayesian model with its posterior means), and its
+    probabilities are flipped back onto the input's grid; the statistics are streamed
+    over the augmentations as over posterior samples (:class:`dwp.PredictiveStatistics`).
+
+    Parameters
+    ----------
+    model, image, roi_size, overlap, sw_batch_size, n_classes
+        As in :func:`predict_volume`.
+    flips
+        Spatial axes of the ``(C, D, H, W)`` image to flip: 0 = D, 1 = H, 2 = W.  ``()``
+        gives :func:`predict_volume`'s one pass.
+
+    Returns
+    -------
+    VolumePrediction
+        On CPU: ``probabilities`` the mean over the augmentations, ``predictive_entropy``
+        its entropy, ``mutual_information`` the disagreement between the augmentations
+        (the entropy of the mean minus the mean entropy), ``n_samples`` the number of
+        augmentations.
+
+    Raises
+    ------
+    ValueError
+        Bad ``flips``, and as :func:`predict_volume`.
+    """
+    from monai.transforms import Flip
+
+    combinations = flip_combinations(flips)
+    one_pass, x = _sliding_window(model, image, roi_size, overlap, sw_batch_size, n_classes)
+    stats = _statistics()
+    with _evaluating(model), dwp.sampling(False, model):
+        for axes in combinations:
+            if not axes:
+                stats.update(one_pass(x))
+                continue
+            flip = Flip(spatial_axis=axes)  # its own inverse
+            flipped = one_pass(flip(x).as_subclass(Tensor))
+            stats.update(flip(flipped).as_subclass(Tensor))
+    return _volume_prediction(stats)
 
 
 def predict_case(

@@ -10,6 +10,10 @@ scores are MONAI's, on the foreground class only (``include_background=False``):
   larger of the two directed 95th-percentile surface distances, **in mm** when a voxel
   ``spacing`` (or the image affine) is given, in voxels otherwise.
 
+:func:`voxel_uncertainty` scores the probabilities and uncertainty maps of one prediction
+per voxel (NLL, Brier, ECE, error-detection AUROC; :func:`dwp.uncertainty_metrics`), over
+the whole volume and inside :func:`uncertainty_region`.
+
 Empty masks (``A`` = prediction, ``B`` = label)
 -----------------------------------------------
 What MONAI 1.6 returns, and what is reported here:
@@ -36,19 +40,27 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
 from torch import Tensor
 
+import dwp
+
+if TYPE_CHECKING:
+    from .inference import VolumePrediction
+
 __all__ = [
+    "ROI_MARGIN",
     "SegmentationScores",
     "evaluate",
     "score_volume",
     "score_volumes",
+    "uncertainty_region",
     "voxel_spacing",
+    "voxel_uncertainty",
 ]
 
 
@@ -93,8 +105,8 @@ def _spacings(spacing: Any, n: int) -> list[tuple[float, float, float] | None]:
     )
 
 
-def _mask(x: Any, what: str) -> Tensor:
-    """A binary 3D mask (bool tensor) from ``(D, H, W)`` or ``(1, D, H, W)`` labels."""
+def _label_map(x: Any, what: str) -> Tensor:
+    """A 3D CPU tensor from a ``(D, H, W)`` or ``(1, D, H, W)`` tensor or array."""
     t = torch.as_tensor(x.detach().cpu() if isinstance(x, Tensor) else np.asarray(x))
     if t.dim() == 4 and t.shape[0] == 1:
         t = t[0]
@@ -102,6 +114,12 @@ def _mask(x: Any, what: str) -> Tensor:
         raise ValueError(
             f"{what} must be a 3D label map (D, H, W) or (1, D, H, W), got shape {tuple(t.shape)}"
         )
+    return t
+
+
+def _mask(x: Any, what: str) -> Tensor:
+    """A binary 3D mask (bool tensor) from ``(D, H, W)`` or ``(1, D, H, W)`` labels."""
+    t = _label_map(x, what)
     if t.dtype != torch.bool:
         values = torch.unique(t)
         bad = values[(values != 0) & (values != 1)]
@@ -285,3 +303,158 @@ def evaluate(predictions: Any, labels: Any, spacing: Any = None) -> dict[str, An
         empty predictions and both empty.
     """
     return score_volumes(predictions, labels, spacing).as_dict()
+
+
+#: Voxels around the label and predicted foreground that :func:`uncertainty_region` adds:
+#: 12 mm at the transfer benchmark's 4 mm.  A boundary's probabilities are expected to
+#: fall from ~1 to ~0 within a voxel or two; three leave room (a choice, not tuned).
+ROI_MARGIN = 3
+
+
+def _dilate(mask: Tensor, margin: int) -> Tensor:
+    """``mask`` grown by ``margin`` voxels along every axis (a ``(2m+1)^3`` cube, i.e.
+    Chebyshev distance <= m): three 1D max-pools, ``O(m)`` per voxel."""
+    if margin == 0:
+        return mask
+    grown = mask[None, None].float()
+    for axis in range(3):
+        kernel = [1, 1, 1]
+        kernel[axis] = 2 * margin + 1
+        padding = [k // 2 for k in kernel]
+        grown = torch.nn.functional.max_pool3d(grown, kernel, stride=1, padding=padding)
+    return grown[0, 0] > 0
+
+
+def uncertainty_region(prediction_mask: Tensor, label: Tensor, margin: int = ROI_MARGIN) -> Tensor:
+    """The voxels within ``margin`` voxels of the label's or the prediction's foreground.
+
+    A brain volume is mostly easy background, predicted right with confidence ~1 by
+    every method; over a whole volume those voxels drown the ones that matter, making the
+    voxel ECE, NLL and Brier tiny and alike for every method.  This region keeps
+    what matters and drops the rest:
+
+    * it holds **every wrong voxel** (an error is foreground in the label or in the
+      prediction), so its NLL and Brier still charge every error, and its AUROC ranks the
+      same errors against the right voxels next to them rather than against the far
+      background, which any uncertainty map ranks low;
+    * the ``margin`` adds the shell of right voxels around the boundaries, where a
+      calibrated model should be unsure (partial volume, blurred edges);
+    * a dilated mask rather than a dilated bounding box: a stray false positive far from
+      the lesion adds its own neighbourhood, not the whole box between the two, so the
+      region grows with what a method predicts, not with how far apart it predicts it.
+
+    The region depends on the prediction, so two methods are scored on slightly different
+    voxels of a volume (:func:`voxel_uncertainty` reports its size); right but uncertain
+    voxels far from any foreground fall outside it (they count in the whole-volume
+    scores).  Empty when neither label nor prediction has foreground.
+
+    Parameters
+    ----------
+    prediction_mask, label
+        ``(D, H, W)`` class maps; foreground is any class but 0.
+    margin
+        Voxels added around the foreground along each axis (a cube: the Chebyshev
+        distance), >= 0.
+
+    Returns
+    -------
+    Tensor
+        ``(D, H, W)`` bool.
+    """
+    if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
+        raise ValueError(f"margin must be an int >= 0, got {margin!r}")
+    if prediction_mask.shape != label.shape or label.dim() != 3:
+        raise ValueError(
+            f"prediction mask {tuple(prediction_mask.shape)} and label {tuple(label.shape)} "
+            "must be the same (D, H, W)"
+        )
+    return _dilate((prediction_mask != 0) | (label != 0), margin)
+
+
+def voxel_uncertainty(
+    prediction: VolumePrediction,
+    label: Any,
+    region: Any = None,
+    *,
+    margin: int = ROI_MARGIN,
+    n_bins: int = 15,
+) -> dict[str, float]:
+    """Per-voxel quality of one volume's probabilities and uncertainty maps.
+
+    :func:`dwp.uncertainty_metrics` over the voxels, with the prediction's two uncertainty
+    maps: ``mi`` (mutual information, the epistemic part) and ``entropy`` (predictive
+    entropy, the total).  A voxel is wrong where the most probable class is not the label.
+    The deterministic network's baseline, its softmax entropy, is the ``entropy`` of a
+    one-pass prediction (:func:`unet3d.inference.predict_volume` of a deterministic model,
+    or ``sample=False``); its ``mi`` is 0 everywhere, so ``auroc_mi`` is 0.5 (all ties).
+    Test-time augmentation (:func:`unet3d.inference.predict_volume_tta`) is scored the
+    same way, its ``mi`` the disagreement between the flips.
+
+    Each metric is reported twice: ``<metric>_all`` over every scored voxel, and
+    ``<metric>_roi`` inside :func:`uncertainty_region` (the voxels near the label's or the
+    prediction's foreground; see there why): over a whole brain volume the easy background
+    makes the voxel ECE tiny for every method.
+
+    Parameters
+    ----------
+    prediction
+        A :class:`unet3d.inference.VolumePrediction` (probabilities ``(K, D, H, W)``).
+    label
+        ``(D, H, W)`` (or ``(1, D, H, W)``) integer labels in ``[0, K)``.
+    region
+        Optional ``(D, H, W)`` bool mask: score only these voxels (e.g. a brain mask); the
+        uncertainty region is intersected with it.
+    margin
+        Of :func:`uncertainty_region`.
+    n_bins
+        Bins of the ECE.
+
+    Returns
+    -------
+    dict
+        ``accuracy``, ``nll``, ``brier``, ``ece``, ``auroc_mi``, ``auroc_entropy``, each
+        with the suffix ``_all`` and ``_roi`` (all ``nan`` when the region is empty: no
+        foreground anywhere), and ``roi_fraction``: the share of the scored voxels in the
+        region.
+
+    Raises
+    ------
+    ValueError
+        A label or region that is not the prediction's ``(D, H, W)``, labels outside the
+        classes, a region that selects no voxel.
+    """
+    probs = prediction.probabilities
+    spatial = tuple(probs.shape[1:])
+    target = _on_grid(label, "label", spatial).long()
+    scored = (
+        torch.ones(spatial, dtype=torch.bool)
+        if region is None
+        else _on_grid(region, "region", spatial).bool()
+    )
+    if not scored.any():
+        raise ValueError("region selects no voxel")
+    roi = uncertainty_region(prediction.mask.cpu(), target, margin) & scored
+    maps = {"mi": prediction.mutual_information, "entropy": prediction.predictive_entropy}
+
+    def score(where: Tensor) -> dict[str, float]:
+        uncertainties = {name: m[where] for name, m in maps.items()}
+        return dwp.uncertainty_metrics(
+            probs[:, where], target[where], uncertainties, class_dim=0, n_bins=n_bins
+        )
+
+    everywhere = score(scored)
+    inside = score(roi) if roi.any() else dict.fromkeys(everywhere, math.nan)
+    scores = {f"{k}_all": v for k, v in everywhere.items()}
+    scores.update({f"{k}_roi": v for k, v in inside.items()})
+    scores["roi_fraction"] = float(roi.sum()) / float(scored.sum())
+    return scores
+
+
+def _on_grid(x: Any, what: str, shape: tuple[int, ...]) -> Tensor:
+    """:func:`_label_map`, checked to be the prediction's ``(D, H, W)`` grid."""
+    t = _label_map(x, what)
+    if tuple(t.shape) != shape:
+        raise ValueError(
+            f"{what} has shape {tuple(t.shape)}; the prediction's (D, H, W) is {shape}"
+        )
+    return t

@@ -10,8 +10,9 @@ One training loop (:func:`unet3d.train.train`) runs every strategy; a strategy d
   reductions (:func:`unet3d.losses.paper_loss`) for the deterministic strategies, the
   negative ELBO (:func:`dwp.elbo` of the *summed* data term
   :func:`unet3d.losses.elbo_data_term`) for the Bayesian ones;
-* the optimiser's parameter groups (:meth:`Strategy.param_groups`): frozen parameters are
-  left out, posterior scales get their own learning rate (:func:`dwp.param_groups`).
+* the optimiser (:meth:`Strategy.make_optimizer`, :func:`dwp.optim.build_optimizer`):
+  frozen parameters are left out; the variational strategies default to
+  :class:`dwp.optim.NaturalVI`, which needs their KL weight.
 
 Registry (:data:`STRATEGIES`, :func:`get_strategy`):
 
@@ -33,8 +34,9 @@ import abc
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
+import torch
 from torch import Tensor, nn
 
 import dwp
@@ -115,9 +117,17 @@ class Strategy(abc.ABC):
             Optimisation steps taken so far (for KL schedules).
         """
 
-    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
-        """Optimiser parameter groups; parameters with ``requires_grad=False`` left out."""
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+    #: The optimiser ``"auto"`` stands for (:class:`dwp.optim.OptimizerName`).
+    default_optimizer: ClassVar[str] = "adam"
+
+    def make_optimizer(
+        self, model: nn.Module, name: str, lr: float, **options: Any
+    ) -> torch.optim.Optimizer:
+        """The optimiser ``name`` (``"auto"``: :attr:`default_optimizer`) for ``model``;
+        ``options`` go to :func:`dwp.optim.build_optimizer`.  Parameters with
+        ``requires_grad=False`` are left out."""
+        name = self.default_optimizer if name == "auto" else name
+        return dwp.optim.build_optimizer(name, model, lr, **options)
 
     def describe(self) -> dict[str, Any]:
         """Plain options for logs and checkpoints."""
@@ -225,8 +235,9 @@ class BayesianStrategy(Strategy):
     beta
         KL weight: a constant or a :class:`dwp.KLSchedule` (called with the step).
     scale_lr
-        Learning rate of the posterior log-sigmas (default ``lr / 10``); see
-        :func:`dwp.param_groups`.
+        Learning rate of the posterior log-sigmas under the ``adam`` / ``sgd`` optimisers
+        (default ``lr / 10``); the default optimiser, ``natural``, steps them by the
+        natural gradient instead (:class:`dwp.optim.NaturalVI`).
     init
         Where the posterior means start (:func:`dwp.bayesianize`): ``"pretrained"`` keeps
         the base network's weights (the ``source`` checkpoint when given, He otherwise),
@@ -243,7 +254,7 @@ class BayesianStrategy(Strategy):
 
     beta: float | dwp.KLSchedule = 1.0
     scale_lr: float | None = None
-    init_log_sigma: float = -5.0
+    init_log_sigma: float | Literal["fan_in"] = "fan_in"
     estimator: str = "reparam"
     mode: str = "auto"
     ce_weight: float = 0.01
@@ -296,9 +307,17 @@ class BayesianStrategy(Strategy):
         logged.update(ce=float(data.ce.detach()), dice=float(data.dice.detach()))
         return terms.loss, logged
 
-    def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
+    default_optimizer: ClassVar[str] = "natural"
+
+    def make_optimizer(
+        self, model: nn.Module, name: str, lr: float, **options: Any
+    ) -> torch.optim.Optimizer:
+        """As :meth:`Strategy.make_optimizer`, with this strategy's KL weight (for
+        ``natural``) and scale learning rate (for ``adam`` / ``sgd``)."""
         scale_lr = lr / 10 if self.scale_lr is None else self.scale_lr
-        return dwp.param_groups(model, lr, scale_lr)
+        return super().make_optimizer(
+            model, name, lr, kl_weight=self.beta_at, scale_lr=scale_lr, **options
+        )
 
     def describe(self) -> dict[str, Any]:
         return {

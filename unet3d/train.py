@@ -178,14 +178,6 @@ def _data(
 # Model, optimiser, scheduler
 
 
-def _make_optimizer(config: TrainConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
-    return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
-
-
 def _make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> Scheduler:
     # every group's floor keeps its ratio to the main learning rate
     floors = [config.min_lr * g["initial_lr"] / config.lr for g in optimizer.param_groups]
@@ -204,7 +196,14 @@ def _build(config: TrainConfig, strategy: Strategy) -> tuple[nn.Module, torch.op
     spec = ModelSpec(config.in_channels, config.n_classes, tuple(config.widths))
     model = strategy.build_model(spec)
     model.train()
-    optimizer = _make_optimizer(config, strategy.param_groups(model, config.lr))
+    optimizer = strategy.make_optimizer(
+        model,
+        config.optimizer,
+        config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        scale_rate=config.scale_rate,
+    )
     for group in optimizer.param_groups:  # what a restart resets the learning rates to
         group["initial_lr"] = group["lr"]
     return model, optimizer

@@ -72,11 +72,12 @@ def strategy_step(
 ) -> tuple[Callable[[], Tensor], Callable[[Tensor], None]]:
     """Forward/backward callables of one step of :func:`unet3d.train.train`'s loop.
 
-    The strategy's own parameter groups (frozen blocks left out, posterior scales at their
-    own learning rate) with Adam, the recipe's optimiser; the strategy's loss (the paper's
+    The strategy's own optimiser, as the loop builds it (``optimizer="auto"``: Adam for the
+    deterministic strategies, Adam on the means and natural-gradient steps on the scales
+    for the variational ones; frozen blocks left out); the strategy's loss (the paper's
     loss, or the negative ELBO with the KL of every Bayesian layer).
     """
-    optimizer = torch.optim.Adam(strategy.param_groups(model, ADAM_LR))
+    optimizer = strategy.make_optimizer(model, "auto", ADAM_LR)
     steps = [0]
 
     def forward() -> Tensor:
@@ -201,8 +202,8 @@ def run_unet3d(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str
         "default MLP KernelVAE (one group)",
         "input_shape": list(x.shape),
         "timed": "one step of unet3d.train's loop: zero_grad, forward, strategy.loss "
-        f"(n_data {STRATEGY_N_DATA}), backward, Adam(strategy.param_groups(model, "
-        f"{ADAM_LR})).step()",
+        f"(n_data {STRATEGY_N_DATA}), backward, strategy.make_optimizer(model, 'auto', "
+        f"{ADAM_LR}).step()",
         "steps": args.steps,
         "warmup_steps": WARMUP_STEPS,
         "baseline": BASELINE_STRATEGY,

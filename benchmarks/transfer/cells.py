@@ -1,12 +1,13 @@
 """Stage 4: the grid of target runs, one cell (method, train size, split) at a time, on
-nested training subsets shared by every method (:func:`split_indices`)."""
+nested training subsets shared by every method (:func:`split_indices`); each run is scored
+on the test set: Dice, IoU, HD95 and the per-voxel uncertainty (:func:`evaluate_model`)."""
 
 from __future__ import annotations
 
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,12 @@ from torch.utils.data import Subset
 from dwp.io import write_json
 from unet3d.checkpoint import read_state_dict
 from unet3d.data import SegmentationDataset
-from unet3d.inference import predict_volume
-from unet3d.metrics import evaluate
+from unet3d.inference import VolumePrediction, predict_volume, predict_volume_tta
+from unet3d.metrics import evaluate, voxel_uncertainty
 from unet3d.strategies import ModelSpec, get_strategy
 from unet3d.train import train
 
-from .config import Preset
+from .config import BAYESIAN, Preset
 from .data import Data
 from .sources import train_config
 
@@ -98,25 +99,75 @@ class Datasets:
         self.test = SegmentationDataset(data.test, **options)
 
 
+#: The spatial axis test-time augmentation mirrors: 0, left-right on the cohorts' MNI grid,
+#: where a brain is nearly symmetric.  The other axes would show the nets upside-down or
+#: back-to-front brains, which they never saw in training (no flip augmentation).
+TTA_FLIPS = (0,)
+
+
+def finite_means(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Per key of ``rows[0]``, the mean of its finite values over the rows (``nan`` where
+    none is: e.g. an AUROC with no wrong voxel, a region with no foreground)."""
+    means = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows if math.isfinite(r[key])]
+        means[key] = float(np.mean(values)) if values else math.nan
+    return means
+
+
 def evaluate_model(
-    model: torch.nn.Module, test: SegmentationDataset, preset: Preset, bayesian: bool, seed: int
+    model: torch.nn.Module,
+    test: SegmentationDataset,
+    preset: Preset,
+    bayesian: bool,
+    seed: int,
+    tta: bool = False,
 ) -> dict[str, Any]:
-    """Dice, IoU and HD95 (mm) of ``model`` on every test volume (whole-volume prediction)."""
+    """Dice, IoU and HD95 (mm) of ``model`` on every test volume (whole-volume prediction),
+    and ``"uncertainty"``: the means over the volumes of
+    :func:`unet3d.metrics.voxel_uncertainty`.
+
+    The uncertainty is scored on the test prediction, except for a Bayesian model with
+    ``eval_samples`` 0 (Dice of the posterior means): on ``uncertainty_samples`` posterior
+    samples then, for a mutual information.  ``tta``: also with test-time augmentation
+    (``"tta"``, :data:`TTA_FLIPS`).  ``"passes"`` says how many passes were averaged;
+    ``"uncertainty_seconds"`` is the time the uncertainty added (its predictions and
+    scores).
+    """
     predictions, labels = [], []
+    rows: dict[str, list[dict[str, float]]] = {"model": [], "tta": []}
     samples = preset.eval_samples if bayesian else 0
+    # posterior samples of the predictive that is scored for uncertainty
+    u_samples = samples or (preset.uncertainty_samples if bayesian else 0)
+    passes = {"model": max(u_samples, 1), "tta": 2 ** len(TTA_FLIPS)}
+    seconds = 0.0
+
+    def predict(image: torch.Tensor, n: int, volume_seed: int) -> VolumePrediction:
+        return predict_volume(
+            model, image, max(n, 1), roi_size=preset.crop, sample=n > 0, seed=volume_seed
+        )
+
     for i in range(len(test)):
         item = test[i]
-        out = predict_volume(
-            model,
-            item["image"],
-            n_samples=max(samples, 1),
-            roi_size=preset.crop,
-            sample=samples > 0,
-            seed=seed + i,
-        )
+        out = predict(item["image"], samples, seed + i)
         predictions.append(out.mask)
         labels.append(item["label"])
-    return evaluate(predictions, labels, spacing=(preset.resolution,) * 3)
+        started = time.perf_counter()
+        if u_samples != samples:
+            out = predict(item["image"], u_samples, seed + i)
+        rows["model"].append(voxel_uncertainty(out, item["label"]))
+        if tta:
+            out = predict_volume_tta(model, item["image"], TTA_FLIPS, roi_size=preset.crop)
+            rows["tta"].append(voxel_uncertainty(out, item["label"]))
+        seconds += time.perf_counter() - started
+    scores = evaluate(predictions, labels, spacing=(preset.resolution,) * 3)
+    scores["uncertainty"] = {
+        name: {"passes": passes[name], **finite_means(values)}
+        for name, values in rows.items()
+        if values
+    }
+    scores["uncertainty_seconds"] = seconds
+    return scores
 
 
 def run_cell(
@@ -150,7 +201,8 @@ def run_cell(
     model = strategy.build_model(ModelSpec(widths=preset.widths))
     model.load_state_dict(read_state_dict(folder / "best.pt"))
     started = time.perf_counter()
-    scores = evaluate_model(model, datasets.test, preset, strategy.bayesian, seed)
+    tta = cell.method not in BAYESIAN and cell.size in preset.tta_sizes
+    scores = evaluate_model(model, datasets.test, preset, strategy.bayesian, seed, tta)
     eval_seconds = time.perf_counter() - started
     best = result.history[result.best_epoch]
     record = {
@@ -169,6 +221,8 @@ def run_cell(
         "train_seconds": seconds,
         "eval_seconds": eval_seconds,
         "test": {k: scores[k] for k in ("dice", "iou", "hd95")},
+        "uncertainty": scores["uncertainty"],
+        "uncertainty_seconds": scores["uncertainty_seconds"],
         "strategy": strategy.describe(),
         "config": config.as_dict(),
     }

@@ -66,6 +66,12 @@ class Preset:
     source network's weights), ``normal_init`` the same for the N(0, 1) control
     (``"fresh"`` or ``"pretrained"``); ``freeze_depth`` of PRf; ``eval_samples``
     posterior samples averaged at test time (0: posterior means).
+    Uncertainty (per test voxel, :func:`unet3d.metrics.voxel_uncertainty`): of the test
+    prediction, except for a Bayesian method whose ``eval_samples`` is 0, scored on
+    ``uncertainty_samples`` more posterior samples (0: the posterior means' one pass, no
+    mutual information); the deterministic methods are also scored with test-time
+    augmentation (the left-right mirror: two more passes per test volume) at the train
+    sizes ``tta_sizes``.
     Selection: each Bayesian method's KL weight and initialisation are chosen jointly from
     ``beta_grid`` x ``dwp_init_grid`` (``normal_init_grid``) by the validation Dice of the
     smallest training set, split 0; an empty grid leaves its setting as it is.
@@ -108,6 +114,10 @@ class Preset:
     normal_init_grid: tuple[str, ...] = setting(("fresh", "pretrained"), stages=())
     freeze_depth: int = setting(1, stages=("pretrained_frozen",))
     eval_samples: int = setting(0, stages=BAYESIAN)
+    uncertainty_samples: int = setting(2, stages=BAYESIAN)
+    tta_sizes: tuple[int, ...] = setting(
+        (5,), stages=("pretrained", "pretrained_frozen", "random_init")
+    )
 
     def __post_init__(self) -> None:
         unknown = set(self.methods) - set(METHODS)
@@ -160,6 +170,7 @@ PRESETS: dict[str, Preset] = {
         val_every_steps=0,
         beta_grid=(1e-3, 1e-2),
         normal_init_grid=(),
+        tta_sizes=(2,),
     ),
     # The paper's sizes and schedule (for a GPU): 2 mm volumes, 10 source nets with 10
     # restarts, train to convergence (ReduceLROnPlateau to the floor, at most 500 epochs).

@@ -1,10 +1,12 @@
 """The report: paper-format tables (Dice and IoU, mean (std) over splits), paired
-differences DWP minus each baseline with a paired t-test across splits, the settings
-chosen on validation, the source and prior diagnostics, and Dice against train size."""
+differences DWP minus each baseline with a paired t-test across splits, the per-voxel
+uncertainty quality, the settings chosen on validation, the source and prior
+diagnostics, and Dice against train size."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ import numpy as np
 from dwp.io import atomic_write
 
 from ..report import markdown_table, write_results
+from .cells import finite_means
 from .config import LABELS, Preset
 from .execution import Plan
 
@@ -62,7 +65,71 @@ def summarise(records: Sequence[Mapping[str, Any]], preset: Preset) -> dict[str,
                     "p_value": p,
                 }
             )
-    return {"table": table, "paired": paired}
+    return {"table": table, "paired": paired, "uncertainty": summarise_uncertainty(records)}
+
+
+#: The uncertainty table's columns: a key of ``record["uncertainty"][variant]`` and its
+#: header.  Inside the uncertainty region (``_roi``) but for one whole-volume ECE, which
+#: shows what the easy background does to it.
+UNCERTAINTY_COLUMNS = {
+    "nll_roi": "NLL",
+    "brier_roi": "Brier",
+    "ece_roi": "ECE",
+    "ece_all": "ECE (whole volume)",
+    "auroc_mi_roi": "AUROC MI",
+    "auroc_entropy_roi": "AUROC entropy",
+}
+
+
+def summarise_uncertainty(
+    records: Sequence[Mapping[str, Any]],
+) -> dict[tuple[str, int, str], dict[str, float]]:
+    """Per (method, size, variant): the mean over splits of each per-voxel uncertainty
+    score (``record["uncertainty"][variant]``: ``"model"`` the method's own prediction,
+    ``"tta"`` with test-time augmentation) and ``n`` the splits.  Records without
+    uncertainty scores (runs cached before they were computed) are left out."""
+    grouped: dict[tuple[str, int, str], list[Mapping[str, float]]] = {}
+    for r in records:
+        for variant, scores in (r.get("uncertainty") or {}).items():
+            grouped.setdefault((r["method"], r["size"], variant), []).append(scores)
+    return {key: {**finite_means(rows), "n": len(rows)} for key, rows in grouped.items()}
+
+
+def _uncertainty_table(summary: Mapping[str, Any], preset: Preset) -> str | None:
+    """The Markdown table of :func:`summarise_uncertainty`, or None without scores."""
+    table = summary.get("uncertainty") or {}
+    if not table:
+        return None
+
+    def cell(scores: Mapping[str, float], key: str) -> str:
+        value = scores.get(key, math.nan)
+        one_pass = key.startswith("auroc_mi") and scores["passes"] == 1  # MI is 0: chance
+        return "-" if one_pass or not math.isfinite(value) else f"{value:.3f}"
+
+    rows = [
+        [
+            LABELS[m] + (" + TTA" if variant == "tta" else ""),
+            n,
+            f"{table[m, n, variant]['passes']:g}",
+            *(cell(table[m, n, variant], key) for key in UNCERTAINTY_COLUMNS),
+        ]
+        for m in preset.methods
+        for variant in ("model", "tta")
+        for n in preset.sizes
+        if (m, n, variant) in table
+    ]
+    return (
+        "**Uncertainty** per test voxel, mean over the test volumes, then over splits: "
+        "the negative log-likelihood (nats), Brier score and ECE (15 bins) of the "
+        "probabilities, and the AUROC of finding the wrong voxels by their mutual "
+        "information (MI) or predictive entropy.  Scored inside each volume's uncertainty "
+        "region (the label's and the prediction's foreground grown by "
+        "`unet3d.metrics.ROI_MARGIN` voxels; it holds every wrong voxel), where the easy "
+        "background does not drown the rest, as it does the whole-volume ECE.  Passes: "
+        "posterior samples of a Bayesian net, 1 for a deterministic net (its softmax "
+        "entropy; no MI), the mirror images of test-time augmentation (+ TTA).\n\n"
+        + markdown_table(["method", "train size", "passes", *UNCERTAINTY_COLUMNS.values()], rows)
+    )
 
 
 def _fmt(mean_std: tuple[float, float | None]) -> str:
@@ -100,6 +167,9 @@ def render(summary: Mapping[str, Any], plan_info: Mapping[str, Any], preset: Pre
             "Paired Dice differences across splits (same training subsets), paired t-test:\n\n"
             + markdown_table(["difference", "train size", "mean (std)", "p"], rows)
         )
+    uncertainty = _uncertainty_table(summary, preset)
+    if uncertainty:
+        parts.append(uncertainty)
     for sel in plan_info.get("selections") or []:
         names = list(sel["chosen"])
         rows = [
@@ -209,6 +279,15 @@ def write_report(plan: Plan, out: Path, name: str, command: str | None = None) -
                 {"method": m, "size": n, **v} for (m, n), v in sorted(summary["table"].items())
             ],
             "paired": summary["paired"],
+            "uncertainty": [
+                {
+                    "method": m,
+                    "size": n,
+                    "variant": variant,
+                    **{k: v if math.isfinite(v) else None for k, v in scores.items()},
+                }
+                for (m, n, variant), scores in sorted(summary["uncertainty"].items())
+            ],
         },
     }
     out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-__all__ = ["fraction", "non_negative_int", "overlap", "positive_float", "positive_int", "triple"]
+__all__ = [
+    "fraction",
+    "init_log_sigma",
+    "non_negative_int",
+    "overlap",
+    "positive_float",
+    "positive_int",
+    "rate",
+    "triple",
+]
 
 
 def positive_int(text: str) -> int:
@@ -37,6 +46,27 @@ def fraction(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
+def rate(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def init_log_sigma(text: str) -> float | str:
+    """argparse type: ``fan_in`` or a finite number."""
+    if text == "fan_in":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'fan_in' or a number, got {text}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
     return value
 
 

@@ -25,7 +25,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .arguments import fraction, non_negative_int, positive_float, positive_int, triple
+from .arguments import (
+    fraction,
+    init_log_sigma,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    rate,
+    triple,
+)
 
 __all__ = ["RESUME_FREE", "STRATEGY_FLAGS", "STRATEGY_NAMES", "add_parser", "run"]
 
@@ -162,10 +170,14 @@ def add_parser(commands: Any) -> None:
     strategy.add_argument(
         "--scale-lr",
         type=positive_float,
-        help="normal_prior, dwp: learning rate of the posterior log-sigmas (default lr / 10)",
+        help="normal_prior, dwp with --optimizer adam/sgd: learning rate of the posterior "
+        "log-sigmas (default lr / 10)",
     )
     strategy.add_argument(
-        "--init-log-sigma", type=float, help="normal_prior, dwp: initial log-sigma (default -5)"
+        "--init-log-sigma",
+        type=init_log_sigma,
+        help="normal_prior, dwp: initial log-sigma, a number or fan_in (default fan_in: "
+        "sigma = 0.1 * sqrt(2 / fan_in))",
     )
     strategy.add_argument(
         "--estimator",
@@ -184,7 +196,19 @@ def add_parser(commands: Any) -> None:
     optim.add_argument("--epochs", type=positive_int, default=100, help="(default 100)")
     optim.add_argument("--lr", type=positive_float, default=1e-3, help="(default 1e-3)")
     optim.add_argument("--batch-size", type=positive_int, default=2, help="(default 2)")
-    optim.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    optim.add_argument(
+        "--optimizer",
+        choices=("auto", "natural", "adam", "sgd"),
+        default="auto",
+        help="auto (default): natural for normal_prior / dwp (Adam on the means, natural-"
+        "gradient steps on the posterior scales), adam for the others",
+    )
+    optim.add_argument(
+        "--scale-rate",
+        type=rate,
+        default=0.1,
+        help="natural: rate of the natural-gradient step on the posterior scales (default 0.1)",
+    )
     optim.add_argument(
         "--lr-patience",
         type=non_negative_int,
@@ -406,6 +430,7 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr,
         batch_size=args.batch_size,
         optimizer=args.optimizer,
+        scale_rate=args.scale_rate,
         lr_patience=args.lr_patience,
         min_lr=args.min_lr,
         val_every=args.val_every,
