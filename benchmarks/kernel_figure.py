@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     rows = []
     for group in prior.groups:
-        vae, fit = prior.vaes[group], prior.metadata["fits"][group]
+        vae, fit, held_out = prior.vaes[group], prior.metadata["fits"][group], prior.held_out(group)
         with torch.random.fork_rng():
             torch.manual_seed(args.seed)
             with torch.no_grad():
@@ -123,10 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(
             {
                 "group": group,
-                "kernels": fit["n_train"] + fit["n_val"],
-                "vae_held_out_elbo": fit["best_val_elbo"],
-                "full_gaussian": fit["baselines"]["full"],
-                "diagonal_gaussian": fit["baselines"]["diagonal"],
+                "kernels": len(bank.select(group)),
+                "test_kernels": held_out["test_kernels"],
+                "vae_held_out_elbo": held_out["vae"],
+                "full_gaussian": held_out["kernel_gaussian"],
+                "diagonal_gaussian": held_out["diagonal_gaussian"],
                 "epochs": fit["epochs"],
                 "stopped": fit["stopped"],
                 "elbo_source_kernels": toy.mean_kernel_elbo(vae, bank.select(group)),

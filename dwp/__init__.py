@@ -24,6 +24,7 @@ from ._version import __version__
 from .controls import estimator, fixed_sample, sampling, set_estimator, set_mode
 from .convert import bayesianize, init_from_prior_, name_sites, to_deterministic
 from .elbo import ELBOTerms, KLSchedule, elbo, kl, kl_per_site, param_groups
+from .empirical_bayes import empirical_bayes_, prior_scales
 from .io import LibraryFileError
 from .kernel_bank import KernelBank, KernelBankError
 from .kernels import collect_kernels
@@ -42,15 +43,18 @@ from .posterior import MeanFieldNormal
 from .predict import Prediction, PredictiveStatistics, predict
 from .priors import (
     DeepWeightPrior,
+    KernelGaussianPrior,
     LogUniformPrior,
     NormalPrior,
     PretrainedNormalPrior,
     Prior,
     PriorFileError,
     PriorMismatchError,
+    SWAGPrior,
 )
 from .select import LayerSelector, bayesian_layers
 from .settings import Estimator, Mode, set_validation
+from .swag import SWAGMoments
 from .uncertainty import (
     brier_score,
     error_detection_auroc,
@@ -75,6 +79,7 @@ __all__ = [
     "KLSchedule",
     "KernelBank",
     "KernelBankError",
+    "KernelGaussianPrior",
     "KernelVAE",
     "LayerSelector",
     "LibraryFileError",
@@ -89,6 +94,8 @@ __all__ = [
     "Prior",
     "PriorFileError",
     "PriorMismatchError",
+    "SWAGMoments",
+    "SWAGPrior",
     "VAEFit",
     "__version__",
     "bayesian_layers",
@@ -96,6 +103,7 @@ __all__ = [
     "brier_score",
     "collect_kernels",
     "elbo",
+    "empirical_bayes_",
     "error_detection_auroc",
     "estimator",
     "expected_calibration_error",
@@ -110,6 +118,7 @@ __all__ = [
     "optim",
     "param_groups",
     "predict",
+    "prior_scales",
     "priors",
     "sampling",
     "set_estimator",

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .nn import DEFAULT_INIT_LOG_SIGMA, BayesianLayer, InitLogSigma, bayesian_twin
 from .priors import Prior
@@ -22,7 +22,62 @@ __all__ = [
 ]
 
 PriorSpec = Prior | Callable[[str, nn.Module], Prior] | None
-Init = Literal["pretrained", "prior", "fresh"]
+#: Where one layer's weights start: kept, from its prior, or torch's initialisation.
+InitChoice = Literal["pretrained", "prior", "fresh"]
+#: What ``init=`` accepts: one choice for every layer, a function ``(name, layer) ->
+#: choice``, or a mapping from glob patterns on qualified names to choices (the first
+#: pattern that matches wins; layers no pattern matches keep ``"pretrained"``).
+Init = InitChoice | Callable[[str, nn.Module], InitChoice] | Mapping[str, InitChoice]
+_INIT_CHOICES = ("pretrained", "prior", "fresh")
+
+
+def _check_init(choice: object, what: str) -> InitChoice:
+    if not isinstance(choice, str) or choice not in _INIT_CHOICES:
+        raise ValueError(f"{what} must be 'pretrained', 'prior' or 'fresh', got {choice!r}")
+    return choice
+
+
+def _init_choice(init: Init) -> Callable[[str, nn.Module], InitChoice]:
+    """``init=`` as a function ``(name, layer) -> choice`` whose answers are checked."""
+    if isinstance(init, str):
+        choice = _check_init(init, "init")
+        return lambda name, layer: choice
+    if isinstance(init, Mapping):
+        rules = []
+        for pattern, choice in init.items():
+            if not isinstance(pattern, str):
+                raise TypeError(f"init's keys must be name patterns, got {pattern!r}")
+            rules.append(
+                (LayerSelector(pattern, "init"), _check_init(choice, f"init[{pattern!r}]"))
+            )
+
+        def by_pattern(name: str, layer: nn.Module) -> InitChoice:
+            return next((c for rule, c in rules if rule.matches_name(name)), "pretrained")
+
+        return by_pattern
+    if callable(init):
+        return lambda name, layer: _check_init(init(name, layer), f"init({name!r}, layer)")
+    raise ValueError(
+        f"init must be 'pretrained', 'prior' or 'fresh', a function (name, layer) -> one of "
+        f"them or a mapping from name patterns to them, got {init!r}"
+    )
+
+
+def _check_init_patterns(init: Init, names: Iterable[str]) -> None:
+    """Patterns of an ``init=`` mapping that match none of the chosen layers are errors
+    (usually a typo), as they are in ``include=``."""
+    if isinstance(init, Mapping):
+        unused = LayerSelector(list(init), "init").unused_patterns(names)
+        if unused:
+            raise ValueError(f"init patterns {unused} match none of the layers chosen")
+
+
+def _torch_init_weight(layer: nn.Module) -> Tensor:
+    """torch's default initialisation of ``layer``'s weight (its torch twin's for a
+    Bayesian layer), as a new tensor: the layer's bias and posterior scales stay as they
+    are."""
+    twin = layer.torch_twin if isinstance(layer, BayesianLayer) else type(layer)
+    return twin(**_constructor_kwargs(layer)).weight.detach()
 
 
 def _check_patterns(included: LayerSelector, convertible: list[str], module: nn.Module) -> None:
@@ -90,7 +145,7 @@ def _convert(
     twin: type[BayesianLayer],
     name: str,
     prior: PriorSpec,
-    init: Init,
+    init: InitChoice,
     bias_prior: Prior | None,
     **options,
 ) -> BayesianLayer:
@@ -108,11 +163,15 @@ def _convert(
     new.set_prior(site_prior, bias_prior)
     if init != "pretrained":
         new.reset_parameters()  # torch's initialisation of the means, init_log_sigma again
-    if init == "prior":  # DWP initialisation: kernels (and Bayesian biases) from the prior
+    if init == "prior":  # DWP initialisation: each parameter from its own prior, if it gives one
+        sites = [(new.weight, new.weight_prior)]
+        if new.bayesian_bias:
+            sites.append((new.bias, new.bias_prior))
         with torch.no_grad():
-            new.weight.copy_(new.weight_prior.sample(new.weight.shape))
-            if new.bayesian_bias:
-                new.bias.copy_(new.bias_prior.sample(new.bias.shape))
+            for param, site in sites:
+                draw = site.init_sample(param.shape)
+                if draw is not None:  # else torch's initialisation, from reset_parameters()
+                    param.copy_(draw)
     return new
 
 
@@ -170,11 +229,20 @@ def bayesianize(
         with a twin.  A name pattern in ``include`` that matches no convertible layer is an
         error (it is usually a typo).
     init
-        Posterior means start from the existing weights (``"pretrained"``), from a sample of
-        the prior (``"prior"``; for a deep weight prior this is "DWP initialisation"; biases
-        get torch's initialisation, or a sample of ``bias_prior`` when Bayesian), or from
-        torch's default initialisation (``"fresh"``).  Priors are bound to the existing
-        weights in every case, so a ``PretrainedNormalPrior()`` template is centred on them.
+        Where the posterior means start: the existing weights (``"pretrained"``), the
+        layer's own prior (``"prior"``; for a deep weight prior this is "DWP
+        initialisation"), or torch's default initialisation (``"fresh"``).  One choice for
+        every layer, a function ``(name, layer) -> choice``, or a mapping from glob patterns
+        on qualified names to choices (``{"head*": "fresh", "*": "prior"}``; the first match
+        wins, layers no pattern matches keep ``"pretrained"``, a pattern matching no
+        converted layer is an error).  Under ``"prior"`` each weight (and Bayesian bias)
+        starts from :meth:`~dwp.priors.Prior.init_sample` of its own prior: priors fitted from source
+        material are sampled, a non-informative :class:`~dwp.priors.NormalPrior` declines
+        and its layer gets torch's initialisation, as under ``"fresh"`` (N(0, 1) draws
+        would ignore the fan-in: weight std 1 where torch's is 0.07 for 64 features);
+        deterministic biases get torch's initialisation.  Priors are bound to the existing
+        weights for every choice, so a ``PretrainedNormalPrior()`` template is centred on
+        them.
     bias_prior, bayesian_bias, init_log_sigma, estimator, mode
         Passed to every new layer (see :class:`dwp.nn.BayesianLayer`).
     inplace
@@ -186,8 +254,7 @@ def bayesianize(
         The Bayesian network; in mean mode it computes what ``module`` did when
         ``init="pretrained"``.
     """
-    if init not in ("pretrained", "prior", "fresh"):
-        raise ValueError(f"init must be 'pretrained', 'prior' or 'fresh', got {init!r}")
+    choose_init = _init_choice(init)
     root = module if inplace else copy.deepcopy(module)
     # The model owns its prior state (a deep weight prior's encoder keeps training with it):
     # copy prior objects once per call, so training never changes the object passed in and
@@ -214,13 +281,15 @@ def bayesianize(
             continue
         targets.append((name, layer, twin))
     _check_patterns(included, [n for n, m in layers if bayesian_twin(type(m))], module)
+    _check_init_patterns(init, [name for name, _, _ in targets])
 
     converted: dict[int, BayesianLayer] = {}
     for name, layer, twin in targets:
         new = converted.get(id(layer))
         if new is None:
+            choice = choose_init(name, layer)
             new = converted[id(layer)] = _convert(
-                layer, twin, name, prior, init, bias_prior, **options
+                layer, twin, name, prior, choice, bias_prior, **options
             )
         if not name:  # the root itself is a layer
             return new
@@ -260,36 +329,72 @@ def to_deterministic(module: nn.Module, inplace: bool = False) -> nn.Module:
 
 @torch.no_grad()
 def init_from_prior_(
-    module: nn.Module, prior: Prior, *, include: LayerSpec = None, exclude: LayerSpec = None
+    module: nn.Module,
+    prior: PriorSpec = None,
+    *,
+    init: Init = "prior",
+    include: LayerSpec = None,
+    exclude: LayerSpec = None,
 ) -> nn.Module:
-    """Overwrite weights with samples from ``prior``, in place ("DWP initialisation").
+    """Overwrite weights with samples from their prior, in place ("DWP initialisation").
 
     Atanov et al. (2019) found that starting from kernels sampled from the deep weight
     prior speeds up training and helps even without the Bayesian objective.  Works on plain
-    torch layers and on Bayesian layers (whose posterior means are overwritten); biases are
-    left alone.
+    torch layers and on Bayesian layers (whose posterior means are overwritten, their
+    scales kept); biases are left alone.
 
     Parameters
     ----------
     module
         The network, modified in place and returned.
     prior
-        Any prior that can :meth:`~dwp.priors.Prior.sample`; it is bound to each layer
-        first, so a layer it does not fit raises :class:`~dwp.priors.PriorMismatchError`.
+        The prior to sample: a :class:`~dwp.priors.Prior` for every chosen layer, a
+        function ``(name, layer) -> Prior``, or ``None``: each Bayesian layer's own weight
+        prior (a plain layer then raises, naming it).  It is bound to each layer first, so
+        a layer it does not fit raises :class:`~dwp.priors.PriorMismatchError`.  As in
+        :func:`bayesianize`, a prior that declines (:meth:`~dwp.priors.Prior.init_sample`, e.g. a
+        non-informative :class:`~dwp.priors.NormalPrior`) gives torch's initialisation.
+    init
+        What each chosen layer gets, as in :func:`bayesianize`: ``"prior"`` (default),
+        ``"fresh"`` (torch's initialisation of the weight) or ``"pretrained"`` (left as it
+        is); one choice, a function ``(name, layer) -> choice``, or a mapping from name
+        patterns to choices.
     include, exclude
         Which conv / linear layers, as in :func:`bayesianize`.
     """
+    choose_init = _init_choice(init)
     included = LayerSelector(include, "include")
     excluded = LayerSelector(exclude, "exclude", default=False)
-    done = 0
+    chosen = []
     for name, layer in model_layers(module):
         is_layer = isinstance(layer, BayesianLayer) or bayesian_twin(type(layer)) is not None
-        if not is_layer or not included(name, layer) or excluded(name, layer):
-            continue
-        kernel_dims = 0 if isinstance(layer, nn.Linear) else len(layer.kernel_size)
-        site = prior.for_site(f"{name}.weight", layer.weight, kernel_dims)
-        layer.weight.copy_(site.sample(layer.weight.shape))
-        done += 1
-    if included.patterns and not done:
+        if is_layer and included(name, layer) and not excluded(name, layer):
+            chosen.append((name, layer))
+    if included.patterns and not chosen:
         raise ValueError(f"include patterns {list(included.patterns)} match no conv / linear layer")
+    _check_init_patterns(init, [name for name, _ in chosen])
+    for name, layer in chosen:
+        choice = choose_init(name, layer)
+        if choice == "pretrained":
+            continue
+        draw = None
+        if choice == "prior":
+            draw = _weight_prior(prior, name, layer).init_sample(layer.weight.shape)
+        layer.weight.copy_(_torch_init_weight(layer) if draw is None else draw)
     return module
+
+
+def _weight_prior(prior: PriorSpec, name: str, layer: nn.Module) -> Prior:
+    """The prior of ``layer``'s weight for :func:`init_from_prior_`, bound to the layer."""
+    if prior is None:
+        if not isinstance(layer, BayesianLayer):
+            raise ValueError(
+                f"init_from_prior_: layer {name!r} ({type(layer).__name__}) is not Bayesian, "
+                f"so it has no prior of its own; pass prior="
+            )
+        return layer.weight_prior
+    chosen = prior(name, layer) if callable(prior) and not isinstance(prior, Prior) else prior
+    if not isinstance(chosen, Prior):
+        raise TypeError(f"init_from_prior_: the prior for {name!r} is not a Prior: {chosen!r}")
+    kernel_dims = 0 if isinstance(layer, nn.Linear) else len(layer.kernel_size)
+    return chosen.for_site(f"{name}.weight", layer.weight, kernel_dims)

@@ -219,18 +219,32 @@ def param_groups(
     the weight noise in check early in training.  Parameters with ``requires_grad=False``
     (e.g. a frozen kernel-VAE decoder) are left out, so they never reach the optimiser.
 
+    Weight decay (an optimiser's ``weight_decay``) applies to the means and other
+    parameters only: on a log-sigma it would pull sigma towards 1, on a prior's learned
+    scale factor (``log_scale_factor``, empirical Bayes) towards 1 too.
+
     Returns
     -------
     list of dict
         ``[{"params": means and other parameters, "lr": lr}, {"params": log-sigmas,
-        "lr": scale_lr}]``, for ``torch.optim.Adam(param_groups(...))``.
+        "lr": scale_lr, "weight_decay": 0}, {"params": prior scale factors, "lr": lr,
+        "weight_decay": 0}]`` (empty groups left out), for
+        ``torch.optim.Adam(param_groups(...))``.
     """
-    scales, others = [], []
+    scales, factors, others = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (scales if name.endswith("_log_sigma") else others).append(p)
+        if name.endswith("_log_sigma"):
+            scales.append(p)
+        elif name.endswith("log_scale_factor"):
+            factors.append(p)
+        else:
+            others.append(p)
+    no_decay = {**options, "weight_decay": 0.0}
     groups = [{"params": others, "lr": lr, **options}]
     if scales:
-        groups.append({"params": scales, "lr": lr if scale_lr is None else scale_lr, **options})
+        groups.append({"params": scales, "lr": lr if scale_lr is None else scale_lr, **no_decay})
+    if factors:
+        groups.append({"params": factors, "lr": lr, **no_decay})
     return groups

@@ -174,7 +174,7 @@ def predict(
     x: Tensor,
     n_samples: int = 16,
     *,
-    task: Task = "regression",
+    task: Task | None = None,
     activation: Activation = "softmax",
     class_dim: int = 1,
     sample: bool = True,
@@ -197,8 +197,11 @@ def predict(
     n_samples
         Number of posterior samples (forward passes).
     task
-        ``"regression"``: outputs are averaged as they are.  ``"classification"`` (also
-        segmentation): outputs are logits, turned into probabilities by ``activation``.
+        Required.  ``"regression"``: outputs are averaged as they are.
+        ``"classification"`` (also segmentation): outputs are logits, turned into
+        probabilities by ``activation`` before averaging.  There is no default, and it is
+        not guessed from the outputs: a classifier's logits averaged as a regression
+        would give a mean of logits and no entropies, silently.
     activation
         ``"softmax"`` over ``class_dim``, or ``"sigmoid"`` (independent binary channels).
     class_dim
@@ -209,7 +212,17 @@ def predict(
     Returns
     -------
     Prediction
+
+    Raises
+    ------
+    TypeError
+        ``task`` not given.
     """
+    if task is None:
+        raise TypeError(
+            "dwp.predict needs task='classification' (outputs are logits: probabilities, "
+            "entropies, mutual information) or task='regression' (outputs averaged as they are)"
+        )
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     stats = PredictiveStatistics(task, activation, class_dim)

@@ -117,7 +117,7 @@ def _as_distribution(
 ) -> TorchDistribution:
     """The distribution of a prior already bound to its site."""
     if isinstance(prior, (NormalPrior, PretrainedNormalPrior)):
-        return dist.Normal(prior.loc, prior.scale).expand(shape).to_event(len(shape))
+        return dist.Normal(prior.loc, prior.stddev).expand(shape).to_event(len(shape))
     return PriorDistribution(prior, shape, name, kernel_dims)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,7 +23,14 @@ from torch import Tensor, nn
 
 from .normal import normal_log_density, standard_normal_kl
 
-__all__ = ["KernelVAE", "VAEFit", "default_latent_dim", "fit_kernel_vae", "gaussian_baselines"]
+__all__ = [
+    "KernelVAE",
+    "VAEFit",
+    "default_latent_dim",
+    "fit_kernel_vae",
+    "gaussian_baselines",
+    "split_kernels",
+]
 
 Architecture = Literal["mlp", "conv"]
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -232,6 +240,27 @@ class KernelVAE(nn.Module):
             log_lik = log_lik + normal_log_density(w, *self.decode(z)).flatten(1).sum(-1)
         return log_lik / n_samples - kl
 
+    def iwae(self, w: Tensor, n_samples: int = 64) -> Tensor:
+        """Importance-weighted lower bound on log p(w) per kernel (Burda et al. 2016), ``(N,)``.
+
+            log (1/K) sum_k p(w | z_k) p(z_k) / r(z_k | w),  z_k ~ r(z | w),  K = n_samples.
+
+        Its expectation lies below log p(w) and above the ELBO, and rises toward log p(w) as
+        K grows; it equals log p(w) for every draw when r is the exact posterior.  Memory
+        grows as K x N x the kernel size: score large banks in chunks.
+        """
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        z_loc, z_scale = self.encode(w)
+        z = z_loc + z_scale * torch.randn(n_samples, *z_loc.shape, dtype=w.dtype, device=w.device)
+        log_weight = (normal_log_density(z, 0.0, 1.0) - normal_log_density(z, z_loc, z_scale)).sum(
+            -1
+        )
+        w_loc, w_scale = self.decode(z.flatten(0, 1))
+        observed = w.expand(n_samples, *w.shape).flatten(0, 1)
+        log_lik = normal_log_density(observed, w_loc, w_scale).flatten(1).sum(-1)
+        return torch.logsumexp(log_weight + log_lik.view(n_samples, -1), 0) - math.log(n_samples)
+
     def sample(self, n: int, use_mean: bool = False) -> Tensor:
         """``n`` kernels from the prior: z ~ N(0, I), w ~ p(w | z) (or its mean)."""
         ref = next(self.decoder.parameters(), None)
@@ -306,6 +335,30 @@ class VAEFit:
         }
 
 
+def split_kernels(
+    kernels: Tensor, fractions: Mapping[str, float], generator: torch.Generator
+) -> dict[str, Tensor]:
+    """Disjoint random parts of ``kernels``: one per fraction, in order, and ``"train"``.
+
+    Part ``name`` holds ``round(f * N)`` kernels (at least one when ``f > 0``, none when
+    ``f == 0``); ``"train"`` the rest, which must not be empty.  One ``randperm`` of the
+    generator decides all parts.
+    """
+    n = len(kernels)
+    perm = torch.randperm(n, generator=generator)
+    parts, start = {}, 0
+    for name, fraction in fractions.items():
+        if not 0 <= fraction < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {fraction}")
+        size = max(1, round(fraction * n)) if fraction > 0 else 0
+        parts[name], start = kernels[perm[start : start + size]], start + size
+    if start >= n:
+        held_out = ", ".join(f"{name}={f}" for name, f in fractions.items())
+        raise ValueError(f"{held_out} holds out all {n} kernels: none left to train on")
+    parts["train"] = kernels[perm[start:]]
+    return parts
+
+
 def gaussian_baselines(train: Tensor, val: Tensor) -> dict[str, float]:
     """Held-out mean log-likelihood per kernel of diagonal and full-covariance Gaussians."""
     x, y = train.flatten(1).double(), val.flatten(1).double()
@@ -344,6 +397,7 @@ def fit_kernel_vae(
     seed: int = 0,
     progress: bool = True,
     desc: str = "kernel VAE",
+    val_kernels: Tensor | None = None,
 ) -> VAEFit:
     """Fit a :class:`KernelVAE` to a bank of kernels by stochastic variational inference.
 
@@ -364,6 +418,10 @@ def fit_kernel_vae(
         Optimisation budget (the original DWP code: batch 128, up to 300-500 epochs).
     val_fraction
         Fraction of kernels held out for the per-epoch ELBO (at least one kernel).
+    val_kernels
+        The held-out kernels themselves, ``(M, *kernel_shape)``: then every kernel of
+        ``kernels`` is trained on and ``val_fraction`` is not used (how
+        :meth:`dwp.DeepWeightPrior.fit` keeps a third split, for testing only).
     seed
         Seeds the split, the initialisation and the SVI noise: same seed, same VAE.
     progress
@@ -371,23 +429,29 @@ def fit_kernel_vae(
     """
     from tqdm.auto import tqdm
 
-    if kernels.dim() < 2 or len(kernels) < 2:
+    minimum = 2 if val_kernels is None else 1
+    if kernels.dim() < 2 or len(kernels) < minimum:
         raise ValueError(
-            f"need at least 2 kernels of shape (N, *kernel_shape), got {tuple(kernels.shape)}"
+            f"need at least {minimum} kernels of shape (N, *kernel_shape), got "
+            f"{tuple(kernels.shape)}"
         )
     if not torch.isfinite(kernels).all():
         raise ValueError("the kernel bank has non-finite values")
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     generator = torch.Generator().manual_seed(seed)
     kernels = kernels.detach().float().cpu()
-    perm = torch.randperm(len(kernels), generator=generator)
-    n_val = max(1, round(val_fraction * len(kernels)))
-    if n_val >= len(kernels):
-        raise ValueError(
-            f"val_fraction={val_fraction} holds out all {len(kernels)} kernels: none left to train on"
-        )
-    val, train = kernels[perm[:n_val]], kernels[perm[n_val:]]
+    if val_kernels is None:
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        parts = split_kernels(kernels, {"val_fraction": val_fraction}, generator)
+        val, train = parts["val_fraction"], parts["train"]
+    else:
+        val, train = val_kernels.detach().float().cpu(), kernels
+        if len(val) < 1 or val.shape[1:] != train.shape[1:] or not torch.isfinite(val).all():
+            raise ValueError(
+                f"val_kernels must be finite kernels of shape (M >= 1, "
+                f"{', '.join(map(str, train.shape[1:]))}), got {tuple(val.shape)}"
+            )
+    n_val = len(val)
 
     with torch.random.fork_rng(), pyro.get_param_store().scope():
         torch.manual_seed(seed)

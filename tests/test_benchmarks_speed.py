@@ -15,6 +15,7 @@ from torch import nn
 
 import dwp
 from benchmarks import speed
+from benchmarks.speed.kl import GAUSSIAN_KL_TARGET
 from unet3d import UNet3D, count_kernels, kernel3_layers
 from unet3d.strategies import STRATEGIES
 
@@ -25,6 +26,9 @@ VARIANTS = {
         "kl_mlp_1vae",
         "kl_mlp_1vae_own",
         "kl_mlp_7vae",
+        "kl_gauss_1group",
+        "kl_gauss_7group",
+        "kl_swag_r5",
         "kl_conv_1vae",
         "step_unet3d_wide",
         "kl_mlp_1vae_wide",
@@ -151,6 +155,13 @@ def test_kl_rows(quick_run: tuple[Path, dict]) -> None:
     assert rows["kl_conv_1vae"]["architecture"] == "conv"
     assert rows["kl_conv_1vae"]["target_ratio"] is None  # reported without a target
     assert rows["kl_mlp_7vae"]["vaes"] == len(rows["kl_mlp_7vae"]["groups"]) == 7
+    for name, n_groups in (("kl_gauss_1group", 1), ("kl_gauss_7group", 7)):
+        assert rows[name]["baseline"] == "step_unet3d" and rows[name]["kernels"] == kernels
+        assert rows[name]["gaussians"] == n_groups
+        assert rows[name]["target_ratio"] == GAUSSIAN_KL_TARGET
+    swag = rows["kl_swag_r5"]
+    assert swag["baseline"] == "step_unet3d" and swag["kernels"] == kernels
+    assert swag["prior"] == "SWAG rank 5" and swag["target_ratio"] == GAUSSIAN_KL_TARGET
     assert sum(rows["kl_mlp_7vae"]["groups"].values()) == kernels
     for name in ("kl_conv_1vae", "step_unet3d_wide"):
         assert rows[name]["reps"] == speed.QUICK.heavy_reps
@@ -179,7 +190,7 @@ def test_unet3d_rows(quick_run: tuple[Path, dict]) -> None:
     for name, row in steps.items():
         assert row["baseline"] == "random_init" and row["target_ratio"] is None
         assert row["reps"] == speed.QUICK.steps and row["saved_for_backward_mib"] > 0
-        assert row["bayesian"] == (name in ("normal_prior", "dwp"))
+        assert row["bayesian"] == (name in ("normal_prior", "dwp", "prior"))
         if row["bayesian"]:  # log-sigmas (and the dwp encoders) on top of the weights
             assert row["parameters"] > base["parameters"]
         else:
@@ -299,8 +310,10 @@ def test_kl_variants_share_the_forward_sample_unless_named_own(
     _, result = quick_run
     kl_rows = {r["variant"]: r for r in result["rows"] if r["section"] == "kl"}
     for name, row in kl_rows.items():
-        if name.startswith("kl_"):
+        if name.startswith("kl_") and "architecture" in row:  # the VAE bounds
             assert row["weight_sample"] == ("own" if name.endswith("_own") else "forward's")
+        elif name.startswith("kl_"):  # closed forms (Gaussian, SWAG) use no weight sample
+            assert row["weight_sample"] == "none (closed form)"
 
 
 def test_forward_samples_setup_gives_every_layer_a_shared_sample() -> None:

@@ -268,18 +268,107 @@ def _wide_net():
 
 
 def test_init_from_prior_samples_the_prior():
+    # a prior fitted from source material (here: centred on the pretrained weights) is
+    # sampled by init="prior"
     net = _wide_net()
     before = _state(net)
     torch.manual_seed(1)
-    bayes = dwp.bayesianize(net, NormalPrior(0.0, 0.5), init="prior")
+    bayes = dwp.bayesianize(net, PretrainedNormalPrior(scale_factor=0.5), init="prior")
     _assert_same_state(net, before)
     for name, layer in dwp.bayesian_layers(bayes):
-        w = layer.weight.detach().flatten()
-        n = w.numel()  # 1152 and 4096
-        assert not torch.allclose(w, net.get_submodule(name).weight.flatten())
-        # N(0, 0.5^2) draws: SE(mean) = 0.5 / sqrt(n), SE(std) ~= 0.5 / sqrt(2 n)
-        assert abs(w.mean().item()) < 5 * 0.5 / math.sqrt(n)
-        assert abs(w.std().item() - 0.5) < 5 * 0.5 / math.sqrt(2 * n)
+        w0 = net.get_submodule(name).weight
+        z = ((layer.weight - w0) / (0.5 * w0.abs() + 1e-3)).detach().flatten()
+        n = z.numel()  # 1152 and 4096
+        # standardised N(w0, scale^2) draws: SE(mean) = 1 / sqrt(n), SE(std) ~= 1 / sqrt(2 n)
+        assert abs(z.mean().item()) < 5 / math.sqrt(n)
+        assert abs(z.std().item() - 1.0) < 5 / math.sqrt(2 * n)
+
+
+def _dwp_on_convs(name, layer):
+    """The issue's setting: a deep weight prior on the convs, N(0, 1) on the head."""
+    if isinstance(layer, nn.Conv2d):
+        return dwp.DeepWeightPrior({"all": dwp.KernelVAE((3, 3), hidden=4)})
+    return NormalPrior()
+
+
+def test_init_prior_leaves_a_non_informative_head_at_torchs_initialisation():
+    # The defect: init="prior" drew the head from N(0, 1) (weight std 0.94 against
+    # torch's 0.07 on real data).  Each layer starts from *its* prior: the convs from the
+    # deep weight prior, the N(0, 1) head (and N(0, 1) Bayesian biases) from torch.
+    net = _wide_net()
+    torch.manual_seed(1)
+    bayes = dwp.bayesianize(net, _dwp_on_convs, init="prior", bayesian_bias=True)
+    head = bayes[3]
+    bound = 1 / math.sqrt(64)  # torch's uniform bound for 64 input features (std 0.072)
+    assert head.weight.abs().max() <= bound and head.bias.abs().max() <= bound
+    assert 0.5 * bound / math.sqrt(3) < head.weight.std() < 2 * bound / math.sqrt(3)
+    assert not torch.equal(head.weight, net[3].weight)  # fresh, not the pretrained head
+    assert not torch.allclose(bayes[0].weight, net[0].weight)  # the convs: DWP samples
+    assert dwp.priors.NormalPrior().init_sample((3, 3)) is None
+
+
+def test_init_per_layer_by_pattern_or_function():
+    net = _wide_net()
+    torch.manual_seed(1)
+    by_pattern = dwp.bayesianize(
+        net, PretrainedNormalPrior(), init={"3": "fresh", "*": "prior", "0": "fresh"}
+    )
+    assert not torch.equal(by_pattern[3].weight, net[3].weight)  # fresh: torch's init
+    assert by_pattern[3].weight.abs().max() <= 1 / math.sqrt(64)
+    # the first matching pattern wins: "*" came before "0", so the conv is a prior sample
+    assert not torch.equal(by_pattern[0].weight, net[0].weight)
+    assert (by_pattern[0].weight - net[0].weight).abs().max() < 5 * 0.1 * net[0].weight.abs().max()
+    # layers no pattern matches keep their weights
+    kept = dwp.bayesianize(net, init={"3": "fresh"})
+    assert torch.equal(kept[0].weight, net[0].weight) and not torch.equal(
+        kept[3].weight, net[3].weight
+    )
+    calls = []
+
+    def choose(name, layer):
+        calls.append(name)
+        return "fresh" if isinstance(layer, nn.Linear) else "pretrained"
+
+    by_function = dwp.bayesianize(net, init=choose)
+    assert calls == ["0", "3"]
+    assert torch.equal(by_function[0].weight, net[0].weight)
+    assert not torch.equal(by_function[3].weight, net[3].weight)
+
+
+@pytest.mark.parametrize(
+    ("init", "error"),
+    [
+        ({"head*": "fresh"}, r"init patterns \['head\*'\] match none"),
+        ({"3": "random"}, r"init\['3'\] must be 'pretrained', 'prior' or 'fresh'"),
+        (lambda name, layer: "random", r"init\('0', layer\) must be"),
+    ],
+    ids=["unmatched-pattern", "bad-value", "bad-answer"],
+)
+def test_per_layer_init_errors_name_the_pattern_or_layer(init, error):
+    with pytest.raises(ValueError, match=error):
+        dwp.bayesianize(_wide_net(), init=init)
+
+
+def test_init_from_prior_uses_each_layers_own_prior_per_layer():
+    net = _wide_net()
+    bayes = dwp.bayesianize(net, _dwp_on_convs, init_log_sigma=-4.0)
+    with torch.no_grad():
+        bayes[3].weight.fill_(5.0)
+    torch.manual_seed(1)
+    dwp.init_from_prior_(bayes)  # prior=None: each Bayesian layer's own prior
+    assert not torch.equal(bayes[0].weight, net[0].weight)  # a deep-weight-prior sample
+    assert bayes[3].weight.abs().max() <= 1 / math.sqrt(64)  # N(0, 1) declines: torch's
+    assert (bayes[3].weight_log_sigma == -4.0).all()  # the scales are kept
+    before = bayes[0].weight.clone()
+    dwp.init_from_prior_(bayes, init={"3": "fresh"})  # the conv keeps its weights
+    assert torch.equal(bayes[0].weight, before)
+    with pytest.raises(ValueError, match=r"layer '0' \(Conv2d\) is not Bayesian.*prior="):
+        dwp.init_from_prior_(_wide_net())
+    plain = _wide_net()
+    dwp.init_from_prior_(plain, init="fresh")
+    assert not torch.equal(plain[0].weight, net[0].weight) and torch.equal(
+        plain[0].bias, net[0].bias
+    )
 
 
 def test_init_fresh_reinitialises_weights():

@@ -1094,3 +1094,117 @@ def test_bound_gradients_are_unbiased_with_or_without_the_forward_sample(shared)
         draws = torch.stack([g[i] for g in grads])
         se = draws.std(0) / n**0.5
         assert ((draws.mean(0) - target).abs() <= 5 * se).all()
+
+
+# -- 8. the importance-weighted bound and the fit report's three-way split ------------------
+def test_iwae_is_exact_with_the_exact_encoder_and_tighter_than_the_elbo():
+    w = _posterior(shape=(16, 1, 3, 3)).loc.reshape(-1, *KS)
+    log_p = _marginal().log_prob(w.reshape(-1, K))
+    exact = LinearGaussianVAE()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        # r = p(z | w): every importance weight is p(w), whatever K and the draws
+        for k in (1, 8):
+            torch.testing.assert_close(exact.iwae(w, k), log_p, rtol=1e-9, atol=1e-9)
+        worse = LinearGaussianVAE(0.8, 1.5)
+        elbo = torch.stack([worse.elbo(w).mean() for _ in range(200)])
+        iwae = torch.stack([worse.iwae(w, 64).mean() for _ in range(200)])
+    se = math.hypot(elbo.std().item(), iwae.std().item()) / math.sqrt(200)
+    # measured: ELBO 1.59 nats per kernel below log p, the 64-sample bound 0.02 below it
+    assert elbo.mean() < iwae.mean() - 5 * se
+    assert iwae.mean() <= log_p.mean() + 5 * iwae.std() / math.sqrt(200)
+    site = DeepWeightPrior({"g": worse}).for_group("g")
+    torch.manual_seed(1)
+    scores = site.kernel_log_prob(w)
+    torch.manual_seed(1)
+    torch.testing.assert_close(scores, site.vae.iwae(w, dwp.priors.report.IWAE_SAMPLES))
+
+
+def _linear_bank(n_per_group=(400, 300)):
+    g = torch.Generator().manual_seed(3)
+    parts = []
+    for n in n_per_group:
+        z = torch.randn(n, D, generator=g, dtype=torch.float64)
+        noise = S * torch.randn(n, K, generator=g, dtype=torch.float64)
+        parts.append((z @ A.T + B + noise).float().reshape(n, *KS))
+    groups = torch.cat([torch.full((n,), i) for i, n in enumerate(n_per_group)])
+    return dwp.KernelBank(
+        kernels=torch.cat(parts), group=groups, source=torch.zeros(len(groups), dtype=torch.int64),
+        layer=groups.clone(), group_names=["enc", "dec"], source_names=["net.pt"],
+        layer_names=["enc1", "dec1"], layer_groups={"enc1": "enc", "dec1": "dec"},
+        metadata={"group_by": "test"},
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def split_fit():
+    bank = _linear_bank()
+    options = dict(latent_dim=D, hidden=8, epochs=4, batch_size=64, progress=False, seed=2)
+    return bank, DeepWeightPrior.fit(bank, **options)
+
+
+def test_fit_keeps_test_kernels_out_of_every_choice(split_fit):
+    bank, prior = split_fit
+    splits = dwp.priors.split_bank(bank, seed=2)  # the fit's split, rebuilt from the bank
+    assert prior.metadata["split"] == {"val_fraction": 0.1, "test_fraction": 0.1, "seed": 2}
+    for group, kernels in bank.groups().items():
+        fit, parts = prior.metadata["fits"][group], splits[group]
+        assert fit["n_test"] == len(parts["test"]) == round(0.1 * len(kernels))
+        assert (fit["n_train"], fit["n_val"]) == (len(parts["train"]), len(parts["val"]))
+        assert fit["n_train"] + fit["n_val"] + fit["n_test"] == len(kernels)
+        # disjoint parts of the group's kernels (linear-Gaussian kernels never repeat)
+        rows = torch.cat([parts["train"], parts["val"], parts["test"]]).flatten(1)
+        assert len(torch.unique(rows, dim=0)) == len(kernels)
+        # the old keys keep their meaning: the validation scores of the fit
+        assert fit["best_val_elbo"] == max(h["val_elbo"] for h in fit["history"])
+        assert fit["baselines"] == dwp.vae.gaussian_baselines(parts["train"], parts["val"])
+
+
+def test_fit_report_scores_every_prior_on_the_test_kernels(split_fit, tmp_path):
+    bank, prior = split_fit
+    splits = dwp.priors.split_bank(bank, seed=2)
+    held_out = prior.metadata["held_out"]
+    assert held_out["reference"] == "kernel Gaussian"
+    assert held_out["how"] == {
+        "VAE": "IWAE bound, K=64", "kernel Gaussian": "exact", "diagonal Gaussian": "exact"
+    }  # fmt: skip
+    train = {g: parts["train"] for g, parts in splits.items()}
+    test = {g: parts["test"] for g, parts in splits.items()}
+    for group in bank.group_names:
+        entry = held_out["groups"][group]
+        assert entry["kernels"] == len(test[group])
+        # the Gaussians by hand: fitted on the VAE's training kernels, scored on the test ones
+        mean, cov, _ = dwp.priors.fit_kernel_gaussian(train[group])
+        full = MultivariateNormal(mean, cov).log_prob(test[group].flatten(1).double())
+        assert entry["scores"]["kernel Gaussian"]["mean"] == pytest.approx(full.mean().item())
+        # the VAE: its test score is not the validation score that chose the epoch
+        assert entry["scores"]["VAE"]["mean"] != prior.metadata["fits"][group]["best_val_elbo"]
+    compared = {
+        "VAE": prior,
+        "kernel Gaussian": dwp.KernelGaussianPrior.fit(train),
+        "diagonal Gaussian": dwp.KernelGaussianPrior.fit(train, diagonal=True),
+    }
+    again = dwp.priors.held_out_scores(compared, test, reference="kernel Gaussian", seed=2)
+    assert again == held_out  # the same draws: the report is reproducible
+    report = prior.fit_report()
+    assert report == dwp.priors.fit_report(compared, test, reference="kernel Gaussian", seed=2)
+    lines = report.splitlines()
+    assert "VAE, IWAE bound, K=64 (nats/kernel)" in lines[0]
+    assert "VAE − kernel Gaussian (nats/kernel, paired)" in lines[0]
+    assert len(lines) == 2 + len(bank.group_names) + 1  # the groups and all groups
+    prior.save(tmp_path / "prior.pt")
+    assert DeepWeightPrior.load(tmp_path / "prior.pt").fit_report() == report
+
+
+def test_fit_without_a_test_split_reports_its_validation_scores():
+    bank = _linear_bank((60, 50))
+    prior = DeepWeightPrior.fit(
+        bank, latent_dim=D, hidden=4, epochs=1, progress=False, test_fraction=0.0
+    )
+    assert "held_out" not in prior.metadata
+    assert all(fit["n_test"] == 0 for fit in prior.metadata["fits"].values())
+    lines = prior.fit_report().splitlines()
+    assert "validation" in lines[0] and "optimistic" in lines[0]
+    assert len(lines) == 2 + len(bank.group_names) + 1
+    with pytest.raises(ValueError, match=r"group 'dec'.*2 kernel\(s\).*none left to train on"):
+        DeepWeightPrior.fit(_linear_bank((60, 2)), hidden=4, epochs=1, progress=False)

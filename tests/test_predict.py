@@ -28,7 +28,7 @@ def test_regression_moments_match_the_analytic_predictive():
     layer = dwp.BayesLinear(4, 2, init_log_sigma=-1.0)
     x = torch.randn(3, 4)
     n = 4000
-    pred = dwp.predict(layer, x, n_samples=n)
+    pred = dwp.predict(layer, x, n_samples=n, task="regression")
     mean = nn.functional.linear(x, layer.weight, layer.bias)
     var = nn.functional.linear(x**2, layer.weight_posterior.scale**2)
     z_mean = (pred.mean - mean) / (var / n).sqrt()
@@ -79,15 +79,15 @@ def test_predict_restores_the_model_state_and_handles_deterministic_models():
     net = dwp.bayesianize(nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5), nn.Linear(3, 1)))
     net.train()
     x = torch.randn(5, 3)
-    pred = dwp.predict(net, x, n_samples=4)
+    pred = dwp.predict(net, x, n_samples=4, task="regression")
     assert net.training and pred.n_samples == 4
     assert all(layer.mode is dwp.Mode.AUTO for _, layer in dwp.bayesian_layers(net))
-    mean_pass = dwp.predict(net, x, sample=False)
+    mean_pass = dwp.predict(net, x, sample=False, task="regression")
     assert mean_pass.n_samples == 1
     net.eval()
     torch.testing.assert_close(mean_pass.mean, net(x))
     plain = nn.Linear(3, 1)
-    det = dwp.predict(plain, x, n_samples=10)
+    det = dwp.predict(plain, x, n_samples=10, task="regression")
     assert det.n_samples == 1 and torch.equal(det.variance, torch.zeros(5, 1))
 
 
@@ -101,7 +101,17 @@ def test_predict_restores_the_model_state_and_handles_deterministic_models():
 )
 def test_predict_rejects_bad_arguments(kwargs, error):
     with pytest.raises(ValueError, match=error):
-        dwp.predict(nn.Linear(2, 2), torch.randn(1, 2), **kwargs)
+        dwp.predict(nn.Linear(2, 2), torch.randn(1, 2), **{"task": "regression", **kwargs})
+
+
+def test_predict_needs_the_task():
+    # no silent default: a classifier's logits averaged as a regression would give a
+    # mean of logits and no entropies
+    logits = torch.tensor([[2.0, -1.0]])
+    with pytest.raises(TypeError, match=r"task='classification'.*task='regression'"):
+        dwp.predict(_Cycle([logits]), None, n_samples=2)
+    pred = dwp.predict(_Cycle([logits]), None, n_samples=2, task="classification")
+    torch.testing.assert_close(pred.mean, logits.softmax(1))
 
 
 def test_entropy_handles_zero_probabilities():

@@ -139,3 +139,66 @@ def test_kl_kinds_are_declared():
 
 def test_priors_are_exported():
     assert dwp.NormalPrior is NormalPrior and dwp.priors.LogUniformPrior is LogUniformPrior
+
+
+# -- files: every prior saves to and loads from one validated file ---------------------------
+def _with_factor(prior):
+    """A prior whose empirical-Bayes factor has been learned (is not its initial 1)."""
+    with torch.no_grad():
+        prior.log_scale_factor.fill_(-0.8)
+    return prior
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: NormalPrior(0.1, 0.5),
+        lambda: PretrainedNormalPrior(torch.randn(3, 2, 3), scale_factor=0.2),
+        lambda: PretrainedNormalPrior(),  # a template, without its centre
+        lambda: LogUniformPrior(max_log_alpha=6.0),
+        lambda: _with_factor(NormalPrior(0.0, 0.3, learn_scale=True)),
+        lambda: _with_factor(PretrainedNormalPrior(torch.randn(3, 2, 3), learn_scale=True)),
+    ],
+    ids=[
+        "normal",
+        "pretrained",
+        "pretrained-template",
+        "log_uniform",
+        "normal-eb",
+        "pretrained-eb",
+    ],
+)
+def test_prior_files_round_trip(tmp_path, make):
+    prior = make()
+    path = tmp_path / "prior.pt"
+    prior.save(path)
+    loaded = dwp.priors.load_prior(path)
+    assert type(loaded) is type(prior) and loaded.config() == prior.config()
+    for key, value in prior.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(loaded.state_dict()[key], value), key
+    assert type(prior).load(path).describe() == prior.describe()
+    with pytest.raises(dwp.PriorFileError, match=r"prior\.pt: holds a"):
+        (NormalPrior if not isinstance(prior, NormalPrior) else LogUniformPrior).load(path)
+
+
+def test_prior_files_reject_unknown_kinds_and_bad_configs(tmp_path):
+    path = tmp_path / "p.pt"
+    NormalPrior().save(path)
+    payload = torch.load(path, weights_only=True)
+    torch.save({**payload, "kind": "MysteryPrior"}, tmp_path / "kind.pt")
+    with pytest.raises(dwp.PriorFileError, match=r"kind\.pt: prior kind 'MysteryPrior'"):
+        dwp.priors.load_prior(tmp_path / "kind.pt")
+    torch.save({**payload, "config": {"loc": 0.0, "scale": -1.0}}, tmp_path / "config.pt")
+    with pytest.raises(dwp.PriorFileError, match=r"config\.pt: invalid NormalPrior"):
+        dwp.priors.load_prior(tmp_path / "config.pt")
+    torch.save({**payload, "format_version": 9}, tmp_path / "newer.pt")
+    with pytest.raises(dwp.PriorFileError, match="version 9 is not readable"):
+        dwp.priors.load_prior(tmp_path / "newer.pt")
+
+
+def test_load_prior_reads_a_deep_weight_prior_file(tmp_path):
+    prior = dwp.DeepWeightPrior({"all": dwp.KernelVAE((3, 3))})
+    prior.save(tmp_path / "dwp.pt")
+    loaded = dwp.priors.load_prior(tmp_path / "dwp.pt", n_samples=2)
+    assert isinstance(loaded, dwp.DeepWeightPrior) and loaded.n_samples == 2

@@ -101,6 +101,30 @@ def test_resume_point_restores_the_training_state(folder: Path) -> None:
         read_resume_point(folder / "best.pt")
 
 
+def test_last_pt_keeps_the_swag_collector(folder: Path, tmp_path: Path) -> None:
+    model = _network()
+    moments = dwp.SWAGMoments.for_model(model, rank=2)
+    for _ in range(3):
+        with torch.no_grad():
+            model.init_conv.weight.add_(0.1)
+        moments.update(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+    state = TrainingState(epoch=1, step=3)
+    save_last(
+        tmp_path / "last.pt", model, optimizer, scheduler, _run(), state, moments.state_dict()
+    )
+    restored = dwp.SWAGMoments.for_model(_network(), rank=2)
+    restored.load_state_dict(read_resume_point(tmp_path / "last.pt").swag)
+    assert restored.n_snapshots == 3
+    assert torch.equal(restored.deviations("init_conv"), moments.deviations("init_conv"))
+    # runs without moments, and files written before the entry existed, hold none
+    assert read_resume_point(folder / "last.pt").swag is None
+    older = _rewritten(folder / "last.pt", tmp_path / "older.pt", swag=None)
+    assert "swag" not in torch.load(older, weights_only=True)
+    assert read_resume_point(older).swag is None
+
+
 def test_state_dicts_of_checkpoints_and_raw_files(folder: Path, tmp_path: Path) -> None:
     reference = _network().state_dict()
     raw = tmp_path / "raw.pt"

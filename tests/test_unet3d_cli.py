@@ -135,6 +135,25 @@ def test_train_writes_metrics_checkpoints_and_config(runs: dict[str, Path], data
     assert json.loads(best["strategy"])["name"] == "random_init"
 
 
+def test_train_l2_sp_with_alpha_and_any_prior_file(
+    tmp_path: Path, runs: dict[str, Path], data: Path
+) -> None:
+    source = runs["random_init"] / "last.pt"
+    out = tmp_path / "l2sp"
+    argv = _train_argv(data, out, "--strategy", "l2_sp", "--source", str(source), "--alpha", "0.5")
+    assert cli.main(argv) == 0
+    record = json.loads((out / "config.json").read_text())
+    assert record["strategy"]["name"] == "l2_sp" and record["strategy"]["alpha"] == 0.5
+    assert "train_l2_sp" in next(csv.DictReader((out / "metrics.csv").open()))
+    prior = tmp_path / "normal.pt"
+    dwp.NormalPrior(0.0, 0.1, learn_scale=True).save(prior)
+    out = tmp_path / "prior"
+    assert cli.main(_train_argv(data, out, "--strategy", "prior", "--prior", str(prior))) == 0
+    record = json.loads((out / "config.json").read_text())
+    assert record["strategy"]["name"] == "prior" and record["strategy"]["prior"] == str(prior)
+    assert load_model(out / "last.pt").bayesian
+
+
 def test_train_from_csv_with_validation_csv(
     tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -192,6 +211,23 @@ def test_resume_after_interrupt_equals_uninterrupted(
     for key, value in full["model"].items():
         if isinstance(value, torch.Tensor):  # (priors' _extra_state entries are dicts)
             assert torch.equal(value, resumed["model"][key]), key
+
+
+def test_resume_accepts_a_run_from_before_a_setting_existed(
+    tmp_path: Path, data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A setting added since a run started is missing from its stored config: it had the
+    default value then, so a ``--resume`` with the default is the same run."""
+    argv = _train_argv(data, tmp_path / "run", epochs=1)
+    assert cli.main(argv) == 0
+    last = tmp_path / "run" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    config = json.loads(state["config"])
+    for key in ("swag_rank", "swag_start", "swag_every", "scale_rate"):
+        del config[key]
+    torch.save({**state, "config": json.dumps(config)}, last)
+    status, _, err = _run([*argv, "--resume"], capsys)
+    assert status == 0, err
 
 
 def test_resume_with_other_settings_names_the_difference(
@@ -408,6 +444,10 @@ def test_bayesian_runs_learn_their_scales_by_default(runs: dict[str, Path]) -> N
         ["train", "--data", "d", "--out", "o", "--init-log-sigma", "he"],
         ["train", "--data", "d", "--out", "o", "--strategy", "pretrained"],  # no --source
         ["train", "--data", "d", "--out", "o", "--strategy", "dwp"],  # no --prior
+        ["train", "--data", "d", "--out", "o", "--strategy", "prior"],  # no --prior
+        ["train", "--data", "d", "--out", "o", "--strategy", "l2_sp"],  # no --source
+        ["train", "--data", "d", "--out", "o", "--alpha", "0.1"],  # not random_init's
+        ["train", "--data=d", "--out=o", "--strategy=l2_sp", "--source=s", "--alpha=-1"],
         ["train", "--data", "d", "--csv", "c", "--out", "o"],  # two sources
         ["train", "--data", "d"],  # no --out
         ["train", "--data", "d", "--out", "o", "--val-fraction", "1.5"],

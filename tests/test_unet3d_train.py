@@ -16,6 +16,7 @@ import torch
 import cohorts
 import dwp
 from dwp.priors import DeepWeightSitePrior
+from unet3d import UNet3D, kernel3_layers
 from unet3d.checkpoint import CheckpointError
 from unet3d.data import load_decathlon
 from unet3d.strategies import (
@@ -84,8 +85,10 @@ def _options(name, source, prior_file):
         "random_init": {},
         "pretrained": {"source": source},
         "pretrained_frozen": {"source": source, "freeze_depth": 2},
+        "l2_sp": {"source": source, "alpha": 0.1},
         "normal_prior": {"beta": 1.0},
         "dwp": {"prior_path": prior_file, "init": "prior"},
+        "prior": {"prior_path": prior_file, "source": source},
     }[name]
 
 
@@ -152,7 +155,8 @@ def test_bayesian_strategies_start_from_the_source_network(source, prior_file):
     ],
 )
 def test_the_record_says_where_the_means_start(options, expected, prior_file):
-    assert get_strategy("normal_prior", **options).describe()["means_start"] == expected
+    normal = get_strategy("normal_prior", **options).describe()["means_start"]
+    assert normal == ("fresh init" if options["init"] == "prior" else expected)  # N(0, 1): none
     dwp_strategy = get_strategy("dwp", prior_path=prior_file, **options)
     assert dwp_strategy.describe()["means_start"] == expected
 
@@ -209,6 +213,67 @@ def test_resume_equals_uninterrupted(tmp_path, data):
     # a finished run resumes to itself
     again = train(config, *data, resume=True)
     assert len(again.history) == 4
+
+
+def _swag_state(path):
+    return torch.load(path, weights_only=True)
+
+
+def _assert_same_moments(a, b):
+    assert a["n_snapshots"] == b["n_snapshots"] and a["layers"] == b["layers"]
+    for key in ("mean", "sq_mean", "deviations"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
+def test_swag_moments_make_a_prior_for_the_same_architecture(tmp_path, data):
+    # 2 steps per epoch; from epoch 1 on, every 2nd step: steps 4 and 6
+    config = _config(tmp_path, epochs=3, swag_rank=3, swag_start=1, swag_every=2)
+    result = train(config, *data)
+    moments = dwp.SWAGMoments.load(tmp_path / "swag.pt")
+    assert moments.n_snapshots == 2 and moments.rank == 3
+    convs = [n for n, m in result.model.named_modules() if isinstance(m, torch.nn.Conv3d)]
+    assert list(moments.layers) == convs
+    _assert_same_moments(_swag_state(tmp_path / "swag.pt"), result.moments.state_dict())
+    prior = dwp.SWAGPrior.load(tmp_path / "swag.pt", scale=0.1)
+    net = UNet3D(widths=WIDTHS)
+    bayes = dwp.bayesianize(net, prior, include=kernel3_layers(net), init="prior")
+    assert torch.isfinite(dwp.kl(bayes))
+    other = UNet3D(widths=(4, 4, 4, 8))
+    with pytest.raises(dwp.PriorMismatchError, match=r"'init_conv\.weight'.*\(2, 1, 3, 3, 3\)"):
+        dwp.bayesianize(other, prior, include=kernel3_layers(other))
+    with pytest.raises(ValueError, match="swag_every"):
+        _config(tmp_path, swag_every=0)
+
+
+def test_swag_moments_are_collected_per_restart_cycle(tmp_path, data):
+    train(_config(tmp_path, epochs=1, restarts=1, lr_patience=0, swag_rank=2), *data)
+    cycles = [dwp.SWAGMoments.load(tmp_path / f"swag_restart{k}.pt") for k in (0, 1)]
+    assert [m.n_snapshots for m in cycles] == [2, 2]  # each cycle's own trajectory
+    assert not torch.equal(cycles[0].mean("init_conv"), cycles[1].mean("init_conv"))
+    _assert_same_moments(
+        _swag_state(tmp_path / "swag.pt"), _swag_state(tmp_path / "swag_restart1.pt")
+    )
+
+
+def test_resumed_swag_collection_equals_uninterrupted(tmp_path, data):
+    options = {"epochs": 3, "swag_rank": 2}  # 6 snapshots: the ring of 2 columns wraps
+    train(_config(tmp_path / "full", **options), *data)
+
+    def stop_after_one(epoch, record):
+        raise Interrupt
+
+    config = _config(tmp_path / "cut", **options)
+    with pytest.raises(Interrupt):
+        train(config, *data, on_epoch_end=stop_after_one)
+    assert not (tmp_path / "cut" / "swag.pt").exists()
+    train(config, *data, resume=True)
+    full, resumed = (_swag_state(tmp_path / d / "swag.pt") for d in ("full", "cut"))
+    assert full["n_snapshots"] == 6
+    _assert_same_moments(full, resumed)
+    # a run without moments cannot be continued as one that collects them
+    train(_config(tmp_path / "plain", epochs=1), *data)
+    with pytest.raises(CheckpointError, match=r"last\.pt: holds no SWAG moments"):
+        train(_config(tmp_path / "plain", epochs=1, swag_rank=2), *data, resume=True)
 
 
 def test_trains_on_decathlon_cases(tmp_path):
@@ -429,3 +494,89 @@ def test_dwp_training_steps_share_the_forward_weight_sample(
     config = _config(tmp_path, "dwp", epochs=1, strategy_options={"prior_path": prior_file})
     train(config, *data)
     assert seen and all(seen)
+
+
+# -- L2-SP and the prior-file strategy ----------------------------------------------------------
+def _distance_to(source: Path, model: torch.nn.Module) -> float:
+    before = torch.load(source, weights_only=True)["model"]
+    return sum(float((p.detach() - before[n]).pow(2).sum()) for n, p in model.named_parameters())
+
+
+def test_l2_sp_interpolates_between_pretrained_and_the_source(tmp_path, data, source):
+    """alpha = 0 is ``pretrained`` bit for bit; a large alpha keeps the weights near the
+    source network."""
+    runs = {}
+    for label, name, options in (
+        ("pretrained", "pretrained", {"source": source}),
+        ("alpha=0", "l2_sp", {"source": source, "alpha": 0.0}),
+        ("alpha=100", "l2_sp", {"source": source, "alpha": 100.0}),
+    ):
+        config = _config(tmp_path / label, name, epochs=2, strategy_options=options)
+        runs[label] = train(config, *data)
+    pretrained, same = (runs[k].model.state_dict() for k in ("pretrained", "alpha=0"))
+    assert all(torch.equal(pretrained[k], same[k]) for k in pretrained)
+    losses = [r["train_loss"] for r in runs["alpha=0"].history]
+    assert losses == [r["train_loss"] for r in runs["pretrained"].history]
+    free = _distance_to(source, runs["pretrained"].model)
+    assert 0 < _distance_to(source, runs["alpha=100"].model) < 0.5 * free
+    assert runs["alpha=100"].history[-1]["train_l2_sp"] > 0
+
+
+def test_the_l2_sp_penalty_and_its_gradient(source):
+    strategy = get_strategy("l2_sp", source=source, alpha=0.3)
+    model = strategy.build_model(ModelSpec(widths=WIDTHS))
+    before = torch.load(source, weights_only=True)["model"]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    penalty = strategy.penalty(model)
+    params = dict(model.named_parameters())
+    assert set(params) <= set(before)  # every parameter is a source-initialised one
+    expected = 0.15 * sum((p.detach() - before[n]).pow(2).sum() for n, p in params.items())
+    torch.testing.assert_close(penalty.detach(), expected)
+    grads = torch.autograd.grad(penalty, list(params.values()))
+    for (n, p), g in zip(params.items(), grads, strict=True):
+        torch.testing.assert_close(g, 0.3 * (p.detach() - before[n]), msg=n)
+    logits = model(torch.randn(1, 1, 16, 16, 16))
+    loss, terms = strategy.loss(model, logits, torch.zeros(1, 16, 16, 16).long(), 4, 1, 0)
+    assert float(loss.detach()) == pytest.approx(terms["paper_loss"] + terms["l2_sp"], rel=1e-6)
+    assert strategy.describe()["alpha"] == 0.3
+    with pytest.raises(ValueError, match="alpha >= 0"):
+        get_strategy("l2_sp", source=source, alpha=-1.0)
+
+
+def test_a_prior_file_of_another_kind_trains_through_the_prior_strategy(tmp_path, data, source):
+    """A PretrainedNormalPrior template file (centred on the source network when bound) and
+    an empirical-Bayes N(0, 1) file train through strategy ``prior``; ``dwp`` refuses them."""
+    centred, learned = tmp_path / "centred.pt", tmp_path / "learned.pt"
+    dwp.PretrainedNormalPrior(scale_factor=0.1).save(centred)
+    dwp.NormalPrior(learn_scale=True).save(learned)
+    before = torch.load(source, weights_only=True)["model"]
+    options = {"prior_path": centred, "source": source, "beta": 1e-3}
+    result = train(_config(tmp_path / "centred", "prior", strategy_options=options), *data)
+    layers = dwp.bayesian_layers(result.model)
+    assert layers and all(isinstance(m.weight_prior, dwp.PretrainedNormalPrior) for _, m in layers)
+    for name, layer in layers:
+        assert torch.equal(layer.weight_prior.loc, before[f"{name}.weight"])
+    losses = [r["train_loss"] for r in result.history]
+    assert losses[-1] < losses[0], losses
+    options = {"prior_path": learned, "beta": 1e-3}
+    result = train(_config(tmp_path / "learned", "prior", strategy_options=options), *data)
+    scales = dwp.prior_scales(result.model)
+    assert len(scales) == len(layers) and all(c < 1.0 for c in scales.values()), scales
+    with pytest.raises(dwp.PriorFileError, match=r"centred\.pt"):  # not a deep weight prior
+        get_strategy("dwp", prior_path=centred).build_model(ModelSpec(widths=WIDTHS))
+
+
+def test_dwp_stays_the_prior_strategy_for_deep_weight_priors(prior_file):
+    strategy = get_strategy("dwp", prior_path=prior_file)
+    assert strategy.init == "prior" and get_strategy("prior", prior_path=prior_file).init == (
+        "pretrained"
+    )
+    assert isinstance(strategy.prior(), dwp.DeepWeightPrior)
+    assert strategy.describe()["prior"] == str(prior_file)
+    with pytest.raises(ValueError, match=r"strategy 'dwp' needs prior_path=<DeepWeightPrior"):
+        get_strategy("dwp").prior()
+    with pytest.raises(ValueError, match=r"strategy 'prior' needs prior_path=<Prior file>"):
+        get_strategy("prior").prior()

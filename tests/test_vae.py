@@ -333,3 +333,35 @@ def test_mlp_heads_equal_the_chunked_single_matmul() -> None:
     torch.testing.assert_close(
         scale.reshape(5, -1), torch.nn.functional.softplus(ref_raw) + vae.min_scale
     )
+
+
+# -- held-out kernels given, and the split ----------------------------------------------------
+def test_split_kernels_parts_are_disjoint_sized_and_seeded():
+    kernels = torch.arange(50.0).reshape(50, 1)
+    parts = dwp.vae.split_kernels(
+        kernels, {"test": 0.1, "val": 0.2}, torch.Generator().manual_seed(0)
+    )
+    assert [len(parts[p]) for p in ("test", "val", "train")] == [5, 10, 35]
+    assert sorted(torch.cat(list(parts.values())).flatten().tolist()) == list(range(50))
+    again = dwp.vae.split_kernels(
+        kernels, {"test": 0.1, "val": 0.2}, torch.Generator().manual_seed(0)
+    )
+    assert all(torch.equal(parts[p], again[p]) for p in parts)
+    tiny = dwp.vae.split_kernels(kernels[:3], {"test": 0.01, "val": 0.0}, torch.Generator())
+    assert [len(tiny[p]) for p in ("test", "val", "train")] == [1, 0, 2]  # at least one if > 0
+    with pytest.raises(ValueError, match="none left to train on"):
+        dwp.vae.split_kernels(kernels[:2], {"test": 0.4, "val": 0.4}, torch.Generator())
+    with pytest.raises(ValueError, match=r"val must be in \[0, 1\)"):
+        dwp.vae.split_kernels(kernels, {"val": 1.0}, torch.Generator())
+
+
+def test_given_validation_kernels_are_used_as_they_are():
+    kernels, _ = linear_gaussian_bank(300)
+    train, val = kernels[:250], kernels[250:]
+    fit = fit_kernel_vae(train, val_kernels=val, hidden=8, epochs=2, progress=False)
+    assert (fit.n_train, fit.n_val) == (250, 50)
+    assert fit.baselines == dwp.vae.gaussian_baselines(train, val)  # scored on val as given
+    with pytest.raises(ValueError, match="val_kernels"):
+        fit_kernel_vae(train, val_kernels=torch.zeros(0, 3, 3), epochs=1, progress=False)
+    with pytest.raises(ValueError, match="val_kernels"):
+        fit_kernel_vae(train, val_kernels=torch.zeros(4, 3, 2), epochs=1, progress=False)

@@ -13,8 +13,13 @@ with ``weights_only=True``) holding
   (:meth:`unet3d.strategies.Strategy.describe`) as JSON strings, what rebuilds the network
   (:class:`RunDescription`); ``best.pt`` also ``metrics``, its epoch's record;
 * ``last.pt``: what ``resume=True`` restores: the fields of :class:`TrainingState`,
-  ``optimizer``, ``scheduler`` (their state dicts) and ``torch_rng`` (torch's RNG state,
-  the weight noise).
+  ``optimizer``, ``scheduler`` (their state dicts), ``torch_rng`` (torch's RNG state,
+  the weight noise) and ``swag``, the state of the run's SWAG collector
+  (:meth:`dwp.SWAGMoments.state_dict`; ``None`` when the run collects no moments, absent
+  in files written before it existed).
+
+The moments themselves (``swag.pt``, ``swag_restart{k}.pt``) are :mod:`dwp.swag`'s files,
+not checkpoints.
 
 Versions: a file with a ``format`` entry is checked by :meth:`dwp.io.FileFormat.check`
 (this tag, ``format_version`` 1 to :data:`CHECKPOINT`'s version).  Files written before
@@ -143,6 +148,7 @@ class ResumePoint:
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     torch_rng: Tensor
+    swag: dict[str, Any] | None = None  # the SWAG collector's state, when there is one
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,6 +199,7 @@ def save_last(
     scheduler: Any,
     run: RunDescription,
     state: TrainingState,
+    swag: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``last.pt``: everything :func:`read_resume_point` needs to continue the run
     bit for bit, torch's global RNG state (the weight noise) included.
@@ -207,6 +214,8 @@ def save_last(
         The training config and strategy (what :func:`load_model` rebuilds from).
     state
         Where the run stands after its last epoch.
+    swag
+        The SWAG collector's :meth:`~dwp.SWAGMoments.state_dict`, if the run has one.
     """
     entries = {
         **run.entries(),
@@ -216,6 +225,7 @@ def save_last(
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(),
+        "swag": None if swag is None else dict(swag),
     }
     return CHECKPOINT.save(entries, path)
 
@@ -301,6 +311,7 @@ def read_resume_point(path: PathLike) -> ResumePoint:
         optimizer=payload["optimizer"],
         scheduler=payload["scheduler"],
         torch_rng=payload["torch_rng"],
+        swag=payload.get("swag"),
     )
 
 

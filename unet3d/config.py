@@ -52,6 +52,15 @@ class TrainConfig:
         Cyclical restarts: after each of the first ``restarts`` cycles, reset the
         learning rate and continue; every cycle's final model is saved as
         ``source_restart{i}.pt`` when ``restarts > 0``.
+    swag_rank, swag_start, swag_every : int
+        Collect the SWA moments of the network's conv weights along training
+        (:class:`dwp.SWAGMoments`, what a :class:`dwp.SWAGPrior` is made of) with
+        ``swag_rank`` deviation columns (0: no collection), a snapshot after every
+        ``swag_every``-th optimisation step from epoch ``swag_start`` of each cycle on.
+        Written to ``swag.pt`` at the end of the run; with restarts each cycle is a
+        trajectory of its own: its moments go to ``swag_restart{i}.pt`` beside
+        ``source_restart{i}.pt`` and the next cycle starts afresh (``swag.pt`` holds the
+        last cycle's).
     seed : int
         Seeds model initialisation, data order and weight noise.
     in_channels, n_classes, widths
@@ -82,6 +91,9 @@ class TrainConfig:
     min_lr: float = 1e-6
     val_every: int = 1
     restarts: int = 0
+    swag_rank: int = 0
+    swag_start: int = 0
+    swag_every: int = 1
     seed: int = 0
     in_channels: int = 1
     n_classes: int = 2
@@ -99,6 +111,11 @@ class TrainConfig:
             raise ValueError(
                 "epochs, batch_size and val_every must be >= 1 and restarts >= 0, got "
                 f"{self.epochs}, {self.batch_size}, {self.val_every}, {self.restarts}"
+            )
+        if self.swag_rank < 0 or self.swag_start < 0 or self.swag_every < 1:
+            raise ValueError(
+                "swag_rank and swag_start must be >= 0 and swag_every >= 1, got "
+                f"{self.swag_rank}, {self.swag_start}, {self.swag_every}"
             )
         if self.optimizer not in ("auto", "natural", "adam", "sgd"):
             raise ValueError(

@@ -7,8 +7,8 @@ One training loop (:func:`unet3d.train.train`) runs every strategy; a strategy d
   variational version (:func:`dwp.bayesianize` of the 3x3x3 convs,
   :func:`~unet3d.model.kernel3_layers`);
 * the training loss (:meth:`Strategy.loss`): the paper's ``0.01 * CE + Dice`` with mean
-  reductions (:func:`unet3d.losses.paper_loss`) for the deterministic strategies, the
-  negative ELBO (:func:`dwp.elbo` of the *summed* data term
+  reductions (:func:`unet3d.losses.paper_loss`) for the deterministic strategies (plus
+  L2-SP's penalty towards the source weights for ``l2_sp``), the negative ELBO (:func:`dwp.elbo` of the *summed* data term
   :func:`unet3d.losses.elbo_data_term`) for the Bayesian ones;
 * the optimiser (:meth:`Strategy.make_optimizer`, :func:`dwp.optim.build_optimizer`):
   frozen parameters are left out; the variational strategies default to
@@ -20,8 +20,12 @@ Registry (:data:`STRATEGIES`, :func:`get_strategy`):
 ``random_init``        He-initialised U-Net (RI, the paper's baseline)
 ``pretrained``         every layer fine-tuned from a source checkpoint (PR)
 ``pretrained_frozen``  source weights, the middle blocks frozen (PRf); ``freeze_depth``
+``l2_sp``              fine-tuned from a source checkpoint, pulled towards it (L2-SP);
+                       ``alpha``
 ``normal_prior``       variational U-Net with an N(0, 1) prior (the Bayesian control)
 ``dwp``                variational U-Net with a :class:`dwp.DeepWeightPrior` (DWP)
+``prior``              variational U-Net with the prior of any prior file
+                       (:func:`dwp.priors.load_prior`: kernel Gaussian, SWAG, ...)
 =====================  ==============================================================
 
 Under ``DistributedDataParallel`` pass the *unwrapped* model and the *local* batch size to
@@ -31,6 +35,7 @@ Under ``DistributedDataParallel`` pass the *unwrapped* model and the *local* bat
 from __future__ import annotations
 
 import abc
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,10 +54,12 @@ __all__ = [
     "STRATEGIES",
     "BayesianStrategy",
     "DWPStrategy",
+    "L2SPStrategy",
     "ModelSpec",
     "NormalPriorStrategy",
     "PretrainedFrozenStrategy",
     "PretrainedStrategy",
+    "PriorFileStrategy",
     "RandomInitStrategy",
     "Strategy",
     "block_names",
@@ -227,6 +234,88 @@ class PretrainedFrozenStrategy(PretrainedStrategy):
 
 
 @dataclass
+class L2SPStrategy(PretrainedStrategy):
+    """L2-SP (Li et al. 2018): fine-tuning from ``source`` with a penalty towards it.
+
+    The loss is the paper's plus ``alpha / 2 * ||w - w_source||^2`` over every parameter
+    the source checkpoint initialised (all of them: the U-Net has no new layers, so Li et
+    al.'s second term, plain weight decay on new layers, is absent).  The starting point
+    ``w_source`` is recorded by :meth:`build_model`.
+
+    How it relates to the other strategies:
+
+    * ``alpha = 0`` is ``pretrained`` exactly (the penalty is not even computed);
+    * as ``alpha`` grows the weights stay closer to the source, towards a frozen network;
+    * it is a MAP estimate under a Gaussian prior centred on the source weights:
+      minimising ``L + alpha / 2 ||w - w_source||^2`` with the mean loss ``L`` of ``N``
+      training volumes is minimising ``N L + (N alpha) / 2 ||w - w_source||^2``, the
+      negative log-posterior under N(w_source, I / (N alpha)) when ``N L`` is read as the
+      negative log-likelihood, i.e. under ``dwp.PretrainedNormalPrior(scale_factor=0,
+      min_scale=(N alpha) ** -0.5)``.  The variational strategies with that prior (a file
+      of it, strategy ``prior``) learn a posterior around the point L2-SP finds.
+
+    Parameters
+    ----------
+    alpha
+        Strength of the pull towards the source weights (>= 0).  The default, 0.01, is a
+        starting point, not a tuned value: tune it as carefully as the priors' KL weight
+        (well-tuned fine-tuning closes much of the gap reported for learned priors).
+    """
+
+    alpha: float = 0.01
+    name: str = field(default="l2_sp", init=False)
+    _source_weights: dict[str, Tensor] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (self.alpha >= 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"strategy 'l2_sp' needs a finite alpha >= 0, got {self.alpha}")
+
+    def build_model(self, spec: ModelSpec) -> nn.Module:
+        model = super().build_model(spec)
+        self._source_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return model
+
+    def penalty(self, model: nn.Module) -> Tensor:
+        """``alpha / 2 * ||w - w_source||^2`` over the source-initialised parameters; its
+        gradient is ``alpha * (w - w_source)``."""
+        if not self._source_weights:
+            raise RuntimeError("strategy 'l2_sp' records the source weights in build_model()")
+        terms = []
+        for name, param in model.named_parameters():
+            source = self._source_weights.get(name)
+            if source is None:
+                continue
+            if source.device != param.device:  # the loop moves the model after building it
+                source = self._source_weights[name] = source.to(param.device)
+            terms.append((param - source).pow(2).sum())
+        return 0.5 * self.alpha * torch.stack(terms).sum()
+
+    def loss(
+        self,
+        model: nn.Module,
+        logits: Tensor,
+        target: Tensor,
+        n_data: int,
+        batch_size: int,
+        step: int,
+    ) -> tuple[Tensor, dict[str, float]]:
+        value, logged = super().loss(model, logits, target, n_data, batch_size, step)
+        logged["paper_loss"] = logged["loss"]
+        if self.alpha == 0:  # pretrained's loss, bit for bit
+            return value, logged
+        penalty = self.penalty(model)
+        total = value + penalty
+        logged.update(loss=float(total.detach()), l2_sp=float(penalty.detach()))
+        return total, logged
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "alpha": self.alpha}
+
+
+@dataclass
 class BayesianStrategy(Strategy):
     """Common part of the variational strategies: ELBO loss, separate scale learning rate.
 
@@ -241,7 +330,8 @@ class BayesianStrategy(Strategy):
     init
         Where the posterior means start (:func:`dwp.bayesianize`): ``"pretrained"`` keeps
         the base network's weights (the ``source`` checkpoint when given, He otherwise),
-        ``"prior"`` samples the prior (DWP initialisation), ``"fresh"`` re-initialises.
+        ``"prior"`` samples the prior (DWP initialisation; N(0, 1) gives no samples, and
+        its means get torch's initialisation), ``"fresh"`` re-initialises.
     source
         Checkpoint whose weights the base network loads (with ``init="pretrained"``, the
         posterior means start at the source network).
@@ -350,9 +440,50 @@ class NormalPriorStrategy(BayesianStrategy):
     def prior(self) -> dwp.Prior:
         return dwp.NormalPrior(0.0, 1.0)
 
+    def means_start(self) -> str:
+        # N(0, 1) gives no initial weights (dwp.priors.Prior.init_sample): under
+        # init="prior" the means get torch's initialisation, as under "fresh"
+        return "fresh init" if self.init == "prior" else super().means_start()
+
 
 @dataclass
-class DWPStrategy(BayesianStrategy):
+class PriorFileStrategy(BayesianStrategy):
+    """Variational U-Net with the weight prior of a file (``prior_path``), of any kind
+    :func:`dwp.priors.load_prior` reads (a kernel Gaussian, a SWAG prior, a Gaussian, a
+    deep weight prior), or the prior itself.
+
+    ``prior_options`` override the file's constructor arguments.  Priors centred on the
+    source network (a ``PretrainedNormalPrior()`` template) bind to the base network's
+    weights, so give ``source``; the posterior means start there too (``init="pretrained"``,
+    the default), from prior samples (``"prior"``) or fresh (``"fresh"``).
+    """
+
+    prior_path: str | os.PathLike | dwp.Prior | None = None
+    prior_options: dict[str, Any] = field(default_factory=dict)
+    name: str = field(default="prior", init=False)
+    #: The kind of prior this strategy trains with: a file of another kind is an error.
+    prior_kind: ClassVar[type[dwp.Prior]] = dwp.Prior
+
+    def prior(self) -> dwp.Prior:
+        kind = self.prior_kind.__name__
+        if self.prior_path is None:
+            raise ValueError(f"strategy {self.name!r} needs prior_path=<{kind} file>")
+        if isinstance(self.prior_path, dwp.Prior):
+            if not isinstance(self.prior_path, self.prior_kind):
+                raise TypeError(
+                    f"strategy {self.name!r} needs a {kind}, got a {type(self.prior_path).__name__}"
+                )
+            return self.prior_path
+        return self.prior_kind.load(self.prior_path, **self.prior_options)
+
+    def describe(self) -> dict[str, Any]:
+        path = self.prior_path
+        shown = "<in memory>" if isinstance(path, dwp.Prior) else str(path)
+        return {**super().describe(), "prior": shown}
+
+
+@dataclass
+class DWPStrategy(PriorFileStrategy):
     """Variational U-Net with a deep weight prior (``prior``: a file of
     :meth:`dwp.DeepWeightPrior.save`, or the prior itself).
 
@@ -360,22 +491,9 @@ class DWPStrategy(BayesianStrategy):
     ``init="pretrained"`` from the source checkpoint ``source`` (He init without one).
     """
 
-    prior_path: str | os.PathLike | dwp.DeepWeightPrior | None = None
-    prior_options: dict[str, Any] = field(default_factory=dict)
     init: Literal["pretrained", "prior", "fresh"] = "prior"
     name: str = field(default="dwp", init=False)
-
-    def prior(self) -> dwp.Prior:
-        if self.prior_path is None:
-            raise ValueError("strategy 'dwp' needs prior_path=<DeepWeightPrior file>")
-        if isinstance(self.prior_path, dwp.DeepWeightPrior):
-            return self.prior_path
-        return dwp.DeepWeightPrior.load(self.prior_path, **self.prior_options)
-
-    def describe(self) -> dict[str, Any]:
-        path = self.prior_path
-        shown = "<in memory>" if isinstance(path, dwp.DeepWeightPrior) else str(path)
-        return {**super().describe(), "prior": shown}
+    prior_kind: ClassVar[type[dwp.Prior]] = dwp.DeepWeightPrior
 
 
 #: Strategy classes by name.
@@ -383,8 +501,10 @@ STRATEGIES: dict[str, Callable[..., Strategy]] = {
     "random_init": RandomInitStrategy,
     "pretrained": PretrainedStrategy,
     "pretrained_frozen": PretrainedFrozenStrategy,
+    "l2_sp": L2SPStrategy,
     "normal_prior": NormalPriorStrategy,
     "dwp": DWPStrategy,
+    "prior": PriorFileStrategy,
 }
 
 

@@ -6,6 +6,10 @@ validation loss (factor 0.1, patience 10), stop when the learning rate reaches i
 or after ``epochs`` epochs.  With ``restarts=k`` (source training for the deep weight
 prior) it runs ``k + 1`` cycles: after each converged cycle the learning rate is reset to
 its initial value and a checkpoint ``source_restart{i}.pt`` is kept (cyclical restarts).
+With ``swag_rank > 0`` it collects the SWA moments of the weights along the way
+(:class:`dwp.SWAGMoments`, after the optimiser steps ``TrainConfig`` chooses) and writes
+them to ``swag.pt`` (and per cycle to ``swag_restart{i}.pt``): the source of a
+:class:`dwp.SWAGPrior`.
 
 Every epoch it logs metrics (``metrics.csv``, ``metrics.json``: training loss terms, the
 validation loss and Dice, the learning rate), keeps ``best.pt`` (lowest validation loss)
@@ -17,7 +21,8 @@ atomically; both also hold the training config and the strategy's options, from 
 ``resume=True`` continues from ``last.pt`` and reaches bit for bit the same parameters as
 an uninterrupted run: the data order of epoch ``e`` depends on ``(seed, e)`` only
 (:class:`~torch.utils.data.DistributedSampler` semantics, one replica without DDP), and the
-torch RNG state (weight noise of the Bayesian strategies) is checkpointed.
+torch RNG state (weight noise of the Bayesian strategies) and the SWAG collector are
+checkpointed.
 
 Data parallelism: launched under ``torchrun`` (``RANK`` / ``WORLD_SIZE`` set, world size
 > 1) it joins a ``gloo`` process group, wraps the model in
@@ -50,6 +55,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from dwp.io import write_json, write_text
+from dwp.swag import SWAGMoments
 
 from . import checkpoint
 from .checkpoint import RunDescription, TrainingState
@@ -81,6 +87,8 @@ class TrainResult:
     restart_checkpoints : list of Path
         ``source_restart{i}.pt`` files written (rank 0 with ``out_dir``).
     out_dir : Path or None
+    moments : SWAGMoments or None
+        The SWA moments of the last cycle (``swag_rank > 0``), as in ``swag.pt``.
     """
 
     model: nn.Module
@@ -90,6 +98,7 @@ class TrainResult:
     stop_reason: str
     restart_checkpoints: list[Path]
     out_dir: Path | None
+    moments: SWAGMoments | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,6 +225,7 @@ def _start(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Scheduler,
+    moments: SWAGMoments | None,
 ) -> TrainingState:
     """A fresh state, or the one of ``out_dir/last.pt`` with the states it restores."""
     last = None if out_dir is None else out_dir / "last.pt"
@@ -227,7 +237,26 @@ def _start(
     optimizer.load_state_dict(point.optimizer)
     scheduler.load_state_dict(point.scheduler)
     torch.set_rng_state(point.torch_rng)
+    if moments is not None:
+        _restore_moments(moments, point.swag, last)
     return point.state
+
+
+def _moments(config: TrainConfig, model: nn.Module) -> SWAGMoments | None:
+    """The run's SWAG collector over every conv weight (``None`` with ``swag_rank=0``)."""
+    return SWAGMoments.for_model(model, config.swag_rank) if config.swag_rank > 0 else None
+
+
+def _restore_moments(moments: SWAGMoments, state: dict | None, last: Path) -> None:
+    if state is None:
+        raise checkpoint.CheckpointError(
+            f"{last}: holds no SWAG moments to continue (the run was started with "
+            "swag_rank=0); resume it with swag_rank=0 or start a new run"
+        )
+    try:
+        moments.load_state_dict(state)
+    except ValueError as error:
+        raise checkpoint.CheckpointError(f"{last}: {error}") from error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +277,7 @@ class _Run:
     world: int
     out_dir: Path | None
     writer: bool  # rank 0 with an out_dir: the process that writes files
+    moments: SWAGMoments | None  # the SWAG collector (swag_rank > 0)
 
 
 def _train_epoch(run: _Run, state: TrainingState) -> dict[str, Any]:
@@ -266,6 +296,7 @@ def _train_epoch(run: _Run, state: TrainingState) -> dict[str, Any]:
         loss.backward()
         run.optimizer.step()
         state.step += 1
+        _collect_moments(run, state)
         batches += 1
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -277,6 +308,17 @@ def _train_epoch(run: _Run, state: TrainingState) -> dict[str, Any]:
     }
     record.update({f"train_{k}": v / max(batches, 1) for k, v in sums.items()})
     return record
+
+
+def _collect_moments(run: _Run, state: TrainingState) -> None:
+    """A SWAG snapshot after every ``swag_every``-th step from cycle epoch ``swag_start``."""
+    config = run.config
+    if (
+        run.moments is not None
+        and state.cycle_epoch >= config.swag_start
+        and state.step % config.swag_every == 0
+    ):
+        run.moments.update(run.model)
 
 
 @torch.no_grad()
@@ -326,8 +368,12 @@ def _end_cycle(run: _Run, state: TrainingState) -> None:
         path = run.out_dir / f"source_restart{state.cycle}.pt"
         if run.writer:
             checkpoint.save_restart(path, run.model, epoch=state.epoch - 1, cycle=state.cycle)
+            if run.moments is not None:
+                run.moments.save(run.out_dir / f"swag_restart{state.cycle}.pt")
         state.restart_checkpoints.append(path)
     if state.cycle < config.restarts:  # restart: initial learning rates, fresh plateau state
+        if run.moments is not None:  # a new trajectory, around another solution
+            run.moments.reset()
         state.cycle += 1
         state.cycle_epoch = 0
         for group in optimizer.param_groups:
@@ -376,13 +422,17 @@ def _write_metrics(history: list[dict[str, Any]], out_dir: Path) -> None:
 def _save(
     run: _Run, state: TrainingState, described: RunDescription, record: dict, improved: bool
 ) -> None:
-    """The epoch's files (rank 0): ``best.pt`` if it improved, ``last.pt``, the metrics."""
+    """The epoch's files (rank 0): ``best.pt`` if it improved, ``swag.pt`` after the last
+    epoch (before ``last.pt`` says the run is finished), ``last.pt``, the metrics."""
     if improved:
         checkpoint.save_best(
             run.out_dir / "best.pt", run.model, described, epoch=state.epoch - 1, metrics=record
         )
+    swag = None if run.moments is None else run.moments.state_dict()
+    if swag is not None and state.finished:
+        run.moments.save(run.out_dir / "swag.pt")
     checkpoint.save_last(
-        run.out_dir / "last.pt", run.model, run.optimizer, run.scheduler, described, state
+        run.out_dir / "last.pt", run.model, run.optimizer, run.scheduler, described, state, swag
     )
     _write_metrics(state.history, run.out_dir)
 
@@ -464,9 +514,12 @@ def _train(
     data = _data(config, train_cases, val_cases, rank, world)
     model, optimizer = _build(config, strategy)
     scheduler = _make_scheduler(config, optimizer)
-    state = _start(config, out_dir, resume, model, optimizer, scheduler)
+    moments = _moments(config, model)
+    state = _start(config, out_dir, resume, model, optimizer, scheduler, moments)
     net = DistributedDataParallel(model) if world > 1 else model
-    run = _Run(config, strategy, data, model, net, optimizer, scheduler, world, out_dir, writer)
+    run = _Run(
+        config, strategy, data, model, net, optimizer, scheduler, world, out_dir, writer, moments
+    )
     # what rebuilds the network (checkpoint.load_model), in best.pt and last.pt
     described = RunDescription(config.as_dict(), strategy.describe())
 
@@ -490,4 +543,5 @@ def _train(
         stop_reason=state.stop_reason,
         restart_checkpoints=state.restart_checkpoints,
         out_dir=out_dir,
+        moments=moments,
     )

@@ -93,7 +93,7 @@ def render_markdown(
     parts.append(
         f"ICC(2,1): two-way random, absolute agreement (Shrout & Fleiss). One network predicts "
         f"both targets. DWP: one kernel VAE on {prior_info['kernels']} 3x3x3 kernels of "
-        f"regressors trained on `ms_source`; held-out ELBO {prior_info['vae_val_elbo']:.1f} "
+        f"regressors trained on `ms_source`; on its test kernels {prior_info['vae_test_iwae']:.1f} "
         f"nats per kernel vs {prior_info['gaussian_full']:.1f} (full-covariance Gaussian) and "
         f"{prior_info['gaussian_diagonal']:.1f} (diagonal)."
     )

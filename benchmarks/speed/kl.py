@@ -1,13 +1,15 @@
-"""The ``kl`` section: what the deep weight prior adds to a training step.
+"""The ``kl`` section: what a learned kernel prior adds to a training step.
 
 ``dwp.kl(model)`` and its ``.backward()`` alone (no network forward) for several kernel
-VAEs and U-Net widths, each as a ratio to the deterministic training step of the U-Net it
-belongs to, measured in the same interleaved run.
+VAEs and U-Net widths, for the kernel Gaussian prior (one group and the 7 resolution
+groups) and for the SWAG prior (rank 5, per layer), each as a ratio to the deterministic
+training step of the U-Net it belongs to, measured in the same interleaved run.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,6 +25,7 @@ from .settings import HEAVY_WARMUP_STEPS, KL_TARGET, WARMUP_STEPS
 from .timing import Variant, join_tables, met_cell, phase_cells, seeded_input, time_variants
 
 __all__ = [
+    "GAUSSIAN_KL_TARGET",
     "default_vae_text",
     "forward_samples",
     "kl_step",
@@ -30,6 +33,13 @@ __all__ = [
     "render_kl",
     "run_kl",
 ]
+
+
+#: Largest acceptable (closed-form KL forward + backward) / (deterministic training step) of
+#: the kernel Gaussian prior: a closed form has no excuse to cost more than a few per cent.
+GAUSSIAN_KL_TARGET = 0.05
+#: Deviation columns of the SWAG prior's row: "Pre-Train Your Loss"'s default.
+SWAG_RANK = 5
 
 
 def kl_step(model: nn.Module) -> tuple[Callable[[], Tensor], Callable[[Tensor], None]]:
@@ -74,6 +84,29 @@ def _dwp_network(
     return dwp.bayesianize(net, prior, include=kernel3_layers(net))
 
 
+def _gaussian_network(net: nn.Module, bank: dwp.KernelBank, grouped: bool) -> nn.Module:
+    """``net`` with Bayesian 3x3x3 convs under a kernel Gaussian prior fitted on ``bank``
+    (its 7 resolution groups, or all kernels as one group)."""
+    kernels = bank.groups() if grouped else {"all": bank.kernels}
+    prior = dwp.KernelGaussianPrior.fit(kernels, dict(bank.layer_groups) if grouped else None)
+    return dwp.bayesianize(net, prior, include=kernel3_layers(net))
+
+
+def _swag_network(net: nn.Module, rank: int) -> nn.Module:
+    """``net`` with Bayesian 3x3x3 convs under a per-layer SWAG prior of ``rank`` columns,
+    collected over ``rank + 1`` random perturbations of its weights (the cost of the closed
+    form does not depend on the values)."""
+    source = copy.deepcopy(net)
+    moments = dwp.SWAGMoments.for_model(source, rank, include=kernel3_layers(source))
+    for _ in range(rank + 1):
+        with torch.no_grad():
+            for p in source.parameters():
+                p.add_(1e-3 * torch.randn_like(p))
+        moments.update(source)
+    prior = dwp.SWAGPrior.from_moments(moments)
+    return dwp.bayesianize(net, prior, include=kernel3_layers(net))
+
+
 def kl_variants(
     seed: int, widths: Sequence[int], wide_widths: Sequence[int], x: Tensor, reps: int, heavy: int
 ) -> list[Variant]:
@@ -100,6 +133,9 @@ def kl_variants(
         "kl_mlp_1vae_wide_half": _dwp_network(
             wide, {"all": dwp.KernelVAE(kernel)}, kernel_fraction=0.5
         ),
+        "kl_gauss_1group": _gaussian_network(net, bank, grouped=False),
+        "kl_gauss_7group": _gaussian_network(net, bank, grouped=True),
+        "kl_swag_r5": _swag_network(net, SWAG_RANK),
     }
     step, step_wide = "step_unet3d", "step_unet3d_wide"
 
@@ -138,6 +174,29 @@ def kl_variants(
             **kw,
         )
 
+    def gaussian_variant(name: str, n_groups: int, **kw: Any) -> Variant:
+        prior: dict[str, Any] = {"prior": "kernel Gaussian", "gaussians": n_groups}
+        if n_groups > 1:
+            prior["groups"] = groups
+        return closed_form_variant(name, prior, **kw)
+
+    def closed_form_variant(name: str, prior: dict[str, Any], **kw: Any) -> Variant:
+        info = {
+            "what": "dwp.kl(model) + backward",
+            "weight_sample": "none (closed form)",
+            **unet_info(net.widths, net),
+            **prior,
+        }
+        return Variant(
+            "kl",
+            name,
+            *kl_step(models[name]),
+            baseline=step,
+            target_ratio=GAUSSIAN_KL_TARGET,
+            info=info,
+            **kw,
+        )
+
     def step_variant(name: str, model: nn.Module, **kw: Any) -> Variant:
         info = {
             "what": f"deterministic UNet3D training step, input {list(x.shape)}",
@@ -154,12 +213,25 @@ def kl_variants(
         dwp_variant("kl_mlp_1vae", step, "mlp", 1, reps=reps),
         dwp_variant("kl_mlp_1vae_own", step, "mlp", 1, shared=False, reps=reps),
         dwp_variant("kl_mlp_7vae", step, "mlp", len(groups), reps=reps),
+        gaussian_variant("kl_gauss_1group", 1, reps=reps),
+        gaussian_variant("kl_gauss_7group", len(groups), reps=reps),
+        closed_form_variant("kl_swag_r5", {"prior": f"SWAG rank {SWAG_RANK}"}, reps=reps),
         dwp_variant("kl_conv_1vae", step, "conv", 1, **slow),
         step_variant(step_wide, wide, **slow),
         dwp_variant("kl_mlp_1vae_wide", step_wide, "mlp", 1, reps=reps),
         dwp_variant("kl_mlp_1vae_wide_own", step_wide, "mlp", 1, shared=False, reps=reps),
         dwp_variant("kl_mlp_1vae_wide_half", step_wide, "mlp", 1, reps=reps),
     ]
+
+
+def _prior_cell(row: dict[str, Any]) -> str:
+    """The prior of a row: ``7 x mlp`` VAEs, ``7 x Gaussian``, its name (``SWAG rank 5``),
+    or ``-`` for a step."""
+    if "architecture" in row:
+        return f"{row['vaes']} x {row['architecture']} VAE"
+    if "gaussians" in row:
+        return f"{row['gaussians']} x Gaussian"
+    return row.get("prior", "-")
 
 
 def render_kl(rows: Sequence[dict[str, Any]]) -> str:
@@ -169,7 +241,7 @@ def render_kl(rows: Sequence[dict[str, Any]]) -> str:
             "variant",
             "U-Net widths",
             "3x3x3 kernels",
-            "VAE",
+            "prior",
             "weight sample",
             "reps",
             "median (s)",
@@ -183,7 +255,7 @@ def render_kl(rows: Sequence[dict[str, Any]]) -> str:
                 r["variant"],
                 "-".join(map(str, r["widths"])),
                 f"{r['kernels']:,}",
-                "-" if "architecture" not in r else f"{r['vaes']} x {r['architecture']}",
+                _prior_cell(r),
                 r.get("weight_sample", "-"),
                 r["reps"],
                 f"{r['median_s']:.4f}",
@@ -224,7 +296,13 @@ def run_kl(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, An
         "vaes": f"untrained KernelVAE((3, 3, 3)) (mlp: default {default_vae_text()}; conv: "
         "the MRI paper's); DeepWeightPrior defaults (n_samples 1, no chunking, encoder "
         "trained, forward sample shared)",
-        "groups": "kl_mlp_7vae: collect_kernels(group_by='resolution') on UNet3D",
+        "groups": "kl_mlp_7vae, kl_gauss_7group: collect_kernels(group_by='resolution') on UNet3D",
+        "gaussians": "KernelGaussianPrior.fit on the U-Net's own (He-initialised) 3x3x3 "
+        "kernels: all as one group (kl_gauss_1group) or the 7 resolution groups; the cost "
+        "of the closed form does not depend on the fitted values",
+        "swag": f"kl_swag_r5: SWAGPrior (rank {SWAG_RANK}, Pre-Train Your Loss's default; one "
+        "low-rank-plus-diagonal Gaussian per layer) from SWAGMoments of random perturbations "
+        "of the U-Net's 3x3x3 kernels; exact KL by Woodbury and the determinant lemma",
         "steps": args.steps,
         "heavy_reps": args.heavy,
         "heavy_variants": ["kl_conv_1vae", "step_unet3d_wide"],
@@ -232,6 +310,6 @@ def run_kl(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, An
         f"{HEAVY_WARMUP_STEPS} warm-up) spread over the {args.steps} rounds; the others "
         f"{args.steps} (after {WARMUP_STEPS})",
         "target": f"MLP bound <= {KL_TARGET:.0%} of its U-Net's deterministic step; "
-        "conv VAE: no target",
+        f"kernel Gaussian and SWAG <= {GAUSSIAN_KL_TARGET:.0%}; conv VAE: no target",
     }
     return rows, config, render_kl(rows)

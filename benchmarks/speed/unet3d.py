@@ -53,8 +53,10 @@ def _strategy_models(
         "random_init": {},
         "pretrained": {"source": source},
         "pretrained_frozen": {"source": source},
+        "l2_sp": {"source": source},
         "normal_prior": {},
         "dwp": {"prior_path": prior},
+        "prior": {"prior_path": prior},
     }
     missing = set(STRATEGIES) - set(options)
     if missing:  # a new strategy must be added here, not silently skipped

@@ -68,15 +68,8 @@ def fit_prior(
         "figure": None if figure is None else str(figure),
         "n_kernels": len(bank.kernels),
         "groups": {g: len(k) for g, k in bank.groups().items()},
-        "fit": {
-            group: {
-                "kernels": fit["n_train"] + fit["n_val"],
-                "vae_elbo": fit["best_val_elbo"],
-                "gaussian_full": fit["baselines"]["full"],
-                "gaussian_diagonal": fit["baselines"]["diagonal"],
-            }
-            for group, fit in prior.metadata.get("fits", {}).items()
-        },
+        # each group's test kernels, used for no choice of the fit (DeepWeightPrior.fit)
+        "fit": {group: prior.held_out(group) for group in prior.groups},
         "seconds": time.perf_counter() - started,
     }
     return PRIOR_STAGE.finish(folder, summary)

@@ -141,7 +141,14 @@ class NaturalVI(torch.optim.Optimizer):
             _check_kl_weight(kl_weight)
         self.kl_weight = kl_weight
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, natural=False)
-        groups: list[dict[str, Any]] = [{"params": others}] if others else []
+        # a prior's learned scale factor (empirical Bayes) trains with Adam, without weight
+        # decay, which would pull it towards 1
+        factor_ids = {id(p) for n, p in model.named_parameters() if n.endswith("log_scale_factor")}
+        means = [p for p in others if id(p) not in factor_ids]
+        factors = [p for p in others if id(p) in factor_ids]
+        groups: list[dict[str, Any]] = [{"params": means}] if means else []
+        if factors:
+            groups.append({"params": factors, "weight_decay": 0.0})
         groups.append({"params": scales, "lr": scale_rate, "natural": True, "steps": 0})
         super().__init__(groups, defaults)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import os
+from collections.abc import Hashable, Mapping, Sequence
 from enum import Enum
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..posterior import MeanFieldNormal
+from .files import PriorFileError, load_prior, register, save_prior
 
 __all__ = ["KLKind", "Prior", "PriorMismatchError"]
 
@@ -37,9 +39,16 @@ class Prior(nn.Module):
     is a *template*: :meth:`for_site` turns it into the prior of one concrete site (and
     checks that it fits).
 
-    Subclasses implement :meth:`kl` and set :attr:`kl_kind`; :meth:`log_prob` and
-    :meth:`sample` are optional.
+    Subclasses implement :meth:`kl` and set :attr:`kl_kind`, :meth:`log_prob` and
+    :meth:`sample` (so ``init="prior"`` works), and :meth:`config` (so the prior saves to
+    one file, :meth:`save`); :meth:`describe` says what the prior is and how it was fitted.
+    Every subclass is registered by name when it is defined, so :func:`dwp.priors.load_prior`
+    can read any prior file.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        register(cls)
 
     kl_kind: KLKind = KLKind.EXACT
     #: ``kl`` is a Monte Carlo estimate over weight samples and uses the layer's forward
@@ -74,8 +83,55 @@ class Prior(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} has no log_prob()")
 
     def sample(self, shape: torch.Size | tuple[int, ...]) -> Tensor:
-        """Draw one weight tensor of ``shape`` from the prior (used by ``init="prior"``)."""
+        """Draw one weight tensor of ``shape`` from the prior."""
         raise NotImplementedError(f"{type(self).__name__} cannot be sampled")
+
+    def init_sample(self, shape: torch.Size | tuple[int, ...]) -> Tensor | None:
+        """The weights ``init="prior"`` starts from: a sample (:meth:`sample`) for priors
+        that say what a trained weight looks like (fitted from source material); priors
+        that do not (an isotropic N(0, 1), an improper log-uniform) return ``None`` and the
+        layer keeps torch's initialisation."""
+        return self.sample(shape)
+
+    # -- what the prior is, and its file ------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """What the prior is and how it was fitted, as plain values: ``kind``, ``kl_kind``,
+        its configuration and, for fitted priors, the provenance in ``metadata``."""
+        try:
+            config = self.config()
+        except NotImplementedError:
+            config = {}
+        return {
+            "kind": type(self).__name__,
+            "kl_kind": self.kl_kind.value,
+            "config": config,
+            "metadata": dict(getattr(self, "metadata", {}) or {}),
+        }
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this prior (plain values; its tensors
+        travel in ``state_dict``): what :meth:`save` stores."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement config()")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], state: Mapping[str, Tensor]) -> Prior:
+        """The prior :meth:`config` and ``state_dict`` describe (what :meth:`load` calls)."""
+        prior = cls(**config)
+        prior.load_state_dict(dict(state), strict=True)
+        return prior
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the prior to one file, atomically (:func:`dwp.priors.save_prior`)."""
+        save_prior(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, **overrides: Any) -> Prior:
+        """Read a prior file (:func:`dwp.priors.load_prior`); called on a subclass, the file
+        must hold that kind of prior."""
+        prior = load_prior(path, **overrides)
+        if not isinstance(prior, cls):
+            raise PriorFileError(f"{path}: holds a {type(prior).__name__}, not a {cls.__name__}")
+        return prior
 
     def for_site(self, name: str, weight: Tensor, kernel_dims: int) -> Prior:
         """The prior for the site ``name`` whose current weight is ``weight``.

@@ -19,32 +19,31 @@ in ``parameters()`` and can never reach an optimiser.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..io import FileFormat, LibraryFileError
+from ..io import FileFormat
 from ..kernel_bank import KernelBank
 from ..normal import normal_entropy, normal_nll_sum, standard_normal_kl
 from ..posterior import MeanFieldNormal, reparam_sample
 from ..vae import KernelVAE, VAEFit, fit_kernel_vae
-from .base import KLKind, Prior, PriorMismatchError
+from .base import KLKind, Prior
+from .files import PriorFileError, register_format
+from .groups import KernelGroups, LayerGroups, check_kernel_shape, layer_groups_config
+from .kernel_gaussian import KernelGaussianPrior
+from .report import IWAE_SAMPLES, held_out_scores, render_scores, split_bank
 
 __all__ = ["DeepWeightPrior", "DeepWeightSitePrior", "PriorFileError"]
 
 #: layers with fewer kernels than this share one VAE call per step (see ``kl_batch``): a
 #: call costs ~1 ms of overhead, concatenating a layer ~0.1 us per kernel (CPU, measured)
 _BATCH_BELOW = 8192
-
-
-class PriorFileError(LibraryFileError):
-    """A saved prior file is unreadable, of another kind, or inconsistent."""
 
 
 #: The deep weight prior's file: its VAEs (config and weights per group), the layer ->
@@ -127,9 +126,10 @@ class DeepWeightSitePrior(Prior):
     def kl_batch(self, posteriors: Sequence[MeanFieldNormal]) -> Tensor:
         """The bound summed over several layers of this group, in one pass of the VAE."""
         for posterior in posteriors:
-            _check_kernel_shape(
-                posterior.name, posterior.shape, posterior.kernel_dims, self.vae.kernel_shape
-            )
+            check_kernel_shape(
+                posterior.name, posterior.shape, posterior.kernel_dims, self.vae.kernel_shape,
+                DeepWeightPrior.what,
+            )  # fmt: skip
         neg_entropy = -sum(normal_entropy(p.log_scale) for p in posteriors)
         # Batching saves the per-call overhead of small layers; large layers go alone, as
         # concatenating them would only copy their kernels (and gradients) once more.
@@ -186,6 +186,12 @@ class DeepWeightSitePrior(Prior):
         """A lower bound on log p(value): the VAE's ELBO summed over the kernel slices."""
         return self.vae.elbo(self._kernels(value)).sum()
 
+    def kernel_log_prob(self, kernels: Tensor, iwae_samples: int = IWAE_SAMPLES) -> Tensor:
+        """A lower bound on log p(w) of each kernel slice, ``(N, *kernel_shape) -> (N,)``:
+        the VAE's importance-weighted bound with ``iwae_samples`` samples
+        (:meth:`~dwp.KernelVAE.iwae`), what the fit report scores."""
+        return self.vae.iwae(kernels, iwae_samples)
+
     def sample(self, shape: torch.Size | tuple[int, ...]) -> Tensor:
         """A weight tensor of ``shape`` whose kernel slices are drawn from the VAE."""
         n = math.prod(shape) // math.prod(self.vae.kernel_shape)
@@ -204,22 +210,7 @@ class DeepWeightSitePrior(Prior):
         return {**super().get_extra_state(), "group": self.group, "vae": self.vae.config()}
 
 
-def _check_kernel_shape(
-    name: str, shape: torch.Size, kernel_dims: int, kernel_shape: tuple[int, ...]
-) -> None:
-    """Raise :class:`PriorMismatchError` naming ``name`` unless the parameter's spatial
-    kernels have ``kernel_shape``."""
-    shape = tuple(shape)
-    trailing = shape[len(shape) - kernel_dims :] if kernel_dims else ()
-    if trailing != tuple(kernel_shape):
-        raise PriorMismatchError(
-            f"deep weight prior for {name!r}: the prior models {tuple(kernel_shape)} kernels, "
-            f"the parameter has shape {shape}"
-            + (" (a dense weight has no spatial kernels)" if kernel_dims == 0 else "")
-        )
-
-
-class DeepWeightPrior(Prior):
+class DeepWeightPrior(KernelGroups, Prior):
     """Kernel VAEs as an implicit prior over the conv kernels of a network.
 
     One VAE per group of layers; ``layer_groups`` maps the target network's layer names to
@@ -255,11 +246,12 @@ class DeepWeightPrior(Prior):
     """
 
     kl_kind = KLKind.UPPER_BOUND
+    what = "deep weight prior"
 
     def __init__(
         self,
         vaes: Mapping[str, KernelVAE],
-        layer_groups: Mapping[str, str] | Callable[[str], str | None] | None = None,
+        layer_groups: LayerGroups = None,
         *,
         n_samples: int = 1,
         chunk_size: int | None = None,
@@ -292,31 +284,10 @@ class DeepWeightPrior(Prior):
     def groups(self) -> list[str]:
         return list(self.vaes)
 
-    def group_of(self, layer: str) -> str:
-        """The group of ``layer``; :class:`PriorMismatchError` naming it if there is none."""
-        group = None
-        if callable(self.layer_groups):
-            group = self.layer_groups(layer)
-        elif self.layer_groups is not None:
-            group = self.layer_groups.get(layer)
-            if group is None:
-                group = next(
-                    (g for p, g in self.layer_groups.items() if fnmatch.fnmatchcase(layer, p)), None
-                )
-        elif len(self.vaes) == 1:
-            group = self.groups[0]
-        if group is None or group not in self.vaes:
-            raise PriorMismatchError(
-                f"deep weight prior: layer {layer!r} has no group"
-                + (f" ({group!r} is not one)" if group is not None else "")
-                + f"; the prior's groups are {self.groups}. Pass layer_groups= or exclude the layer."
-            )
-        return group
+    def kernel_shape_of(self, group: str) -> tuple[int, ...]:
+        return self.vaes[group].kernel_shape
 
-    def for_site(self, name: str, weight: Tensor, kernel_dims: int) -> Prior:
-        layer = name.removesuffix(".weight")
-        group = self.group_of(layer)
-        _check_kernel_shape(name, weight.shape, kernel_dims, self.vaes[group].kernel_shape)
+    def for_group(self, group: str) -> DeepWeightSitePrior:
         return DeepWeightSitePrior(
             self.vaes[group],
             group,
@@ -325,18 +296,6 @@ class DeepWeightPrior(Prior):
             self.kernel_fraction,
             self.share_forward_sample,
         )
-
-    def kl(self, posterior: MeanFieldNormal) -> Tensor:
-        """The bound for a posterior whose ``name`` identifies its layer and group."""
-        return self.for_site(posterior.name, posterior.loc, posterior.kernel_dims).kl(posterior)
-
-    def sample(self, shape: torch.Size | tuple[int, ...]) -> Tensor:
-        if len(self.vaes) != 1:
-            raise ValueError(
-                "sample() of a multi-group prior needs a layer: use prior.for_site(...)"
-            )
-        site = DeepWeightSitePrior(next(iter(self.vaes.values())), self.groups[0])
-        return site.sample(shape)
 
     # -- fitting ------------------------------------------------------------------------
     @classmethod
@@ -349,6 +308,9 @@ class DeepWeightPrior(Prior):
         hidden: int = 32,
         seed: int = 0,
         progress: bool = True,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        iwae_samples: int = IWAE_SAMPLES,
         n_samples: int = 1,
         chunk_size: int | None = None,
         kernel_fraction: float = 1.0,
@@ -358,6 +320,10 @@ class DeepWeightPrior(Prior):
     ) -> DeepWeightPrior:
         """Fit one :class:`~dwp.vae.KernelVAE` per group of a kernel bank.
 
+        Each group's kernels are split three ways (:func:`~dwp.priors.report.split_bank`):
+        training kernels; validation kernels, for the choices of the fit (early stopping,
+        the learning-rate schedule, the best epoch); test kernels, for the fit report only.
+
         Parameters
         ----------
         bank
@@ -366,7 +332,12 @@ class DeepWeightPrior(Prior):
         latent_dim, architecture, hidden
             VAE settings (see :class:`~dwp.vae.KernelVAE`).
         seed
-            Group ``i`` is fitted with seed ``seed + i``.
+            Group ``i`` is split and fitted with seed ``seed + i``.
+        val_fraction, test_fraction
+            Shares of each group's kernels for validation and for the test (0: no test
+            split and no held-out scores).
+        iwae_samples
+            K of the VAE's importance-weighted bound in the test scores.
         n_samples, chunk_size, kernel_fraction, train_encoder, share_forward_sample
             Options of the resulting prior.
         fit_options
@@ -375,46 +346,86 @@ class DeepWeightPrior(Prior):
         Returns
         -------
         DeepWeightPrior
-            With ``metadata["fits"]`` holding each group's held-out ELBO, the Gaussian
-            baselines and the per-epoch history (see :meth:`fit_report`).
+            ``metadata["fits"]`` holds per group the fit's validation scores (as before:
+            ``best_val_elbo``, the Gaussian ``baselines`` on the validation kernels,
+            ``n_train``, ``n_val``, the history) and ``n_test``; ``metadata["held_out"]``
+            the test scores of the VAE, a kernel Gaussian and a diagonal Gaussian fitted on
+            the same training kernels (:func:`~dwp.priors.report.held_out_scores`, in nats
+            per kernel); ``metadata["split"]`` how to redo the split.  See
+            :meth:`fit_report`.
         """
+        splits = split_bank(bank, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
         fits: dict[str, VAEFit] = {}
-        for i, (group, kernels) in enumerate(bank.groups().items()):
-            if len(kernels) < 2:
-                raise ValueError(
-                    f"group {group!r} of the kernel bank has {len(kernels)} kernel(s) "
-                    f"(after pruning: {bank.metadata.get('min_norm')}); lower the norm "
-                    f"threshold or regroup"
-                )
+        for i, (group, parts) in enumerate(splits.items()):
             fits[group] = fit_kernel_vae(
-                kernels, latent_dim=latent_dim, architecture=architecture, hidden=hidden,
-                seed=seed + i, progress=progress, desc=f"VAE {group}", **fit_options,
+                parts["train"], val_kernels=parts["val"], latent_dim=latent_dim,
+                architecture=architecture, hidden=hidden, seed=seed + i, progress=progress,
+                desc=f"VAE {group}", **fit_options,
             )  # fmt: skip
         metadata = {
             "bank": dict(bank.metadata),
             "sources": list(bank.source_names),
             "layers": list(bank.layer_names),
             "kernels_per_group": {g: len(k) for g, k in bank.groups().items()},
-            "fits": {g: fit.summary() for g, fit in fits.items()},
+            "fits": {
+                g: {**fit.summary(), "n_test": len(splits[g]["test"])} for g, fit in fits.items()
+            },
             "seed": seed,
+            "split": {"val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed},
         }
-        return cls(
+        prior = cls(
             {g: fit.vae for g, fit in fits.items()}, dict(bank.layer_groups),
             n_samples=n_samples, chunk_size=chunk_size, kernel_fraction=kernel_fraction,
             train_encoder=train_encoder, share_forward_sample=share_forward_sample,
             metadata=metadata,
         )  # fmt: skip
+        if test_fraction > 0:
+            train = {g: parts["train"] for g, parts in splits.items()}
+            compared = {
+                "VAE": prior,
+                "kernel Gaussian": KernelGaussianPrior.fit(train),
+                "diagonal Gaussian": KernelGaussianPrior.fit(train, diagonal=True),
+            }
+            prior.metadata["held_out"] = held_out_scores(
+                compared, {g: parts["test"] for g, parts in splits.items()},
+                reference="kernel Gaussian", iwae_samples=iwae_samples, seed=seed,
+            )  # fmt: skip
+        return prior
+
+    def held_out(self, group: str | None = None) -> dict[str, float]:
+        """The test-split scores of the fit (nats per kernel; ``group=None``: all groups):
+        ``test_kernels``, ``vae`` (its importance-weighted bound), ``kernel_gaussian`` and
+        ``diagonal_gaussian`` (fitted on the same training kernels), empty for a prior
+        fitted without a test split."""
+        held_out = self.metadata.get("held_out")
+        if not held_out:
+            return {}
+        entry = held_out["overall"] if group is None else held_out["groups"][group]
+        scores = entry["scores"]
+        return {
+            "test_kernels": entry["kernels"],
+            "vae": scores["VAE"]["mean"],
+            "kernel_gaussian": scores["kernel Gaussian"]["mean"],
+            "diagonal_gaussian": scores["diagonal Gaussian"]["mean"],
+        }
 
     def fit_report(self) -> str:
-        """Markdown table: per group, kernels and held-out log-likelihood per kernel of the
-        VAE (its ELBO, a lower bound) next to diagonal and full-covariance Gaussians.
+        """Markdown table: per group, the held-out log density of the test kernels in nats
+        per kernel, for the VAE (its importance-weighted bound) and kernel Gaussians
+        (full and diagonal covariance) fitted on the same training kernels, and the paired
+        difference VAE - full Gaussian.
 
         A VAE that does not beat the full-covariance Gaussian learned little beyond
-        correlated shrinkage, and the prior will mostly pull kernels toward zero.
+        correlated shrinkage, and the prior will mostly pull kernels toward zero.  A prior
+        fitted without a test split has only the validation scores of its fit, which chose
+        the epoch and so flatter the VAE; the table then says so.
         """
+        if "held_out" in self.metadata:
+            return render_scores(self.metadata["held_out"])
         fits = self.metadata.get("fits", {})
         lines = [
-            "| group | kernels | VAE held-out ELBO | full-cov Gaussian | diagonal Gaussian | VAE - full |",
+            "| group | kernels | VAE validation ELBO, best epoch (optimistic) | full-cov Gaussian "
+            "| diagonal Gaussian | VAE - full |",
             "|---|---|---|---|---|---|",
         ]
         for group in self.groups:
@@ -428,21 +439,19 @@ class DeepWeightPrior(Prior):
                 f"| {group} | {n} | {vae:.3f} | {base['full']:.3f} | {base['diagonal']:.3f} "
                 f"| {vae - base['full']:+.3f} |"
             )
+        lines.append("(nats per kernel, on the validation kernels that chose the VAE's epoch)")
         return "\n".join(lines)
 
     # -- saving ---------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write the prior (VAEs, groups, options, provenance) to one file, atomically."""
-        if callable(self.layer_groups):
-            raise ValueError(
-                "a prior with a function as layer_groups cannot be saved; use a mapping"
-            )
+        layer_groups = layer_groups_config(self.layer_groups)
         entries = {
             "groups": {
                 g: {"config": vae.config(), "state_dict": vae.state_dict()}
                 for g, vae in self.vaes.items()
             },
-            "layer_groups": dict(self.layer_groups or {}),
+            "layer_groups": layer_groups,
             "options": {
                 "n_samples": self.n_samples,
                 "chunk_size": self.chunk_size,
@@ -482,3 +491,7 @@ class DeepWeightPrior(Prior):
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, n_samples={self.n_samples}, chunk_size={self.chunk_size}"
+
+
+# load_prior() reads the deep weight prior's own format too
+register_format(PRIOR_FILE.tag, DeepWeightPrior.load)

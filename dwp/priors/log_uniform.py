@@ -55,5 +55,12 @@ class LogUniformPrior(Prior):
         """Unnormalised: ``-sum log |w|`` (the prior is improper)."""
         return -torch.log(value.abs() + 1e-16).sum()
 
+    def init_sample(self, shape: torch.Size | tuple[int, ...]) -> None:
+        """``None``: an improper prior has no samples; ``init="prior"`` keeps torch's init."""
+        return None
+
+    def config(self) -> dict[str, float]:
+        return {"max_log_alpha": self.max_log_alpha}
+
     def extra_repr(self) -> str:
         return f"max_log_alpha={self.max_log_alpha:g}"

@@ -37,7 +37,15 @@ from .arguments import (
 
 __all__ = ["RESUME_FREE", "STRATEGY_FLAGS", "STRATEGY_NAMES", "add_parser", "run"]
 
-STRATEGY_NAMES = ("random_init", "pretrained", "pretrained_frozen", "normal_prior", "dwp")
+STRATEGY_NAMES = (
+    "random_init",
+    "pretrained",
+    "pretrained_frozen",
+    "l2_sp",
+    "normal_prior",
+    "dwp",
+    "prior",
+)
 #: ``--flag`` -> (argparse dest, field of the strategy dataclass it sets).  A flag given for
 #: a strategy without that field is an argument error, not silently ignored.
 STRATEGY_FLAGS: dict[str, tuple[str, str]] = {
@@ -45,6 +53,7 @@ STRATEGY_FLAGS: dict[str, tuple[str, str]] = {
     "--freeze-depth": ("freeze_depth", "freeze_depth"),
     "--trainable": ("trainable", "trainable"),
     "--prior": ("prior", "prior_path"),
+    "--alpha": ("alpha", "alpha"),
     "--init": ("init", "init"),
     "--beta": ("beta", "beta"),
     "--beta-schedule": ("beta_schedule", "beta"),
@@ -130,7 +139,7 @@ def add_parser(commands: Any) -> None:
         "--source",
         type=Path,
         metavar="CKPT",
-        help="source checkpoint (pretrained, pretrained_frozen; dwp: initial means)",
+        help="source checkpoint (pretrained, pretrained_frozen, l2_sp; dwp, prior: initial means)",
     )
     strategy.add_argument(
         "--freeze-depth",
@@ -144,7 +153,16 @@ def add_parser(commands: Any) -> None:
         help="pretrained_frozen: the blocks to train instead of --freeze-depth",
     )
     strategy.add_argument(
-        "--prior", type=Path, metavar="FILE", help="dwp: DeepWeightPrior file (required)"
+        "--prior",
+        type=Path,
+        metavar="FILE",
+        help="dwp: DeepWeightPrior file; prior: any prior file, e.g. a kernel Gaussian or "
+        "SWAG prior (required)",
+    )
+    strategy.add_argument(
+        "--alpha",
+        type=float,
+        help="l2_sp: strength of the pull alpha / 2 * ||w - w_source||^2 (default 0.01)",
     )
     strategy.add_argument(
         "--init",
@@ -233,6 +251,25 @@ def add_parser(commands: Any) -> None:
         default=0,
         help="cyclical restarts (source training for the prior; default 0)",
     )
+    optim.add_argument(
+        "--swag-rank",
+        type=non_negative_int,
+        default=0,
+        help="collect SWAG moments with this many deviation columns into DIR/swag.pt, the "
+        "source of a SWAG prior (default 0: off; Pre-Train Your Loss uses 5)",
+    )
+    optim.add_argument(
+        "--swag-start",
+        type=non_negative_int,
+        default=0,
+        help="with --swag-rank: first epoch (of each cycle) to collect from (default 0)",
+    )
+    optim.add_argument(
+        "--swag-every",
+        type=positive_int,
+        default=1,
+        help="with --swag-rank: a snapshot every N optimisation steps (default 1)",
+    )
     optim.add_argument("--seed", type=int, default=0, help="(default 0)")
     optim.add_argument(
         "--widths",
@@ -259,10 +296,12 @@ def _check_args(args: argparse.Namespace) -> None:
     for flag, (dest, field) in STRATEGY_FLAGS.items():
         if getattr(args, dest) is not None and field not in fields:
             error(f"{flag} does not apply to --strategy {args.strategy}")
-    if args.strategy in ("pretrained", "pretrained_frozen") and args.source is None:
+    if args.strategy in ("pretrained", "pretrained_frozen", "l2_sp") and args.source is None:
         error(f"--strategy {args.strategy} needs --source CKPT")
-    if args.strategy == "dwp" and args.prior is None:
-        error("--strategy dwp needs --prior FILE")
+    if args.strategy in ("dwp", "prior") and args.prior is None:
+        error(f"--strategy {args.strategy} needs --prior FILE")
+    if args.alpha is not None and not 0 <= args.alpha < float("inf"):
+        error(f"--alpha must be a finite number >= 0, got {args.alpha}")
     if args.trainable is not None and args.freeze_depth is not None:
         error("give --freeze-depth or --trainable, not both")
     schedule_parts = (args.beta_start, args.beta_steps)
@@ -337,11 +376,15 @@ def _check_source(path: Path, in_channels: int, n_classes: int, widths: Sequence
 def _check_resume(out_dir: Path, config: dict[str, Any]) -> None:
     """A ``--resume`` must continue the same run: compare with ``last.pt``'s config."""
     from ..checkpoint import read_run_description
+    from ..config import TrainConfig
 
     last = out_dir / "last.pt"
     if not last.is_file():
         return  # nothing to resume: a fresh run
     stored = read_run_description(last).config
+    # a setting added since the run started is missing from its config: it had the default
+    defaults = TrainConfig().as_dict()
+    stored = {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
     changed = sorted(
         k
         for k in config.keys() | stored.keys()
@@ -435,6 +478,9 @@ def run(args: argparse.Namespace) -> int:
         min_lr=args.min_lr,
         val_every=args.val_every,
         restarts=args.restarts,
+        swag_rank=args.swag_rank,
+        swag_start=args.swag_start,
+        swag_every=args.swag_every,
         seed=args.seed,
         in_channels=in_channels,
         n_classes=n_classes,
