@@ -1208,3 +1208,40 @@ def test_fit_without_a_test_split_reports_its_validation_scores():
     assert len(lines) == 2 + len(bank.group_names) + 1
     with pytest.raises(ValueError, match=r"group 'dec'.*2 kernel\(s\).*none left to train on"):
         DeepWeightPrior.fit(_linear_bank((60, 2)), hidden=4, epochs=1, progress=False)
+
+
+# -- empirical Bayes: a learned scale per group --------------------------------------------------
+def test_a_learned_scale_is_the_change_of_variables_of_the_kernels(tmp_path):
+    """With ``learn_scale=True`` a group's prior is p_VAE(w / c) / c^k.  A KL is invariant
+    under an invertible map of the variable, so the bound of q(w) under the scaled prior
+    must equal the bound of q(w / c) (means / c, log-scales - log c) under the VAE itself,
+    draw for draw; the gradient reaches the factor, which the group's layers share and the
+    prior file keeps."""
+    torch.manual_seed(0)
+    vae = dwp.KernelVAE((3, 3))
+    prior = DeepWeightPrior({"all": vae}, learn_scale=True, share_forward_sample=False)
+    net = dwp.bayesianize(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 3)), prior,
+                          init_log_sigma=-2.0)  # fmt: skip
+    factor = net[0].weight_prior.log_scale_factor
+    assert factor is net[1].weight_prior.log_scale_factor  # one per group
+    with torch.no_grad():
+        factor.fill_(0.4)
+    torch.manual_seed(1)
+    scaled = dwp.kl(net)
+    reference = dwp.bayesianize(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Conv2d(2, 2, 3)),
+                                DeepWeightPrior({"all": vae}, share_forward_sample=False),
+                                init_log_sigma=-2.0)  # fmt: skip
+    with torch.no_grad():
+        for ours, theirs in zip(net, reference, strict=True):
+            theirs.weight.copy_(ours.weight * math.exp(-0.4))
+            theirs.weight_log_sigma.copy_(ours.weight_log_sigma - 0.4)
+    torch.manual_seed(1)
+    torch.testing.assert_close(scaled, dwp.kl(reference), rtol=1e-5, atol=1e-4)
+    scaled.backward()
+    assert factor.grad is not None and torch.isfinite(factor.grad)
+    prior.save(tmp_path / "scaled.pt")
+    with torch.no_grad():
+        prior.log_scale_factors["all"].fill_(0.25)
+    prior.save(tmp_path / "scaled.pt")
+    loaded = DeepWeightPrior.load(tmp_path / "scaled.pt")
+    assert loaded.learn_scale and float(loaded.log_scale_factors["all"]) == 0.25

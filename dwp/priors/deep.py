@@ -69,7 +69,9 @@ class DeepWeightSitePrior(Prior):
     """The deep weight prior of one layer: its group's VAE and the estimator options.
 
     Created by :meth:`DeepWeightPrior.for_site` (through :func:`dwp.bayesianize`); the VAE
-    module is shared by every layer of the group.
+    module is shared by every layer of the group, and so is the group's learned scale
+    factor ``log_scale_factor`` when the prior learns one (``learn_scale=True``): the
+    prior over a kernel is then ``p(w) = p_VAE(w / c) / c^k``, ``c = exp(log_scale_factor)``.
     """
 
     kl_kind = KLKind.UPPER_BOUND
@@ -82,12 +84,16 @@ class DeepWeightSitePrior(Prior):
         chunk_size: int | None = None,
         kernel_fraction: float = 1.0,
         share_forward_sample: bool = True,
+        log_scale_factor: nn.Parameter | None = None,
     ) -> None:
         super().__init__()
         self.vae, self.group = vae, group
         self.n_samples, self.chunk_size = n_samples, chunk_size
         self.kernel_fraction = kernel_fraction
         self.shares_weight_sample = bool(share_forward_sample)
+        # the group's parameter itself, shared by its layers (registered in every site prior;
+        # a model's parameters() lists it once)
+        self.log_scale_factor = log_scale_factor
 
     def _kernels(self, x: Tensor) -> Tensor:
         return x.reshape(-1, *self.vae.kernel_shape)
@@ -138,8 +144,23 @@ class DeepWeightSitePrior(Prior):
         for p in posteriors:
             (small if p.loc.numel() < _BATCH_BELOW * per_kernel else large).append(p)
         calls = [[p] for p in large] + ([small] if small else [])
-        terms = [self._vae_terms(*self._joined(call)) for call in calls]
-        return neg_entropy + torch.stack(terms).sum()
+        terms = [self._vae_terms(*self._scaled(*self._joined(call))) for call in calls]
+        bound = neg_entropy + torch.stack(terms).sum()
+        if self.log_scale_factor is not None:
+            # p(w) = p_VAE(w / c) / c^k per kernel: the change of variables adds log c per
+            # weight to -log p (the entropy is q's own, unscaled)
+            bound = bound + self.log_scale_factor * sum(p.loc.numel() for p in posteriors)
+        return bound
+
+    def _scaled(
+        self, loc: Tensor, log_scale: Tensor, sample: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The kernels divided by the learned scale factor (as they are without one)."""
+        if self.log_scale_factor is None:
+            return loc, log_scale, sample
+        inverse = torch.exp(-self.log_scale_factor)
+        sample = None if sample is None else sample * inverse
+        return loc * inverse, log_scale - self.log_scale_factor, sample
 
     def _joined(
         self, posteriors: Sequence[MeanFieldNormal]
@@ -182,20 +203,27 @@ class DeepWeightSitePrior(Prior):
         ]
         return scale * torch.stack(parts).sum()
 
+    def _factor(self) -> Tensor | float:
+        return 0.0 if self.log_scale_factor is None else self.log_scale_factor
+
     def log_prob(self, value: Tensor) -> Tensor:
         """A lower bound on log p(value): the VAE's ELBO summed over the kernel slices."""
-        return self.vae.elbo(self._kernels(value)).sum()
+        kernels = self._kernels(value) * torch.exp(-torch.as_tensor(self._factor()))
+        return self.vae.elbo(kernels).sum() - self._factor() * value.numel()
 
     def kernel_log_prob(self, kernels: Tensor, iwae_samples: int = IWAE_SAMPLES) -> Tensor:
         """A lower bound on log p(w) of each kernel slice, ``(N, *kernel_shape) -> (N,)``:
         the VAE's importance-weighted bound with ``iwae_samples`` samples
         (:meth:`~dwp.KernelVAE.iwae`), what the fit report scores."""
-        return self.vae.iwae(kernels, iwae_samples)
+        factor = self._factor()
+        k = math.prod(self.vae.kernel_shape)
+        scaled = kernels * torch.exp(-torch.as_tensor(factor))
+        return self.vae.iwae(scaled, iwae_samples) - factor * k
 
     def sample(self, shape: torch.Size | tuple[int, ...]) -> Tensor:
         """A weight tensor of ``shape`` whose kernel slices are drawn from the VAE."""
         n = math.prod(shape) // math.prod(self.vae.kernel_shape)
-        return self.vae.sample(n).reshape(shape)
+        return (self.vae.sample(n) * torch.exp(torch.as_tensor(self._factor()))).reshape(shape)
 
     def extra_repr(self) -> str:
         return (
@@ -241,6 +269,11 @@ class DeepWeightPrior(KernelGroups, Prior):
         same unbiased estimate, with the weights drawn once per step instead of twice
         (about a sixth of the bound's cost on large layers).  ``False`` always draws
         independently of the forward pass.
+    learn_scale
+        Empirical Bayes on the prior's strength: each group learns a scale factor ``c``
+        (``log_scale_factor``, 0 at the start), the prior over its kernels becoming
+        ``p_VAE(w / c) / c^k``; the ELBO's gradient trains it with the posterior (an implicit
+        prior has no closed-form optimum).  Shared by the group's layers, as its VAE is.
     metadata
         Provenance to save with the prior (sources, layers, kernel counts, fit summaries).
     """
@@ -258,6 +291,7 @@ class DeepWeightPrior(KernelGroups, Prior):
         kernel_fraction: float = 1.0,
         train_encoder: bool = True,
         share_forward_sample: bool = True,
+        learn_scale: bool = False,
         metadata: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -278,6 +312,12 @@ class DeepWeightPrior(KernelGroups, Prior):
         self.n_samples, self.chunk_size, self.train_encoder = n_samples, chunk_size, train_encoder
         self.kernel_fraction = float(kernel_fraction)
         self.share_forward_sample = bool(share_forward_sample)
+        self.learn_scale = bool(learn_scale)
+        self.log_scale_factors = (
+            nn.ParameterDict({g: nn.Parameter(torch.zeros(())) for g in self.vaes})
+            if self.learn_scale
+            else None
+        )
         self.metadata = dict(metadata or {})
 
     @property
@@ -295,6 +335,7 @@ class DeepWeightPrior(KernelGroups, Prior):
             self.chunk_size,
             self.kernel_fraction,
             self.share_forward_sample,
+            None if self.log_scale_factors is None else self.log_scale_factors[group],
         )
 
     # -- fitting ------------------------------------------------------------------------
@@ -458,9 +499,14 @@ class DeepWeightPrior(KernelGroups, Prior):
                 "kernel_fraction": self.kernel_fraction,
                 "train_encoder": self.train_encoder,
                 "share_forward_sample": self.share_forward_sample,
+                "learn_scale": self.learn_scale,
             },
             "metadata": self.metadata,
         }
+        if self.log_scale_factors is not None:  # optional: files of earlier versions lack it
+            entries["scale_factors"] = {
+                g: float(f.detach()) for g, f in self.log_scale_factors.items()
+            }
         PRIOR_FILE.save(entries, path)
 
     @classmethod
@@ -483,11 +529,19 @@ class DeepWeightPrior(KernelGroups, Prior):
             raise PriorFileError(f"{path}: layer_groups refer to unknown groups {sorted(unknown)}")
         options = {**payload["options"], **overrides}
         try:
-            return cls(
+            prior = cls(
                 vaes, payload["layer_groups"] or None, metadata=payload["metadata"], **options
             )
         except (TypeError, ValueError) as error:
             raise PriorFileError(f"{path}: invalid prior options: {error}") from error
+        factors = payload.get("scale_factors") or {}
+        if prior.log_scale_factors is not None:
+            with torch.no_grad():
+                for group, value in factors.items():
+                    if group not in prior.log_scale_factors:
+                        raise PriorFileError(f"{path}: scale factor of unknown group {group!r}")
+                    prior.log_scale_factors[group].fill_(float(value))
+        return prior
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, n_samples={self.n_samples}, chunk_size={self.chunk_size}"
