@@ -50,18 +50,20 @@ def test_paper_loss_is_mean_ce_plus_dice_by_hand():
     torch.testing.assert_close(weighted, expected)
 
 
-def test_elbo_data_term_is_summed_ce_plus_summed_dice_by_hand():
+def test_elbo_data_term_is_summed_ce_plus_dice_per_voxel_by_hand():
     logits, target = _case(seed=1, batch=3)
+    voxels = target[0].numel()
     ce = _hand_ce(logits, target).sum()
     dice = _hand_dice_loss(logits, target).sum()
-    torch.testing.assert_close(elbo_data_term(logits, target), 0.01 * ce + dice)
-    torch.testing.assert_close(elbo_data_term(logits, target.unsqueeze(1)), 0.01 * ce + dice)
-    parts = elbo_data_terms(logits, target, ce_weight=1.0, dice_weight=0.99)
+    expected = 0.01 * ce + 1e-3 * voxels * dice
+    torch.testing.assert_close(elbo_data_term(logits, target), expected)
+    torch.testing.assert_close(elbo_data_term(logits, target.unsqueeze(1)), expected)
+    parts = elbo_data_terms(logits, target, ce_weight=1.0, dice_weight=0.5)
     torch.testing.assert_close(parts.ce, ce)
     torch.testing.assert_close(parts.dice, dice)
-    torch.testing.assert_close(parts.total, ce + 0.99 * dice)
+    torch.testing.assert_close(parts.total, ce + 0.5 * voxels * dice)
     # Float labels with whole values (as MONAI loaders give) are accepted.
-    torch.testing.assert_close(elbo_data_term(logits, target.float()), 0.01 * ce + dice)
+    torch.testing.assert_close(elbo_data_term(logits, target.float()), expected)
     # The data term reaches every logit.
     logits.requires_grad_(True)
     elbo_data_term(logits, target).backward()
@@ -70,14 +72,15 @@ def test_elbo_data_term_is_summed_ce_plus_summed_dice_by_hand():
 
 
 def test_elbo_data_term_scales_with_voxels_and_batch_while_paper_loss_does_not():
-    """The pitfall note's scale test: the ELBO's data term must grow with the voxel count."""
+    """The pitfall note's scale test: the ELBO's data term must grow with the voxel count,
+    both parts alike (the Dice part is weighted per voxel)."""
     logits, target = _case(seed=2, batch=2, shape=(4, 4, 4))
     # Every volume twice as large (its voxels duplicated along D): same per-voxel statistics.
     big_logits, big_target = torch.cat([logits, logits], dim=2), torch.cat([target, target], dim=1)
     small, big = elbo_data_terms(logits, target), elbo_data_terms(big_logits, big_target)
     torch.testing.assert_close(big.ce, 2 * small.ce)  # summed CE doubles
     torch.testing.assert_close(big.dice, small.dice, rtol=1e-4, atol=1e-6)  # Dice is per volume
-    torch.testing.assert_close(big.total - small.total, 0.01 * small.ce)
+    torch.testing.assert_close(big.total, 2 * small.total, rtol=1e-4, atol=1e-6)
     # The mean-reduced paper loss does not see the volume size at all.
     loss = paper_loss()
     torch.testing.assert_close(
@@ -91,6 +94,30 @@ def test_elbo_data_term_scales_with_voxels_and_batch_while_paper_loss_does_not()
     torch.testing.assert_close(double.total, 2 * small.total)
     terms = dwp.elbo(small.total, n_data=10, batch_size=2, kl_value=torch.tensor(0.0))
     torch.testing.assert_close(terms.data_term, 5 * small.total)
+
+
+def test_elbo_dice_keeps_its_share_of_the_gradient_as_volumes_grow():
+    """The all-background trap (unet3d.losses docstring): weighted per volume, the Dice
+    term's gradient shrinks like 1 / voxels next to the summed CE's; weighted per voxel, the
+    ratio of the two gradients on the foreground logits does not depend on the volume size."""
+
+    def grad_ratio(dice_per_voxel: bool, copies: int) -> float:
+        logits, target = _case(seed=3, batch=1, shape=(4, 4, 4))
+        logits = torch.cat([logits] * copies, dim=2).requires_grad_(True)
+        target = torch.cat([target] * copies, dim=1)
+        voxels = target[0].numel()
+        weight = 1e-3 if dice_per_voxel else 1.0 / voxels  # same total weight on one copy...
+        parts = elbo_data_terms(logits, target, ce_weight=0.01, dice_weight=weight)
+        (g_ce,) = torch.autograd.grad(0.01 * parts.ce, logits, retain_graph=True)
+        (g_dice,) = torch.autograd.grad(weight * voxels * parts.dice, logits)
+        return float(g_dice[:, 1].norm() / g_ce[:, 1].norm())
+
+    for per_voxel in (True, False):
+        ratios = [grad_ratio(per_voxel, k) for k in (1, 2, 4)]
+        if per_voxel:
+            assert ratios[2] == pytest.approx(ratios[0], rel=1e-3)
+        else:  # ...a fixed weight per volume: the Dice share falls like 1 / voxels
+            assert ratios[2] == pytest.approx(ratios[0] / 4, rel=1e-3)
 
 
 @pytest.mark.parametrize("fn", [elbo_data_term, lambda x, y: paper_loss()(x, y)])

@@ -339,7 +339,8 @@ class BayesianStrategy(Strategy):
         Passed to :func:`dwp.bayesianize` (``mode="mean"`` trains without weight noise,
         which makes runs comparable across process counts).
     ce_weight, dice_weight
-        Weights of the summed data term (:func:`unet3d.losses.elbo_data_term`).
+        Weights per voxel of the summed data term (:func:`unet3d.losses.elbo_data_term`):
+        its cross-entropy and its share of the volume's Dice loss.
     """
 
     beta: float | dwp.KLSchedule = 1.0
@@ -348,7 +349,7 @@ class BayesianStrategy(Strategy):
     estimator: str = "reparam"
     mode: str = "auto"
     ce_weight: float = 0.01
-    dice_weight: float = 1.0
+    dice_weight: float = 1e-3
     init: Literal["pretrained", "prior", "fresh"] = "pretrained"
     source: str | os.PathLike | None = None
     bayesian: bool = field(default=True, init=False)
@@ -417,6 +418,8 @@ class BayesianStrategy(Strategy):
             "init_log_sigma": self.init_log_sigma,
             "estimator": self.estimator,
             "mode": self.mode,
+            "ce_weight": self.ce_weight,
+            "dice_weight": self.dice_weight,
             "init": self.init,
             "means_start": self.means_start(),
             "source": None if self.source is None else str(self.source),

@@ -207,8 +207,15 @@ def add_parser(commands: Any) -> None:
         choices=("auto", "sample", "mean"),
         help="normal_prior, dwp: weight noise in training (default auto: sample)",
     )
-    strategy.add_argument("--ce-weight", type=float, help="cross-entropy weight (default 0.01)")
-    strategy.add_argument("--dice-weight", type=float, help="Dice weight (default 1)")
+    strategy.add_argument(
+        "--ce-weight", type=float, help="cross-entropy weight (default 0.01; per voxel in the ELBO)"
+    )
+    strategy.add_argument(
+        "--dice-weight",
+        type=float,
+        help="Dice weight (default 1 for the deterministic strategies; 1e-3 per voxel in the "
+        "Bayesian ones' summed ELBO, see unet3d.losses)",
+    )
 
     optim = train.add_argument_group("training")
     optim.add_argument("--epochs", type=positive_int, default=100, help="(default 100)")
