@@ -24,22 +24,30 @@ from typing import Any
 
 import torch
 
-from dwp.io import write_json, write_text
+import dwp
+from dwp.io import clean_stale_temporaries, write_json, write_text
 
 __all__ = ["DEFAULT_OUT_DIR", "environment", "markdown_table", "write_results"]
 
 DEFAULT_OUT_DIR = Path("benchmarks/results")
 
 
-def _git_commit() -> str | None:
-    """The checked-out commit, or ``None`` outside a repository or without ``git``.
+#: The source tree whose commit a result records: the one these benchmarks run from.
+SOURCE_DIR = Path(__file__).resolve().parent
 
-    A benchmark must still write its results from an exported tarball or a repository
-    without commits, so every failure is tolerated.
+
+def _git_commit(source: Path = SOURCE_DIR) -> str | None:
+    """The commit checked out in ``source``'s repository, or ``None`` outside a repository
+    or without ``git``.
+
+    Asked of the benchmarks' own folder, not of the current one: a benchmark started from
+    another folder (a scratch directory, another clone) records the code that ran.  A
+    benchmark must still write its results from an exported tarball, an installed copy or
+    a repository without commits, so every failure is tolerated.
     """
     try:
         result = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+            ["git", "-C", str(source), "rev-parse", "HEAD"],
             capture_output=True,
             text=True,
             timeout=10,
@@ -56,11 +64,13 @@ def environment() -> dict[str, Any]:
     Returns
     -------
     dict
-        ``torch``, ``python``, ``platform``, ``machine``, ``cpu_count``, ``num_threads``
-        (torch's intra-op threads at the time of the call) and ``git_commit`` (``None``
-        when unavailable).
+        ``dwp`` (the installed package's version), ``torch``, ``python``, ``platform``,
+        ``machine``, ``cpu_count``, ``num_threads`` (torch's intra-op threads at the time
+        of the call) and ``git_commit`` (of the benchmarks' source tree; ``None`` when
+        unavailable).
     """
     return {
+        "dwp": dwp.__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -147,6 +157,7 @@ def write_results(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(out_dir)
     command = _default_command() if command is None else command
     env = environment()
 
@@ -165,7 +176,7 @@ def write_results(
         f"# {name}\n\n"
         f"{table_md.rstrip()}\n\n"
         f"Produced by:\n\n```\n{command}\n```\n\n"
-        f"torch {env['torch']}, Python {env['python']}, {env['platform']}, "
+        f"dwp {env['dwp']}, torch {env['torch']}, Python {env['python']}, {env['platform']}, "
         f"{env['num_threads']} threads, commit {commit}.\n"
     )
     md_path = out_dir / f"{name}.md"

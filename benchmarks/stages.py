@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dwp.io import write_json
+from dwp.io import clean_stale_temporaries, write_json
 
 __all__ = ["Stage", "digest", "located", "logger", "stage_folder"]
 
@@ -42,6 +42,7 @@ def stage_folder(root: Path, stage: str, key: Mapping[str, Any], create: bool = 
     folder = Path(root) / f"{stage}-{digest(key)}"
     if create:
         folder.mkdir(parents=True, exist_ok=True)
+        clean_stale_temporaries(folder)  # an interrupted stage's orphan writes
         if not (folder / "config.json").exists():
             write_json(folder / "config.json", dict(key), default=str)
     return folder

@@ -13,7 +13,10 @@ Layout of ``out_dir``::
 Every file is written to a temporary name and moved into place (:func:`dwp.io.atomic_write`,
 through :func:`nifti_io.save_nifti` for the images), so an interrupted run leaves only
 complete files; running again skips the finished subjects and produces the same bytes as
-an uninterrupted run.
+an uninterrupted run.  A run killed mid-write may leave a temporary file behind; a later
+run removes those not written to for an hour (:func:`dwp.io.clean_stale_temporaries`),
+never the fresh one of another process writing into the same folder, and rewrites no
+index file whose content has not changed.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from tqdm.auto import tqdm
 from cohorts import ageing
 from cohorts.anatomy import check_resolution, load_anatomy
 from cohorts.subjects import check_cohort, subject, subject_id
-from dwp.io import write_json, write_text
+from dwp.io import clean_stale_temporaries, write_json, write_text
 from nifti_io import save_nifti
 
 __all__ = ["GENERATOR_VERSION", "generate"]
@@ -97,6 +100,23 @@ def _check_folder(out: Path, config: dict[str, Any], overwrite: bool) -> bool:
             "another out_dir or pass overwrite=True (--overwrite)"
         )
     return False
+
+
+def _json(obj: dict[str, Any]) -> str:
+    # the text write_json(path, obj, indent=2) writes
+    return json.dumps(obj, indent=2) + "\n"
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` unless the file already holds exactly it: a run reusing a
+    finished folder then rewrites none of its index files, which other processes may be
+    reading or writing."""
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return
+    except (FileNotFoundError, UnicodeDecodeError):
+        pass
+    write_text(path, text)
 
 
 def _jobs(cohort: str, n_train: int, n_test: int) -> Iterator[tuple[str, int]]:
@@ -183,10 +203,10 @@ def generate(
     reuse = _check_folder(out, config, overwrite)
     for folder in (".", "imagesTr", "labelsTr", "imagesTs", "labelsTs", ".subjects"):
         (out / folder).mkdir(parents=True, exist_ok=True)
-        # Temporary files of a run that was killed mid-write.
-        for stale in (out / folder).glob(".*.tmp"):
-            stale.unlink()
-    write_json(out / "cohort.json", {**config, "citation": CITATION}, indent=2)
+        # Temporary files of a run killed mid-write; only old ones: another process may be
+        # writing into this folder right now, and removing its temporary file fails its write.
+        clean_stale_temporaries(out / folder)
+    _write_if_changed(out / "cohort.json", _json({**config, "citation": CITATION}))
 
     anatomy = load_anatomy(res)
     if cohort == "brain_age":
@@ -226,7 +246,7 @@ def generate(
             "test": [f"./{p['image']}" for split, p, _ in rows if split == "test"],
             "generator": config,
         }
-        write_json(index_file, dataset, indent=2)
+        _write_if_changed(index_file, _json(dataset))
         return index_file
 
     index_file = out / "subjects.csv"
@@ -235,5 +255,5 @@ def generate(
     writer.writerow(["id", "split", "image", "label", *spec.targets])
     for split, p, meta in rows:
         writer.writerow([p["id"], split, p["image"], p["label"], *(meta[t] for t in spec.targets)])
-    write_text(index_file, buffer.getvalue())
+    _write_if_changed(index_file, buffer.getvalue())
     return index_file

@@ -7,7 +7,7 @@ The public API, re-exported here::
     dwp.priors.{NormalPrior, LogUniformPrior, PretrainedNormalPrior, DeepWeightPrior}
     dwp.collect_kernels, dwp.KernelBank, dwp.KernelVAE, dwp.fit_kernel_vae, dwp.init_from_prior_
     dwp.plot.plot_prior_samples
-    dwp.kl, dwp.elbo, dwp.KLSchedule, dwp.param_groups
+    dwp.kl, dwp.elbo, dwp.KLSchedule, dwp.param_groups, dwp.LossGuard
     dwp.estimator, dwp.sampling, dwp.fixed_sample, dwp.set_estimator, dwp.set_mode
     dwp.predict, dwp.PredictiveStatistics, dwp.expected_calibration_error
     dwp.bayesian_layers, dwp.LayerSelector (one way to walk and choose layers)
@@ -23,9 +23,19 @@ from . import likelihoods, optim, priors
 from ._version import __version__
 from .controls import estimator, fixed_sample, sampling, set_estimator, set_mode
 from .convert import bayesianize, init_from_prior_, name_sites, to_deterministic
-from .elbo import ELBOTerms, KLSchedule, elbo, kl, kl_per_site, param_groups
+from .elbo import (
+    DivergedLossError,
+    ELBOTerms,
+    KLSchedule,
+    LossGuard,
+    NonFiniteLossError,
+    elbo,
+    kl,
+    kl_per_site,
+    param_groups,
+)
 from .empirical_bayes import empirical_bayes_, prior_scales
-from .io import LibraryFileError
+from .io import CorruptFileError, LibraryFileError
 from .kernel_bank import KernelBank, KernelBankError
 from .kernels import collect_kernels
 from .nn import (
@@ -73,7 +83,9 @@ __all__ = [
     "BayesConvTranspose3d",
     "BayesLinear",
     "BayesianLayer",
+    "CorruptFileError",
     "DeepWeightPrior",
+    "DivergedLossError",
     "ELBOTerms",
     "Estimator",
     "KLSchedule",
@@ -84,8 +96,10 @@ __all__ = [
     "LayerSelector",
     "LibraryFileError",
     "LogUniformPrior",
+    "LossGuard",
     "MeanFieldNormal",
     "Mode",
+    "NonFiniteLossError",
     "NonFinitePosteriorError",
     "NormalPrior",
     "Prediction",

@@ -34,7 +34,26 @@ from .priors import Prior
 from .select import bayesian_layers
 from .settings import validation_enabled
 
-__all__ = ["ELBOTerms", "KLSchedule", "elbo", "kl", "kl_per_site", "param_groups"]
+__all__ = [
+    "DivergedLossError",
+    "ELBOTerms",
+    "KLSchedule",
+    "LossGuard",
+    "NonFiniteLossError",
+    "elbo",
+    "kl",
+    "kl_per_site",
+    "param_groups",
+]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A term of the loss is NaN or infinite; raised before any gradient is computed, so the
+    weights are still those of the last good step."""
+
+
+class DivergedLossError(FloatingPointError):
+    """The loss stayed finite but grew by orders of magnitude: the optimisation diverged."""
 
 
 def kl_per_site(model: nn.Module) -> dict[str, Tensor]:
@@ -129,6 +148,14 @@ def elbo(
         KL weight (1 for the true ELBO; see :class:`KLSchedule`).
     kl_value
         A precomputed KL (e.g. to reuse it for logging); default ``dwp.kl(model)``.
+
+    Raises
+    ------
+    NonFiniteLossError
+        The data term, the KL or their sum is NaN or infinite; the message names the term,
+        its value and (given ``model``) the first layer whose KL overflows.  Raised before
+        the caller's ``backward()``, so no step is taken on it and the weights stay those
+        of the last good step.  Skipped after ``dwp.set_validation(False)``.
     """
     if nll.dim() != 0:
         raise ValueError(
@@ -140,19 +167,117 @@ def elbo(
         raise ValueError(f"batch_size ({batch_size}) exceeds n_data ({n_data})")
     if beta < 0 or not math.isfinite(beta):
         raise ValueError(f"beta must be finite and >= 0, got {beta}")
-    if validation_enabled() and not torch.isfinite(nll):
-        raise FloatingPointError(
-            f"the data term is {nll.item()}: check the batch for NaN/inf values and the "
-            f"network for divergence (dwp.set_validation(False) skips this check)"
-        )
     if kl_value is None:
         if model is None:
             raise TypeError("elbo() needs a model or kl_value")
         kl_value = kl(model)
     data_term = nll * (n_data / batch_size)
-    return ELBOTerms(
-        loss=data_term + beta * kl_value, nll=nll, data_term=data_term, kl=kl_value, beta=beta
+    loss = data_term + beta * kl_value
+    # Checked here, before the caller's backward(): an infinite KL's gradient would let the
+    # optimiser write NaN into the weights, and the layers would only notice on the next
+    # forward pass, with the model already corrupted.
+    if validation_enabled() and not torch.isfinite(loss):
+        raise NonFiniteLossError(_non_finite_message(nll, kl_value, model))
+    return ELBOTerms(loss=loss, nll=nll, data_term=data_term, kl=kl_value, beta=beta)
+
+
+def _non_finite_message(nll: Tensor, kl_value: Tensor, model: nn.Module | None) -> str:
+    """Which term of a non-finite ELBO is bad, its value, the first layer to blame, a fix."""
+    parts = []
+    if not torch.isfinite(nll):
+        parts.append(
+            f"the data term is {nll.item()} (check the batch for NaN/inf values and the "
+            "network for divergence: a lower learning rate, normalised inputs)"
+        )
+    if not torch.isfinite(kl_value):
+        where = ""
+        if model is not None:
+            # Only on this failure path: one KL per layer, to name where it overflows.
+            with torch.no_grad():
+                bad = [n for n, v in kl_per_site(model).items() if not torch.isfinite(v)]
+            where = f", first at layer {bad[0]!r}" if bad else ""
+        parts.append(
+            f"the KL is {kl_value.item()}{where} (posterior scales or means too large for "
+            "the prior: lower the initial log-sigma or the learning rate)"
+        )
+    if not parts:  # both finite, their weighted sum overflowed
+        parts.append(f"data term {nll.item():.3g} + KL {kl_value.item():.3g} overflows")
+    return (
+        f"non-finite ELBO: {'; '.join(parts)}; no gradient was taken, the weights are "
+        "unchanged (dwp.set_validation(False) skips this check)"
     )
+
+
+class LossGuard:
+    """Stops a training run whose loss became non-finite or diverged, before its step.
+
+    Call :meth:`check` on each minibatch's loss before ``backward()``: it raises
+    :class:`NonFiniteLossError` for NaN / inf (what :func:`elbo` checks for its own terms,
+    here for any loss) and :class:`DivergedLossError` once ``|loss|`` exceeds ``factor``
+    times the first loss it saw (at least ``floor``).  A descent that works never climbs
+    six orders of magnitude above where it started; an optimiser that overshoots does,
+    long before it overflows.  The check costs one scalar read per step (the loss a
+    training loop logs anyway).
+
+    Watch a quantity that does not depend on the step's KL weight: for an ELBO, its
+    ``data_term`` (a KL annealed up from 0 legitimately raises the total loss).
+
+    Parameters
+    ----------
+    factor
+        Growth over the first loss that counts as divergence (> 1).
+    floor
+        Smallest reference, in the loss's units: a first loss near 0 (a fine-tuned
+        network) must not make every later fluctuation a divergence.
+
+    Examples
+    --------
+    >>> guard = dwp.LossGuard()
+    >>> terms = dwp.elbo(nll, model, n_data=N, batch_size=B)
+    >>> guard.check(terms.data_term, step=step)
+    >>> terms.loss.backward()
+    """
+
+    def __init__(self, factor: float = 1e6, floor: float = 1.0) -> None:
+        if not (factor > 1 and math.isfinite(factor)):
+            raise ValueError(f"factor must be finite and > 1, got {factor}")
+        if not (floor > 0 and math.isfinite(floor)):
+            raise ValueError(f"floor must be finite and > 0, got {floor}")
+        self.factor, self.floor = float(factor), float(floor)
+        self.reference: float | None = None
+
+    def reset(self) -> None:
+        """Forget the reference (a restart from other weights starts another descent)."""
+        self.reference = None
+
+    def check(self, loss: Tensor | float, step: int | None = None, name: str = "loss") -> float:
+        """Raise if ``loss`` is non-finite or has diverged; return it as a float.
+
+        Raises
+        ------
+        NonFiniteLossError
+            ``loss`` is NaN or infinite.
+        DivergedLossError
+            ``|loss| > factor * max(|first loss|, floor)``.
+        """
+        value = float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+        at = "" if step is None else f" at step {step}"
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"the {name} is {value}{at}: lower the learning rate, check the inputs for "
+                "NaN/inf; no gradient was taken from it"
+            )
+        if self.reference is None:
+            self.reference = value
+            return value
+        limit = self.factor * max(abs(self.reference), self.floor)
+        if abs(value) > limit:
+            raise DivergedLossError(
+                f"the {name} diverged{at}: {value:.3g}, more than {self.factor:.0e} times "
+                f"its first value {self.reference:.3g}; lower the learning rate or normalise "
+                "the inputs"
+            )
+        return value
 
 
 class KLSchedule:

@@ -286,7 +286,9 @@ class KernelBank:
         FileNotFoundError
             No such file.
         KernelBankError
-            The file is truncated or corrupt, holds something else than a kernel bank,
+            The file is truncated or corrupt (its checksum does not match: also a
+            :class:`dwp.io.CorruptFileError`), holds NaN or infinite values, holds
+            something else than a kernel bank,
             comes from a newer format, misses a key, or holds inconsistent data (dtypes,
             lengths, indices out of range, unknown groups); the message names the file.
         """

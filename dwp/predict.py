@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .controls import sampling
 from .select import bayesian_layers
+from .settings import validation_enabled
 from .uncertainty import expected_calibration_error  # re-exported from its old home
 
 __all__ = [
@@ -217,6 +218,12 @@ def predict(
     ------
     TypeError
         ``task`` not given.
+    ValueError
+        ``x`` has NaN or infinite values (a silent NaN prediction otherwise).
+    FloatingPointError
+        A forward pass produced NaN or infinite outputs from a finite input.
+
+    Both checks are skipped after ``dwp.set_validation(False)``.
     """
     if task is None:
         raise TypeError(
@@ -225,6 +232,9 @@ def predict(
         )
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    validate = validation_enabled()
+    if validate and isinstance(x, Tensor) and x.is_floating_point():
+        _check_finite_input(x)
     stats = PredictiveStatistics(task, activation, class_dim)
     is_module = isinstance(model, nn.Module)
     stochastic = sample and (not is_module or bool(bayesian_layers(model)))
@@ -240,9 +250,30 @@ def predict(
         if is_module:
             model.eval()
         with sampling(stochastic, model if is_module else None):
-            for _ in range(n_samples):
-                stats.update(to_output(model(x)))
+            for i in range(n_samples):
+                raw = model(x)
+                if validate and not torch.isfinite(raw).all():
+                    raise FloatingPointError(
+                        f"forward pass {i + 1} of {n_samples} gave {_count_bad(raw)} from a "
+                        "finite input: the network's weights or activations overflow "
+                        "(dwp.set_validation(False) skips this check)"
+                    )
+                stats.update(to_output(raw))
     finally:
         if is_module:
             model.train(was_training)
     return stats.result()
+
+
+def _count_bad(t: Tensor) -> str:
+    """``"3 NaN and 1 inf values of 64"``: what is wrong in ``t``, in words."""
+    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    return f"{nan} NaN and {inf} inf values of {t.numel()}"
+
+
+def _check_finite_input(x: Tensor) -> None:
+    if not torch.isfinite(x).all():
+        raise ValueError(
+            f"x has {_count_bad(x)}: the prediction would be NaN; clean or mask the input "
+            "(dwp.set_validation(False) skips this check)"
+        )

@@ -86,12 +86,14 @@ def global_mode() -> Mode | None:
 
 
 def validation_enabled() -> bool:
-    """Whether layers check their posterior for non-finite values on every forward pass."""
+    """Whether the finiteness checks run: layers' posteriors on every forward pass, the
+    ELBO's terms (:func:`dwp.elbo`), :func:`dwp.predict`'s inputs and outputs."""
     return _state.validate
 
 
 def set_validation(enabled: bool) -> None:
-    """Turn the per-forward finiteness check of posterior parameters on or off.
+    """Turn the finiteness checks on or off: posterior parameters on every forward pass,
+    the ELBO's terms before ``backward()``, :func:`dwp.predict`'s inputs and outputs.
 
     The check costs one reduction over the weights per layer and, on a GPU, a device
     synchronisation; switch it off for production runs once training is known to be stable.

@@ -263,7 +263,9 @@ class SWAGMoments:
         Raises
         ------
         SWAGMomentsError
-            Not a moments file, a newer version, or inconsistent entries (naming the file).
+            A truncated or corrupt file (also a :class:`dwp.io.CorruptFileError`), NaN or
+            infinite moments, not a moments file, a newer version, or inconsistent entries
+            (naming the file).
         """
         payload = SWAG_FILE.load(path)
         try:

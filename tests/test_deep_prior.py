@@ -1244,4 +1244,4 @@ def test_a_learned_scale_is_the_change_of_variables_of_the_kernels(tmp_path):
         prior.log_scale_factors["all"].fill_(0.25)
     prior.save(tmp_path / "scaled.pt")
     loaded = DeepWeightPrior.load(tmp_path / "scaled.pt")
-    assert loaded.learn_scale and float(loaded.log_scale_factors["all"]) == 0.25
+    assert loaded.learn_scale and float(loaded.log_scale_factors["all"].detach()) == 0.25

@@ -14,6 +14,7 @@ from torch.distributions import LowRankMultivariateNormal, MultivariateNormal, k
 import dwp
 from dwp.posterior import MeanFieldNormal
 from dwp.priors import SWAGSitePrior, load_prior
+from dwp.priors.weight_report import render_weight_scores, weight_scores
 from dwp.swag import SWAG_FILE, SWAGMomentsError
 
 
@@ -332,3 +333,59 @@ def test_priors_and_moments_files_load_as_priors(tmp_path: Path) -> None:
     assert isinstance(again, SWAGSitePrior) and again.config() == site.config()
     torch.testing.assert_close(again.kl(q), site.kl(q))
     assert prior.describe()["kind"] == "SWAGPrior" and prior.describe()["kl_kind"] == "exact"
+
+
+# ---------------------------------------------------------------------------------------------
+# Held-out fit of the whole-network prior (dwp.priors.weight_report)
+
+
+def test_marginal_keeps_each_weights_variance_and_drops_the_correlations() -> None:
+    _, moments = _moments(rank=3, steps=7)
+    prior = dwp.SWAGPrior.from_moments(moments, scale=0.5)
+    marginal, pooled = prior.marginal(), prior.marginal(pooled=True)
+    assert marginal.rank == 0 and pooled.rank == 0 and marginal.scale == 0.5
+    full_variance = prior.diag + (prior.factor**2).sum(1)  # diag(A + U U^T)
+    torch.testing.assert_close(marginal.diag, full_variance)
+    torch.testing.assert_close(pooled.diag, full_variance.mean().expand_as(full_variance))
+    torch.testing.assert_close(marginal.loc, prior.loc)
+
+
+def test_weight_scores_are_the_closed_form_densities_per_weight() -> None:
+    """Each score is log N(w; mu, c (A + U U^T)) summed over the layers, over their weights,
+    against torch.distributions.LowRankMultivariateNormal; differences are paired."""
+    net, moments = _moments(rank=3, steps=7)
+    prior = dwp.SWAGPrior.from_moments(moments, scale=0.7).double()
+    priors = {"swag": prior, "marginal": prior.marginal().double()}
+    sites = ["0.weight", "3.weight"]
+    held_out = []
+    for seed in (5, 6, 7):
+        _walk(net, 2, seed=seed)  # the trajectory goes on: snapshots the moments never saw
+        held_out.append({k: v.detach().clone() for k, v in net.state_dict().items()})
+    scores = weight_scores(priors, held_out, sites, reference="marginal")
+    n_weights = sum(held_out[0][s].numel() for s in sites)
+    assert scores["weights"] == n_weights and scores["unit"] == "nats per weight"
+    for name, template in priors.items():
+        expected = []
+        for state in held_out:
+            total = 0.0
+            for site in sites:
+                site_prior = template.for_site(site, state[site], state[site].dim() - 2)
+                total += float(_reference(site_prior).log_prob(state[site].reshape(-1)))
+            expected.append(total / n_weights)
+        assert scores["per_network"][name] == pytest.approx(expected, rel=1e-9, abs=1e-9)
+    paired = torch.tensor(scores["per_network"]["swag"]) - torch.tensor(
+        scores["per_network"]["marginal"]
+    )
+    assert scores["differences"]["swag"]["mean"] == pytest.approx(float(paired.mean()))
+    table = render_weight_scores(scores)
+    assert "3 held-out networks" in table and "| swag |" in table
+
+
+def test_weight_scores_name_a_missing_site_and_a_bad_reference() -> None:
+    net, moments = _moments()
+    prior = dwp.SWAGPrior.from_moments(moments)
+    state = net.state_dict()
+    with pytest.raises(KeyError, match=r"no '9\.weight'"):
+        weight_scores({"swag": prior}, [state], ["9.weight"])
+    with pytest.raises(ValueError, match="reference 'x'"):
+        weight_scores({"swag": prior}, [state], ["0.weight"], reference="x")

@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from decathlon import write_decathlon
 
 import dwp
 import unet3d.train
@@ -28,28 +29,7 @@ AFFINE = np.array(
 
 
 def _write_decathlon(root: Path, n_train: int = 4, seed: int = 0) -> Path:
-    """A Decathlon folder of 16^3 noise volumes whose foreground is the bright voxels."""
-    rng = np.random.default_rng(seed)
-    for sub in ("imagesTr", "labelsTr", "imagesTs"):
-        (root / sub).mkdir(parents=True)
-    training = []
-    for i in range(n_train):
-        image = rng.normal(size=(16, 16, 16)).astype(np.float32)
-        nib.save(nib.Nifti1Image(image, AFFINE), root / "imagesTr" / f"case{i}.nii.gz")
-        label = (image > 0.5).astype(np.uint8)
-        nib.save(nib.Nifti1Image(label, AFFINE), root / "labelsTr" / f"case{i}.nii.gz")
-        training.append(
-            {"image": f"./imagesTr/case{i}.nii.gz", "label": f"./labelsTr/case{i}.nii.gz"}
-        )
-    test = rng.normal(size=TEST_SHAPE).astype(np.float32)
-    nib.save(nib.Nifti1Image(test, AFFINE), root / "imagesTs" / "test0.nii.gz")
-    index = {
-        "labels": {"0": "background", "1": "foreground"},
-        "training": training,
-        "test": ["./imagesTs/test0.nii.gz"],
-    }
-    (root / "dataset.json").write_text(json.dumps(index))
-    return root
+    return write_decathlon(root, n_train, seed=seed, affine=AFFINE, test_shape=TEST_SHAPE)
 
 
 def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

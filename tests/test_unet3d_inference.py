@@ -11,6 +11,7 @@ import torch
 import cohorts
 import dwp
 from unet3d import UNet3D
+from unet3d.cases import Case, DataError
 from unet3d.data import load_decathlon
 from unet3d.inference import (
     VolumePrediction,
@@ -259,3 +260,19 @@ def test_predict_case_writes_nifti(cohort, tmp_path, make):
     assert np.array_equal(mask == 1, prob > 0.5)
     assert (mi >= 0).all()
     assert (mi.max() > 0) == (make is bayesian)
+
+
+def test_predict_case_names_the_file_of_an_image_with_other_channels(tmp_path):
+    image = tmp_path / "two.nii.gz"
+    data = np.random.default_rng(0).normal(size=(16, 16, 16, 2)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), image)
+    case = Case("two", image)
+    with pytest.raises(
+        DataError, match=r"two\.nii\.gz: 2 channel\(s\), the model takes 1.*--modality"
+    ):
+        predict_case(tiny(), case, tmp_path / "out", roi_size=16)
+    assert not (tmp_path / "out").exists()  # nothing written before the check
+    paths = predict_case(tiny(), case, tmp_path / "out", roi_size=16, modality=1)
+    assert paths["mask"].is_file()
+    with pytest.raises(DataError, match="the 2 channel\\(s\\) it was trained on"):
+        predict_case(tiny(in_channels=2), case, tmp_path / "out", roi_size=16, modality=0)

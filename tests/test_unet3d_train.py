@@ -580,3 +580,22 @@ def test_dwp_stays_the_prior_strategy_for_deep_weight_priors(prior_file):
         get_strategy("dwp").prior()
     with pytest.raises(ValueError, match=r"strategy 'prior' needs prior_path=<Prior file>"):
         get_strategy("prior").prior()
+
+
+@pytest.mark.parametrize("name", ["normal_prior", "dwp"])
+def test_learn_scale_trains_and_logs_the_prior_strength(tmp_path, data, prior_file, name):
+    """Empirical Bayes from unet3d: the prior's scale factor is a trained parameter (it
+    moves from 1), and every epoch's record holds it per site; without learn_scale none."""
+    extra = {"prior_path": prior_file} if name == "dwp" else {}
+    options = {"beta": 1.0, "learn_scale": True, **extra}
+    result = train(_config(tmp_path / "eb", name, strategy_options=options, epochs=2), *data)
+    scales = dwp.prior_scales(result.model)
+    assert scales and all(abs(c - 1.0) > 1e-4 for c in scales.values())
+    logged = {k[len("train_prior_scale:") :]: v for k, v in result.history[-1].items()
+              if k.startswith("train_prior_scale:")}  # fmt: skip
+    assert set(logged) == set(scales)
+    assert result.history[-1]["step"] > 0
+    plain = {"beta": 1.0, **extra}
+    result = train(_config(tmp_path / "plain", name, strategy_options=plain, epochs=1), *data)
+    assert not dwp.prior_scales(result.model)
+    assert not any(k.startswith("train_prior_scale:") for k in result.history[-1])

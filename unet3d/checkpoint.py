@@ -127,7 +127,8 @@ class TrainingState:
     cycle: int = 0  # the restart cycle
     cycle_epoch: int = 0  # epochs done in this cycle
     step: int = 0  # optimisation steps done
-    history: list[dict[str, Any]] = field(default_factory=list)  # the rows of metrics.csv
+    # the rows of metrics.csv; a resume rewrites the metrics files from it
+    history: list[dict[str, Any]] = field(default_factory=list)
     best_val_loss: float = math.inf
     best_epoch: int = -1  # of best_val_loss; -1 before any validation
     restart_checkpoints: list[Path] = field(default_factory=list)  # source_restart{k}.pt

@@ -258,6 +258,14 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         Items of different shapes (pass ``size=`` to the dataset to make them equal).
     """
     shapes = {tuple(item["image"].shape) for item in items}
+    channels = {shape[0] for shape in shapes}
+    if len(channels) > 1:  # 3D and 4D images mixed: no size= can fix that
+        ids = [item["id"] for item in items]
+        raise DataError(
+            f"cannot batch cases {ids}: their images have {sorted(channels)} channels (3D and "
+            "4D images mixed?); give every image the same channels, or keep one with "
+            "modality=K (--modality K)"
+        )
     if len(shapes) > 1:
         ids = [item["id"] for item in items]
         raise DataError(

@@ -48,9 +48,10 @@ import torch
 from torch import Tensor, nn
 
 import dwp
+from dwp.io import clean_stale_temporaries
 from nifti_io import save_nifti
 
-from .data import Case, Normalise, SegmentationDataset, uncrop
+from .data import Case, DataError, Normalise, SegmentationDataset, uncrop
 from .model import SIZE_DIVISOR
 
 __all__ = [
@@ -149,7 +150,7 @@ def _sliding_window(
     if isinstance(expected_in, int) and image.shape[0] != expected_in:
         raise ValueError(
             f"image has {image.shape[0]} channels, the model takes {expected_in} "
-            "(choose the modality with modality=...)"
+            "(keep the channels it was trained on: SegmentationDataset(modality=K))"
         )
     spatial = tuple(image.shape[1:])
     # No window larger than the (8-rounded) volume: less padding, fewer wasted voxels.
@@ -363,6 +364,19 @@ def predict_volume_tta(
     return _volume_prediction(stats)
 
 
+def _check_channels(model: nn.Module, image: Tensor, path: Path, modality: int | None) -> None:
+    """A DataError naming the file when its channels are not the ones the model takes."""
+    expected = getattr(model, "in_channels", None)
+    channels = image.shape[0]
+    if not isinstance(expected, int) or channels == expected:
+        return
+    if expected == 1 and modality is None:
+        fix = "keep one of them with modality=K (unet3d predict --modality K)"
+    else:
+        fix = f"give images with the {expected} channel(s) it was trained on"
+    raise DataError(f"{path}: {channels} channel(s), the model takes {expected}; {fix}")
+
+
 def predict_case(
     model: nn.Module,
     case: Case,
@@ -409,12 +423,14 @@ def predict_case(
     Raises
     ------
     unet3d.data.DataError
-        An unreadable or malformed input (naming the file).
+        An unreadable or malformed input, or one with other channels than the model
+        takes (naming the file).
     ValueError
         As :func:`predict_volume`.
     """
     dataset = SegmentationDataset([case], normalise=normalise, modality=modality)
     item: dict[str, Any] = dataset[0]
+    _check_channels(model, item["image"], case.image, modality)
     prediction = predict_volume(
         model,
         item["image"],
@@ -432,6 +448,7 @@ def predict_case(
     header = nib.load(case.image).header
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(out)  # an interrupted prediction's orphan writes
     maps = {
         "prob": uncrop(prediction.foreground.numpy().astype("float32"), record),
         "mask": uncrop(prediction.mask.numpy().astype("uint8"), record),

@@ -26,7 +26,15 @@ import torch
 from .cases import Case, DataError
 from .model import SIZE_DIVISOR
 
-__all__ = ["AFFINE_ATOL", "CropPad", "Normalise", "preprocess", "target_size", "uncrop"]
+__all__ = [
+    "AFFINE_ATOL",
+    "CropPad",
+    "Normalise",
+    "check_cases",
+    "preprocess",
+    "target_size",
+    "uncrop",
+]
 
 #: Largest difference (mm) between two affines still counted as the same grid: NIfTI
 #: stores affines in float32, so files written by different tools differ by ~1e-5 mm.
@@ -122,6 +130,24 @@ def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
         return np.asanyarray(image.dataobj), np.asarray(image.affine, dtype=np.float64)
     except Exception as error:  # nibabel raises many types for a damaged file
         raise DataError(f"{path}: cannot read it as NIfTI ({error})") from error
+
+
+def _header(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape and affine of a NIfTI file, from its header alone (no voxels are read)."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        image = nib.load(path)
+        return tuple(int(n) for n in image.shape), np.asarray(image.affine, dtype=np.float64)
+    except Exception as error:  # nibabel raises many types for a damaged file
+        raise DataError(f"{path}: cannot read it as NIfTI ({error})") from error
+
+
+def _squeeze_trailing_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    # the shape-only twin of _squeeze_trailing
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
 
 
 def _squeeze_trailing(array: np.ndarray) -> np.ndarray:
@@ -226,6 +252,71 @@ def target_size(size: int | Sequence[int] | None) -> tuple[int, int, int] | None
             f"size must be None or 3 positive ints divisible by {SIZE_DIVISOR}, got {size!r}"
         )
     return target  # type: ignore[return-value]
+
+
+def check_cases(
+    cases: Sequence[Case],
+    modality: int | None = None,
+    normalise: Normalise | None = "minmax",
+) -> int:
+    """Check from the file headers alone (no voxels read) that ``cases`` form one data set.
+
+    Cheap enough to run on every training and validation case before the first epoch, so
+    that a missing, damaged or mismatched file (often a validation one, otherwise first
+    read after the training epochs) fails in seconds.  Voxel-level problems (NaNs, labels
+    outside the classes) are still :func:`preprocess`'s, when the case is read.
+
+    Parameters
+    ----------
+    cases
+        The cases of one data set (training and validation together: the network takes
+        one number of channels).
+    modality
+        The channel kept of 4D images (as in :func:`preprocess`), or ``None`` for all.
+    normalise
+        As in :func:`preprocess`: brain masks are read (and checked) for ``"zscore"`` only.
+
+    Returns
+    -------
+    int
+        The number of channels every image gives the network.
+
+    Raises
+    ------
+    DataError
+        Naming the file: missing or unreadable, neither 3D nor 4D, ``modality`` out of
+        range, a label or mask on another grid; or naming one file of each channel count
+        when images differ (3D and 4D images mixed), with the way out.
+    """
+    first: dict[int, Path] = {}
+    for case in cases:
+        shape, affine = _header(case.image)
+        shape = _squeeze_trailing_shape(shape) if len(shape) > 4 else shape
+        if len(shape) not in (3, 4):
+            raise DataError(f"{case.image}: expected a 3D or 4D image, got shape {shape}")
+        channels = 1 if len(shape) == 3 else shape[3]
+        if modality is not None:
+            if modality >= channels:
+                raise DataError(
+                    f"{case.image}: modality {modality} out of range, the image has "
+                    f"{channels} (shape {shape})"
+                )
+            channels = 1
+        mask = case.mask if normalise == "zscore" else None
+        for path, what in ((case.label, "label"), (mask, "mask")):
+            if path is not None:
+                own_shape, own_affine = _header(path)
+                own_shape = _squeeze_trailing_shape(own_shape)
+                _check_grid(path, own_shape, own_affine, case.image, shape[:3], affine, what)
+        first.setdefault(channels, case.image)
+    if len(first) > 1:
+        examples = "; ".join(f"{path}: {n} channel(s)" for n, path in sorted(first.items()))
+        raise DataError(
+            f"images with different numbers of channels (3D and 4D images mixed?): "
+            f"{examples}; give every image the same channels, or keep one channel of each "
+            "with --modality K (modality=K)"
+        )
+    return next(iter(first), 1)
 
 
 def preprocess(

@@ -338,6 +338,10 @@ class BayesianStrategy(Strategy):
     init_log_sigma, estimator, mode
         Passed to :func:`dwp.bayesianize` (``mode="mean"`` trains without weight noise,
         which makes runs comparable across process counts).
+    learn_scale
+        Learn the prior's strength by empirical Bayes: a scale factor (per group for the
+        deep weight prior) trained with the ELBO (:func:`dwp.prior_scales`), logged every
+        epoch as ``train_prior_scale:<site>``.  An alternative to the KL-weight grid.
     ce_weight, dice_weight
         Weights per voxel of the summed data term (:func:`unet3d.losses.elbo_data_term`):
         its cross-entropy and its share of the volume's Dice loss.
@@ -352,6 +356,7 @@ class BayesianStrategy(Strategy):
     dice_weight: float = 1e-3
     init: Literal["pretrained", "prior", "fresh"] = "pretrained"
     source: str | os.PathLike | None = None
+    learn_scale: bool = False
     bayesian: bool = field(default=True, init=False)
 
     @abc.abstractmethod
@@ -396,6 +401,8 @@ class BayesianStrategy(Strategy):
         )
         logged = terms.as_dict()
         logged.update(ce=float(data.ce.detach()), dice=float(data.dice.detach()))
+        if self.learn_scale:
+            logged.update({f"prior_scale:{k}": v for k, v in dwp.prior_scales(model).items()})
         return terms.loss, logged
 
     default_optimizer: ClassVar[str] = "natural"
@@ -420,6 +427,7 @@ class BayesianStrategy(Strategy):
             "mode": self.mode,
             "ce_weight": self.ce_weight,
             "dice_weight": self.dice_weight,
+            "learn_scale": self.learn_scale,
             "init": self.init,
             "means_start": self.means_start(),
             "source": None if self.source is None else str(self.source),
@@ -441,7 +449,7 @@ class NormalPriorStrategy(BayesianStrategy):
     name: str = field(default="normal_prior", init=False)
 
     def prior(self) -> dwp.Prior:
-        return dwp.NormalPrior(0.0, 1.0)
+        return dwp.NormalPrior(0.0, 1.0, learn_scale=self.learn_scale)
 
     def means_start(self) -> str:
         # N(0, 1) gives no initial weights (dwp.priors.Prior.init_sample): under
@@ -476,8 +484,15 @@ class PriorFileStrategy(BayesianStrategy):
                 raise TypeError(
                     f"strategy {self.name!r} needs a {kind}, got a {type(self.prior_path).__name__}"
                 )
+            if self.learn_scale and not getattr(self.prior_path, "learn_scale", False):
+                raise ValueError(
+                    "learn_scale=True needs a prior file, or a prior built with learn_scale=True"
+                )
             return self.prior_path
-        return self.prior_kind.load(self.prior_path, **self.prior_options)
+        options = {**self.prior_options}
+        if self.learn_scale:
+            options["learn_scale"] = True
+        return self.prior_kind.load(self.prior_path, **options)
 
     def describe(self) -> dict[str, Any]:
         path = self.prior_path

@@ -16,7 +16,9 @@ validation loss and Dice, the learning rate), keeps ``best.pt`` (lowest validati
 and ``last.pt`` (model, optimiser, scheduler, epoch, RNG state, history), all written
 atomically; both also hold the training config and the strategy's options, from which
 :func:`unet3d.checkpoint.load_model` rebuilds the network.  The checkpoint format is
-:mod:`unet3d.checkpoint`'s alone.
+:mod:`unet3d.checkpoint`'s alone.  The metrics files are a view of ``last.pt``'s history,
+rewritten from it on resume.  A new run refuses a folder holding another run's files
+unless told to replace them (``overwrite=True``; :mod:`unet3d.run_files`).
 
 ``resume=True`` continues from ``last.pt`` and reaches bit for bit the same parameters as
 an uninterrupted run: the data order of epoch ``e`` depends on ``(seed, e)`` only
@@ -38,12 +40,10 @@ scheduled and selected on the same scale.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +54,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from dwp.io import write_json, write_text
+from dwp.elbo import LossGuard
+from dwp.io import clean_stale_temporaries
 from dwp.swag import SWAGMoments
 
-from . import checkpoint
+from . import checkpoint, run_files
 from .checkpoint import RunDescription, TrainingState
 from .config import TrainConfig
 from .data import Case, SegmentationDataset, collate
@@ -278,6 +279,7 @@ class _Run:
     out_dir: Path | None
     writer: bool  # rank 0 with an out_dir: the process that writes files
     moments: SWAGMoments | None  # the SWAG collector (swag_rank > 0)
+    guard: LossGuard = field(default_factory=LossGuard)  # stops a diverged run before its step
 
 
 def _train_epoch(run: _Run, state: TrainingState) -> dict[str, Any]:
@@ -293,6 +295,7 @@ def _train_epoch(run: _Run, state: TrainingState) -> dict[str, Any]:
         loss, terms = run.strategy.loss(
             run.model, logits, label, n_data, image.shape[0], state.step
         )
+        _check_loss(run, state, terms)
         loss.backward()
         run.optimizer.step()
         state.step += 1
@@ -308,6 +311,19 @@ def _train_epoch(run: _Run, state: TrainingState) -> dict[str, Any]:
     }
     record.update({f"train_{k}": v / max(batches, 1) for k, v in sums.items()})
     return record
+
+
+def _check_loss(run: _Run, state: TrainingState, terms: dict[str, float]) -> None:
+    """Stop before the step on a non-finite or diverged data term (``dwp.LossGuard``; the
+    data term, not the loss, since an annealed KL weight legitimately raises the loss)."""
+    value = terms.get("data_term", terms["loss"])
+    if run.world > 1:
+        # the ranks' mean: one rank raising alone would leave the others waiting in DDP's
+        # gradient all-reduce, and NaN / inf / a blow-up on any rank reaches the mean
+        mean = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(mean)
+        value = float(mean) / run.world
+    run.guard.check(value, step=state.step, name="data term")
 
 
 def _collect_moments(run: _Run, state: TrainingState) -> None:
@@ -372,6 +388,7 @@ def _end_cycle(run: _Run, state: TrainingState) -> None:
                 run.moments.save(run.out_dir / f"swag_restart{state.cycle}.pt")
         state.restart_checkpoints.append(path)
     if state.cycle < config.restarts:  # restart: initial learning rates, fresh plateau state
+        run.guard.reset()
         if run.moments is not None:  # a new trajectory, around another solution
             run.moments.reset()
         state.cycle += 1
@@ -407,18 +424,6 @@ def _epoch(run: _Run, state: TrainingState) -> tuple[dict[str, Any], bool]:
 # Files
 
 
-def _write_metrics(history: list[dict[str, Any]], out_dir: Path) -> None:
-    write_json(out_dir / "metrics.json", history)
-    columns: list[str] = []
-    for record in history:
-        columns += [k for k in record if k not in columns]
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    write_text(out_dir / "metrics.csv", text.getvalue())
-
-
 def _save(
     run: _Run, state: TrainingState, described: RunDescription, record: dict, improved: bool
 ) -> None:
@@ -434,7 +439,7 @@ def _save(
     checkpoint.save_last(
         run.out_dir / "last.pt", run.model, run.optimizer, run.scheduler, described, state, swag
     )
-    _write_metrics(state.history, run.out_dir)
+    run_files.write_metrics(state.history, run.out_dir)
 
 
 def _progress_bar(run: _Run, state: TrainingState, rank: int) -> tqdm:
@@ -458,6 +463,7 @@ def train(
     val_cases: Sequence[Case] | Dataset | None = None,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     strategy: Strategy | None = None,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> TrainResult:
@@ -473,7 +479,13 @@ def train(
         ``(D, H, W)`` of one common size.  Without validation data the scheduler sees the
         training loss and no best checkpoint is chosen on validation.
     resume
-        Continue from ``out_dir/last.pt`` when it exists (a finished run returns at once).
+        Continue from ``out_dir/last.pt`` when it exists (a finished run returns at once,
+        its metrics files rewritten from ``last.pt``); without it, start afresh, removing
+        what is left of a run that cannot be continued (:mod:`unet3d.run_files`).
+    overwrite
+        Start afresh in an ``out_dir`` that holds a previous run's files, removing them
+        first; without it (or ``resume``) such a folder is refused, so that an old
+        ``best.pt`` never passes for the new run's.
     strategy
         A ready strategy object instead of ``config.strategy`` / ``strategy_options``.
     on_epoch_end
@@ -483,6 +495,11 @@ def train(
     Returns
     -------
     TrainResult
+
+    Raises
+    ------
+    unet3d.run_files.RunFolderError
+        ``out_dir`` holds a previous run's files, neither ``resume`` nor ``overwrite``.
     """
     rank, world = _distributed_env()
     own_group = False
@@ -490,7 +507,9 @@ def train(
         dist.init_process_group("gloo")
         own_group = True
     try:
-        return _train(config, train_cases, val_cases, resume, strategy, on_epoch_end, rank, world)
+        return _train(
+            config, train_cases, val_cases, (resume, overwrite), strategy, on_epoch_end, rank, world
+        )
     finally:
         if own_group:
             dist.destroy_process_group()
@@ -500,7 +519,7 @@ def _train(
     config: TrainConfig,
     train_cases: Sequence[Case] | Dataset,
     val_cases: Sequence[Case] | Dataset | None,
-    resume: bool,
+    start: tuple[bool, bool],  # (resume, overwrite)
     strategy: Strategy | None,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None,
     rank: int,
@@ -509,13 +528,21 @@ def _train(
     strategy = strategy or get_strategy(config.strategy, **config.strategy_options)
     out_dir = None if config.out_dir is None else Path(config.out_dir)
     writer = rank == 0 and out_dir is not None
+    resume, overwrite = start
+    if out_dir is not None:  # every rank refuses alike; only the writer removes files
+        run_files.prepare_out_dir(out_dir, resume=resume, overwrite=overwrite, clear=writer)
     if writer:
         out_dir.mkdir(parents=True, exist_ok=True)
+        clean_stale_temporaries(out_dir)  # what a killed run's interrupted writes left
     data = _data(config, train_cases, val_cases, rank, world)
     model, optimizer = _build(config, strategy)
     scheduler = _make_scheduler(config, optimizer)
     moments = _moments(config, model)
     state = _start(config, out_dir, resume, model, optimizer, scheduler, moments)
+    if writer and state.history:
+        # a resume: the metrics files may lag last.pt by an epoch (a kill between the two
+        # writes); last.pt's history is the record, the files are rewritten from it
+        run_files.write_metrics(state.history, out_dir)
     net = DistributedDataParallel(model) if world > 1 else model
     run = _Run(
         config, strategy, data, model, net, optimizer, scheduler, world, out_dir, writer, moments

@@ -9,6 +9,7 @@ from .kernel_gaussian import KernelGaussianPrior, KernelGaussianSitePrior, fit_k
 from .log_uniform import LogUniformPrior
 from .report import fit_report, held_out_scores, split_bank
 from .swag import SWAGPrior, SWAGSitePrior, lowrank_gaussian_kl
+from .weight_report import render_weight_scores, weight_scores
 
 __all__ = [
     "DeepWeightPrior",
@@ -31,6 +32,8 @@ __all__ = [
     "held_out_scores",
     "load_prior",
     "lowrank_gaussian_kl",
+    "render_weight_scores",
     "save_prior",
     "split_bank",
+    "weight_scores",
 ]

@@ -93,8 +93,10 @@ def load_prior(path: str | os.PathLike, **overrides: Any) -> Prior:
     """Read any prior file: the generic format or the deep weight prior's.
 
     ``overrides`` replace saved constructor arguments (e.g. ``n_samples=`` of a deep weight
-    prior).  Errors name the file: an unknown kind, a configuration the class rejects, a
-    state that does not fit.
+    prior).  Errors (:class:`PriorFileError`) name the file: a truncated or corrupt file
+    (its checksum does not match: also a :class:`dwp.io.CorruptFileError`), NaN or
+    infinite values (naming the tensor), an unknown kind, a configuration the class
+    rejects, a state that does not fit.
     """
     payload = load_torch_file(path, what="prior file", error=PriorFileError)
     tag = payload.get("format") if isinstance(payload, dict) else None

@@ -413,6 +413,21 @@ class SWAGPrior(Prior):
         site.metadata = {**self.metadata, "layer": layer}
         return site.to(device=weight.device, dtype=weight.dtype)
 
+    def marginal(self, *, pooled: bool = False) -> SWAGPrior:
+        """The same Gaussian without its correlations: rank 0, each weight's variance that
+        of this prior (``a + sum_k U_k^2``); ``pooled``: one variance, their mean, for every
+        weight (an isotropic Gaussian at the SWA mean).  The controls that say whether the
+        low-rank covariance carries structure (:func:`dwp.priors.weight_report.weight_scores`)."""
+        variance = self.diag + self.factor.pow(2).sum(1)
+        if pooled:
+            variance = variance.mean().expand_as(variance)
+        prior = SWAGPrior(self.layers, 0, scale=self.scale, learn_scale=self.learn_scale)
+        with torch.no_grad():
+            prior.loc.copy_(self.loc)
+            prior.diag.copy_(variance)
+        prior.metadata = {**self.metadata, "marginal_of_rank": self.rank, "pooled": pooled}
+        return prior
+
     def config(self) -> dict[str, Any]:
         return {
             "layers": {name: list(shape) for name, shape in self.layers.items()},

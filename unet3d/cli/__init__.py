@@ -12,10 +12,13 @@ Also runnable as ``python -m unet3d``.
 Argument types both share are in :mod:`unet3d.cli.arguments`.
 
 Errors in the input (:class:`unet3d.data.DataError`, :class:`unet3d.checkpoint.CheckpointError`,
-:class:`dwp.priors.deep.PriorFileError`, other ``ValueError`` and ``OSError``) are printed as
-one ``error: <message>`` line naming the file, with exit status 2; bad command-line arguments
-get argparse's usage message (also status 2).  An interrupted ``train`` exits with status 130
-and says how to resume.
+:class:`dwp.priors.deep.PriorFileError`, any :class:`dwp.LibraryFileError`, other
+``ValueError`` and ``OSError``), numerical failures (``FloatingPointError``:
+:class:`dwp.NonFinitePosteriorError`, :class:`dwp.NonFiniteLossError`,
+:class:`dwp.DivergedLossError`) and device failures (a device this machine lacks, out of
+device memory) are printed as one ``error: <message>`` line, with exit status 2; bad
+command-line arguments get argparse's usage message (also status 2).  An interrupted
+``train`` exits with status 130 and says how to resume.
 
 Examples
 --------
@@ -62,6 +65,28 @@ def _message(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+#: What to lower when a command runs out of device memory.
+_MEMORY_HINTS = {"train": "--batch-size or --size", "predict": "--sw-batch-size or --roi"}
+
+
+def _device_failure(error: RuntimeError, command: str) -> str | None:
+    """The one-line message of a device failure (out of memory, a CUDA error), or ``None``
+    for any other RuntimeError, which is a bug and keeps its traceback."""
+    torch = sys.modules.get("torch")  # a device error implies torch was imported
+    if torch is None:
+        return None
+    first = (str(error).strip().splitlines() or [""])[0]
+    if isinstance(error, torch.OutOfMemoryError):
+        hint = _MEMORY_HINTS.get(command, "the batch size")
+        return f"out of device memory ({first}); lower {hint}"
+    accelerator = getattr(torch, "AcceleratorError", None)  # torch >= 2.8
+    if (accelerator is not None and isinstance(error, accelerator)) or first.startswith(
+        "CUDA error"
+    ):
+        return f"device failure: {first}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``unet3d``; returns the exit status.
 
@@ -73,8 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns
     -------
     int
-        0 on success, :data:`EXIT_ERROR` (2) for bad input (``error: ...`` on stderr),
-        :data:`EXIT_INTERRUPTED` (130) after Ctrl-C.  Bad arguments raise ``SystemExit(2)``
+        0 on success, :data:`EXIT_ERROR` (2) for bad input and numerical or device
+        failures (``error: ...`` on stderr), :data:`EXIT_INTERRUPTED` (130) after Ctrl-C.  Bad arguments raise ``SystemExit(2)``
         from argparse, as usual.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -83,10 +108,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.check(args)
     try:
         return args.handler(args)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, FloatingPointError) as error:
         # DataError, CheckpointError, PriorFileError and PriorMismatchError are ValueErrors
-        # whose messages name the file or layer: the message is the whole story.
+        # whose messages name the file or layer; the FloatingPointErrors (a non-finite
+        # posterior or loss, a diverged loss) name the layer or term and the fix: the
+        # message is the whole story, a traceback would only hide it.
         print(f"error: {_message(error)}", file=sys.stderr)
+        return EXIT_ERROR
+    except RuntimeError as error:
+        message = _device_failure(error, args.command)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         hint = " (continue with --resume)" if args.command == "train" else ""

@@ -6,6 +6,10 @@ and predicts NIfTI images (one file, a folder of them, or a Decathlon folder's t
 (:func:`unet3d.inference.predict_case`): for each image ``<id>_prob.nii.gz``,
 ``<id>_mask.nii.gz`` and ``<id>_mi.nii.gz`` (mutual information, averaged over
 ``--samples`` posterior samples of a Bayesian model), with the input's affine and header.
+
+Before any work the device, ``--out`` and every image's header are checked, so a missing
+GPU, an unwritable folder or a mismatched image fails in seconds, not after the first
+prediction.  ``--modality K`` keeps one channel of 4D images (default: the training one).
 """
 
 from __future__ import annotations
@@ -15,7 +19,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .arguments import overlap, positive_int, triple
+from .arguments import (
+    check_output_folder,
+    non_negative_int,
+    overlap,
+    positive_int,
+    torch_device,
+    triple,
+)
 
 __all__ = ["DEFAULT_ROI", "add_parser", "run"]
 
@@ -65,6 +76,13 @@ def add_parser(commands: Any) -> None:
     predict.add_argument(
         "--seed", type=int, default=0, help="seed of the posterior samples, per image (default 0)"
     )
+    predict.add_argument(
+        "--modality",
+        type=non_negative_int,
+        metavar="K",
+        help="channel of 4D images to predict from (default: the training --modality, "
+        "else all channels)",
+    )
     predict.add_argument("--device", default="cpu", help="torch device (default cpu)")
     predict.add_argument("--no-progress", dest="progress", action="store_false")
     predict.set_defaults(handler=run, check=_check_args, usage_error=predict.error)
@@ -91,17 +109,24 @@ def _roi(args: argparse.Namespace, config: dict[str, Any]) -> int | tuple[int, .
 
 def run(args: argparse.Namespace) -> int:
     """Run ``unet3d predict`` with parsed arguments; returns the exit status (0)."""
-    import torch
     from tqdm.auto import tqdm
 
     from ..cases import load_images
     from ..checkpoint import load_model
     from ..inference import predict_case
+    from ..preprocess import check_cases
 
+    # Cheap checks first: a missing GPU or an unwritable --out must not surface after the
+    # model is loaded and the first image predicted.
+    device = torch_device(args.device)
+    check_output_folder(args.out)
     trained = load_model(args.checkpoint)
     cases = load_images(args.input)
+    modality = trained.config.get("modality") if args.modality is None else args.modality
+    normalise = trained.config.get("normalise", "minmax")
+    check_cases(cases, modality, normalise)  # every header: a bad file fails before image 1
     roi = _roi(args, trained.config)
-    model = trained.model.to(torch.device(args.device))
+    model = trained.model.to(device)
     samples = args.samples if trained.bayesian else 1
     kind = f"Bayesian, {samples} samples" if trained.bayesian else "deterministic"
     print(
@@ -115,8 +140,8 @@ def run(args: argparse.Namespace) -> int:
             case,
             args.out,
             samples,
-            normalise=trained.config.get("normalise", "minmax"),
-            modality=trained.config.get("modality"),
+            normalise=normalise,
+            modality=modality,
             roi_size=roi,
             overlap=args.overlap,
             sw_batch_size=args.sw_batch_size,

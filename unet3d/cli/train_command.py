@@ -6,9 +6,11 @@ through :func:`unet3d.train.train`.  Validation data come from a second folder /
 (``--val-data`` / ``--val-csv``) or a seeded share of the training cases
 (``--val-fraction``).  ``--out`` receives what :func:`~unet3d.train.train` writes
 (``metrics.csv``, ``metrics.json``, ``best.pt``, ``last.pt``) and ``config.json``: the
-command, the training config, the strategy and the cases used.  ``--resume`` continues an
-interrupted run with the same result as an uninterrupted one; it refuses other settings
-than the run's (naming what changed).
+command, the training config, the strategy, the cases used and a fingerprint of their
+files (:mod:`unet3d.fingerprint`).  ``--resume`` continues an interrupted run with the same
+result as an uninterrupted one; it refuses other settings, data, split or cases than the
+run's (naming what changed).  A new run refuses an ``--out`` holding another run's files
+unless ``--overwrite`` replaces them (:mod:`unet3d.run_files`).
 
 The heavy modules (torch, MONAI) are imported when the command runs, not when the parser
 is built, so that ``--help`` stays quick.
@@ -28,12 +30,14 @@ from typing import Any
 from .arguments import (
     fraction,
     init_log_sigma,
+    non_negative_float,
     non_negative_int,
     positive_float,
     positive_int,
     rate,
     triple,
 )
+from .run_folder import RESUME_FREE, check_new_run, check_resume, data_source
 
 __all__ = ["RESUME_FREE", "STRATEGY_FLAGS", "STRATEGY_NAMES", "add_parser", "run"]
 
@@ -59,6 +63,7 @@ STRATEGY_FLAGS: dict[str, tuple[str, str]] = {
     "--beta-schedule": ("beta_schedule", "beta"),
     "--beta-start": ("beta_start", "beta"),
     "--beta-steps": ("beta_steps", "beta"),
+    "--learn-scale": ("learn_scale", "learn_scale"),
     "--scale-lr": ("scale_lr", "scale_lr"),
     "--init-log-sigma": ("init_log_sigma", "init_log_sigma"),
     "--estimator": ("estimator", "estimator"),
@@ -66,8 +71,6 @@ STRATEGY_FLAGS: dict[str, tuple[str, str]] = {
     "--ce-weight": ("ce_weight", "ce_weight"),
     "--dice-weight": ("dice_weight", "dice_weight"),
 }
-#: TrainConfig entries that may differ between a run and its ``--resume``.
-RESUME_FREE = ("out_dir", "progress", "num_workers")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +173,16 @@ def add_parser(commands: Any) -> None:
         help="normal_prior, dwp: posterior means from the weights / prior samples / fresh",
     )
     strategy.add_argument(
-        "--beta", type=float, help="normal_prior, dwp: KL weight (default 1; schedule end)"
+        "--learn-scale",
+        action="store_const",
+        const=True,
+        help="normal_prior, dwp, prior: learn the prior's strength by empirical Bayes (a "
+        "scale factor per group, logged as train_prior_scale:<site>)",
+    )
+    strategy.add_argument(
+        "--beta",
+        type=non_negative_float,
+        help="normal_prior, dwp: KL weight (default 1; schedule end)",
     )
     strategy.add_argument(
         "--beta-schedule",
@@ -178,7 +190,9 @@ def add_parser(commands: Any) -> None:
         help="normal_prior, dwp: anneal the KL weight from --beta-start to --beta",
     )
     strategy.add_argument(
-        "--beta-start", type=float, help="normal_prior, dwp: KL weight at step 0 (default 0)"
+        "--beta-start",
+        type=non_negative_float,
+        help="normal_prior, dwp: KL weight at step 0 (default 0)",
     )
     strategy.add_argument(
         "--beta-steps",
@@ -208,11 +222,13 @@ def add_parser(commands: Any) -> None:
         help="normal_prior, dwp: weight noise in training (default auto: sample)",
     )
     strategy.add_argument(
-        "--ce-weight", type=float, help="cross-entropy weight (default 0.01; per voxel in the ELBO)"
+        "--ce-weight",
+        type=non_negative_float,
+        help="cross-entropy weight (default 0.01; per voxel in the ELBO)",
     )
     strategy.add_argument(
         "--dice-weight",
-        type=float,
+        type=non_negative_float,
         help="Dice weight (default 1 for the deterministic strategies; 1e-3 per voxel in the "
         "Bayesian ones' summed ELBO, see unet3d.losses)",
     )
@@ -289,7 +305,14 @@ def add_parser(commands: Any) -> None:
 
     out = train.add_argument_group("output")
     out.add_argument("--out", type=Path, required=True, metavar="DIR", help="run folder")
-    out.add_argument("--resume", action="store_true", help="continue from DIR/last.pt")
+    start = out.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue from DIR/last.pt")
+    start.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in DIR (its checkpoints, metrics, config.json); without it "
+        "or --resume, a DIR holding a run is refused",
+    )
     out.add_argument("--no-progress", dest="progress", action="store_false")
     train.set_defaults(handler=run, check=_check_args, usage_error=train.error)
 
@@ -380,31 +403,6 @@ def _check_source(path: Path, in_channels: int, n_classes: int, widths: Sequence
     )
 
 
-def _check_resume(out_dir: Path, config: dict[str, Any]) -> None:
-    """A ``--resume`` must continue the same run: compare with ``last.pt``'s config."""
-    from ..checkpoint import read_run_description
-    from ..config import TrainConfig
-
-    last = out_dir / "last.pt"
-    if not last.is_file():
-        return  # nothing to resume: a fresh run
-    stored = read_run_description(last).config
-    # a setting added since the run started is missing from its config: it had the default
-    defaults = TrainConfig().as_dict()
-    stored = {**{k: v for k, v in defaults.items() if k not in stored}, **stored}
-    changed = sorted(
-        k
-        for k in config.keys() | stored.keys()
-        if k not in RESUME_FREE and config.get(k) != stored.get(k)
-    )
-    if changed:
-        diff = "; ".join(f"{k}: {stored.get(k)!r} -> {config.get(k)!r}" for k in changed)
-        raise ValueError(
-            f"{last}: --resume with other settings than the run it continues ({diff}); "
-            "use a new --out folder instead"
-        )
-
-
 def _cases(args: argparse.Namespace) -> tuple[list, list | None, int | None]:
     """Training and validation cases, and the number of classes ``dataset.json`` declares
     (``None`` for a CSV)."""
@@ -439,6 +437,8 @@ def run(args: argparse.Namespace) -> int:
     from .. import train as training
     from ..config import TrainConfig
     from ..data import SegmentationDataset
+    from ..fingerprint import data_fingerprint
+    from ..preprocess import check_cases
     from ..strategies import get_strategy
 
     for flag, path in (("--source", args.source), ("--prior", args.prior)):
@@ -454,6 +454,9 @@ def run(args: argparse.Namespace) -> int:
 
     normalise = None if args.normalise == "none" else args.normalise
     size = triple(args.size)
+    # every file's header now, validation ones included (first read after the training
+    # epochs otherwise): a missing or mismatched file fails in seconds, named
+    check_cases(cases + (val_cases or []), args.modality, normalise)
 
     def dataset(items: list) -> SegmentationDataset:
         return SegmentationDataset(
@@ -502,8 +505,12 @@ def run(args: argparse.Namespace) -> int:
     if args.source is not None:
         _check_source(args.source, in_channels, n_classes, config.widths)
     plain = json.loads(json.dumps(config.as_dict()))
+    data = data_fingerprint(data_source(args), cases, val_cases)
+    # every check before config.json is written: a refused run leaves the folder as it was
     if args.resume:
-        _check_resume(args.out, plain)
+        check_resume(args.out, plain, data)
+    else:
+        check_new_run(args.out, overwrite=args.overwrite)
 
     args.out.mkdir(parents=True, exist_ok=True)
     record = {
@@ -512,10 +519,18 @@ def run(args: argparse.Namespace) -> int:
         "strategy": json.loads(json.dumps(strategy.describe(), default=repr)),
         "train_cases": [_case_record(c) for c in cases],
         "val_cases": None if val_cases is None else [_case_record(c) for c in val_cases],
+        "data": data,
     }
     write_json(args.out / "config.json", record)
 
-    result = training.train(config, train_set, val_set, resume=args.resume, strategy=strategy)
+    result = training.train(
+        config,
+        train_set,
+        val_set,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        strategy=strategy,
+    )
     last = result.history[-1] if result.history else {}
     summary = f"{len(result.history)} epochs ({result.stop_reason})"
     if result.best_epoch >= 0:
