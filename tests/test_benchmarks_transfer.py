@@ -448,3 +448,19 @@ def test_the_prior_fit_table_reads_both_report_formats():
                   "gaussian_diagonal": 29.03}}  # fmt: skip
     text = _prior_fit(old)
     assert "older prior fit" in text and "| g0 | 1056 | 30.00 | 28.85 | 29.03 |" in text
+
+
+def test_a_stage_version_bump_changes_its_key_and_those_downstream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Keys hold settings, not code: a stage whose code changed its results bumps its
+    version, and no folder computed by the old code is reused (nor any built on it)."""
+    from benchmarks.transfer import keys
+
+    assert set(keys.STAGE_VERSIONS) == set(transfer.STAGES)
+    base = CI.replace(dwp_init="pretrained", normal_init="pretrained")
+    before = _keys(base)
+    monkeypatch.setitem(keys.STAGE_VERSIONS, "prior", keys.STAGE_VERSIONS["prior"] + 1)
+    after = _keys(base)
+    assert {s for s in transfer.STAGES if after[s] != before[s]} == _downstream(base, {"prior"})
+    assert _downstream(base, {"prior"}) == {"prior", "dwp"}

@@ -13,12 +13,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..stages import digest
-from .config import PRIOR, RUNS, SOURCE, Preset
+from .config import BAYESIAN, PRIOR, RUNS, SOURCE, Preset
 
 #: The data each stage reads (:func:`~.data.data_key`'s entries).
 STAGE_DATA = {SOURCE: "source", **dict.fromkeys(RUNS, "target")}
 #: Strategy options that name another stage's file, and that stage.
 OPTION_STAGES = {"source": SOURCE, "prior_path": PRIOR}
+#: What a stage computes, beyond its settings: bump a stage's number when its code changes
+#: its results or its files (a key holds settings, not code, so an old folder would
+#: otherwise be reused silently).  prior 2: the held-out fit report of
+#: ``DeepWeightPrior.fit`` (3-way split, IWAE); Bayesian runs 2: the natural-gradient
+#: optimiser, fan-in initial scales and the per-voxel Dice weight of the ELBO.
+STAGE_VERSIONS: dict[str, int] = {SOURCE: 1, PRIOR: 2, **dict.fromkeys(RUNS, 1)}
+STAGE_VERSIONS.update(dict.fromkeys(BAYESIAN, 2))
 
 
 def strategy_options(
@@ -65,8 +72,9 @@ def upstream(preset: Preset, stage: str) -> tuple[str, ...]:
 def stage_key(preset: Preset, stage: str, seed: int, data: Mapping[str, Any]) -> dict[str, Any]:
     """Everything ``stage``'s results depend on: the seed, the data it reads (``data``:
     :func:`~.data.data_key`), the hashes of its upstream stages' keys and the preset
-    fields that declare it (:meth:`~.config.Preset.settings`)."""
-    key: dict[str, Any] = {"stage": stage, "seed": seed}
+    fields that declare it (:meth:`~.config.Preset.settings`), and its code's version
+    (:data:`STAGE_VERSIONS`)."""
+    key: dict[str, Any] = {"stage": stage, "version": STAGE_VERSIONS[stage], "seed": seed}
     if stage in STAGE_DATA:
         key["data"] = dict(data[STAGE_DATA[stage]])
     key["upstream"] = {s: digest(stage_key(preset, s, seed, data)) for s in upstream(preset, stage)}

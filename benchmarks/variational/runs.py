@@ -49,6 +49,8 @@ class Run:
     def key(self, preset: Preset, transfer: TransferPreset, stages: dict[str, Any]) -> dict:
         """What the run's result depends on (its folder is named by its hash)."""
         return {
+            # bump when the runs' code changes their results (2: the per-voxel Dice weight)
+            "version": 2,
             "run": [self.method, self.path, self.split],
             "preset": {k: v for k, v in preset.__dict__.items() if k not in ("splits", "paths")},
             "transfer": transfer.__dict__,
