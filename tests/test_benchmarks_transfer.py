@@ -435,21 +435,6 @@ def test_a_changed_source_invalidates_the_prior_and_the_runs_that_read_it() -> N
     )
 
 
-def test_the_prior_fit_table_reads_both_report_formats():
-    """A cached prior stage from before the fair held-out report (its prior.json holds the
-    older fields) is reported, labelled as the older fit, instead of failing the report."""
-    from benchmarks.transfer.report import _prior_fit
-
-    fair = {"g0": {"test_kernels": 106, "vae": 30.58, "kernel_gaussian": 29.25,
-                   "diagonal_gaussian": 29.04}}  # fmt: skip
-    text = _prior_fit(fair)
-    assert "used for no choice" in text and "| g0 | 106 | 30.58 | 29.25 | 29.04 |" in text
-    old = {"g0": {"kernels": 1056, "vae_elbo": 30.0, "gaussian_full": 28.85,
-                  "gaussian_diagonal": 29.03}}  # fmt: skip
-    text = _prior_fit(old)
-    assert "older prior fit" in text and "| g0 | 1056 | 30.00 | 28.85 | 29.03 |" in text
-
-
 def test_a_stage_version_bump_changes_its_key_and_those_downstream(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

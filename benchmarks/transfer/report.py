@@ -212,38 +212,19 @@ def diagnostics(plan: Plan) -> str:
 
 
 def _prior_fit(fit: Mapping[str, Mapping[str, Any]]) -> str:
-    """The prior stage's held-out fit per group, as its ``prior.json`` records it: the fair
-    report (``test_kernels``, ``vae``, ...), or, from a prior fitted before that report
-    existed (a cached stage), its older fields, labelled as such rather than failing."""
-    fair = [(g, f) for g, f in fit.items() if f and "test_kernels" in f]
-    if fair:
-        rows = [
-            [g, f["test_kernels"], f"{f['vae']:.2f}", f"{f['kernel_gaussian']:.2f}",
-             f"{f['diagonal_gaussian']:.2f}"]
-            for g, f in fair
-        ]  # fmt: skip
-        return (
-            "Kernel VAEs against Gaussians fitted to the same training kernels: log density "
-            "of each group's test kernels (used for no choice of the fit), nats per kernel, "
-            "higher is better; the VAE's is its importance-weighted bound (K=64):\n\n"
-            + markdown_table(
-                ["group", "test kernels", "VAE", "full-cov Gaussian", "diagonal Gaussian"], rows
-            )
-        )
-    old = [(g, f) for g, f in fit.items() if f and "vae_elbo" in f]
+    """The prior stage's held-out fit per group (``prior.json``'s ``fit``), as a table."""
     rows = [
-        [g, f["kernels"], f"{f['vae_elbo']:.2f}", f"{f['gaussian_full']:.2f}",
-         f"{f['gaussian_diagonal']:.2f}"]
-        for g, f in old
+        [g, f["test_kernels"], f"{f['vae']:.2f}", f"{f['kernel_gaussian']:.2f}",
+         f"{f['diagonal_gaussian']:.2f}"]
+        for g, f in fit.items()
+        if f
     ]  # fmt: skip
     return (
-        "Kernel VAEs against Gaussians, **as recorded by an older prior fit** (this cached "
-        "prior predates the held-out report: the VAE's score is its best single-sample "
-        "validation ELBO, on the kernels that chose its epoch, which flatters it; see "
-        "`dwp.priors.fit_report` for the fair comparison), nats per kernel:\n\n"
+        "Kernel VAEs against Gaussians fitted to the same training kernels: log density "
+        "of each group's test kernels (used for no choice of the fit), nats per kernel, "
+        "higher is better; the VAE's is its importance-weighted bound (K=64):\n\n"
         + markdown_table(
-            ["group", "kernels", "VAE (best val. ELBO)", "full-cov Gaussian", "diagonal Gaussian"],
-            rows,
+            ["group", "test kernels", "VAE", "full-cov Gaussian", "diagonal Gaussian"], rows
         )
     )
 
