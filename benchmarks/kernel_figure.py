@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 import dwp
+from dwp.extras import add_version_argument
 from dwp.plot import plot_prior_samples
 
 from . import toy
@@ -49,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Fit a deep weight prior to the kernels of toy 2D denoisers and plot "
         "source kernels next to prior samples.",
     )
+    add_version_argument(parser)
     parser.add_argument(
         "--seed",
         type=int,

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 import dwp
+from dwp.extras import add_version_argument
 
 from .report import DEFAULT_OUT_DIR, markdown_table, write_results
 
@@ -207,6 +208,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks.vae_capacity",
         description="Held-out ELBO and KL-bound cost of the MLP kernel VAE per hidden width.",
     )
+    add_version_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="banks, fits and timing (default 0)")
     parser.add_argument(
         "--hidden", type=int, nargs="+", default=[16, 32, 64], help="widths (default 16 32 64)"

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from cohorts.anatomy import RESOLUTIONS
 from cohorts.subjects import COHORTS
+from dwp.extras import add_version_argument
 
 __all__ = ["main"]
 
@@ -17,6 +18,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="dwp-cohorts",
         description="Synthetic MRI cohorts on the MNI ICBM152 anatomy (no download).",
     )
+    add_version_argument(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="write a cohort (cached and resumable)")
     gen.add_argument("--cohort", required=True, help=f"one of: {', '.join(COHORTS)}")

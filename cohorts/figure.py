@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from cohorts.subjects import subject
+from dwp.extras import add_version_argument
 
 __all__ = ["make_figure"]
 
@@ -74,7 +75,10 @@ def make_figure(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m cohorts.figure [--out PNG] [--resolution MM] [--seed N]``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m cohorts.figure", description=__doc__.splitlines()[0]
+    )
+    add_version_argument(parser)
     parser.add_argument("--out", default="benchmarks/results/cohorts.png")
     parser.add_argument("--resolution", type=float, default=2)
     parser.add_argument("--seed", type=int, default=0)

@@ -11,15 +11,20 @@ The public API, re-exported here::
     dwp.estimator, dwp.sampling, dwp.fixed_sample, dwp.set_estimator, dwp.set_mode
     dwp.predict, dwp.PredictiveStatistics, dwp.expected_calibration_error
     dwp.bayesian_layers, dwp.LayerSelector (one way to walk and choose layers)
+    dwp.TrainingLogger, dwp.TensorBoardLogger, dwp.CSVLogger, dwp.MultiLogger (dwp.train_log:
+        per-step scalars of a training loop, training curves)
     dwp.io (atomic writes, torch files with named errors, versioned file formats)
     dwp.pyro (Pyro interop, imported on first use)
+
+The command line (``dwp fit-prior``, also ``python -m dwp``) is :mod:`dwp.cli`, which
+nothing here imports.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from . import likelihoods, optim, priors
+from . import likelihoods, optim, priors, train_log
 from ._version import __version__
 from .controls import estimator, fixed_sample, sampling, set_estimator, set_mode
 from .convert import bayesianize, init_from_prior_, name_sites, to_deterministic
@@ -65,6 +70,7 @@ from .priors import (
 from .select import LayerSelector, bayesian_layers
 from .settings import Estimator, Mode, set_validation
 from .swag import SWAGMoments
+from .train_log import CSVLogger, MultiLogger, TensorBoardLogger, TrainingLogger
 from .uncertainty import (
     brier_score,
     error_detection_auroc,
@@ -83,6 +89,7 @@ __all__ = [
     "BayesConvTranspose3d",
     "BayesLinear",
     "BayesianLayer",
+    "CSVLogger",
     "CorruptFileError",
     "DeepWeightPrior",
     "DivergedLossError",
@@ -99,6 +106,7 @@ __all__ = [
     "LossGuard",
     "MeanFieldNormal",
     "Mode",
+    "MultiLogger",
     "NonFiniteLossError",
     "NonFinitePosteriorError",
     "NormalPrior",
@@ -110,6 +118,8 @@ __all__ = [
     "PriorMismatchError",
     "SWAGMoments",
     "SWAGPrior",
+    "TensorBoardLogger",
+    "TrainingLogger",
     "VAEFit",
     "__version__",
     "bayesian_layers",
@@ -139,6 +149,7 @@ __all__ = [
     "set_mode",
     "set_validation",
     "to_deterministic",
+    "train_log",
     "uncertainty_metrics",
 ]
 

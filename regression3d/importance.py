@@ -22,11 +22,16 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import BasicUNet
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from dwp.extras import from_extra
+
 from .metrics import auc
+
+# the noise model is MONAI's U-Net; ``import regression3d`` runs this module
+with from_extra("regression", needed_by="regression3d"):
+    from monai.networks.nets import BasicUNet
 
 __all__ = [
     "ImportanceConfig",

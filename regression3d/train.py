@@ -16,6 +16,10 @@ back; for Hydranet's set sums only scaled (``shift = 0``), so that sums stay sum
 
 :meth:`FittedModel.predict` returns the predictive mean and the **epistemic** variance over
 posterior samples (:func:`dwp.predict`); zero for a deterministic network.
+
+To watch a fit, pass a :class:`dwp.TrainingLogger` (e.g. :class:`dwp.TensorBoardLogger`):
+every step's loss terms, learning rates and posterior scales go to it
+(:func:`dwp.train_log.step_scalars`); the fitted weights are the same without it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import dwp
+from dwp.train_log import TrainingLogger, step_scalars
 
 from .hydranet import draw_sets, set_loss_backward, set_members, set_targets
 
@@ -253,6 +258,7 @@ def fit(
     task: Task = "regression",
     augment: Callable[[Tensor], Tensor] | None = None,
     progress: bool = False,
+    logger: TrainingLogger | None = None,
 ) -> FittedModel:
     """Train ``model`` (in place) on images ``x`` and image-level labels ``y``.
 
@@ -271,6 +277,14 @@ def fit(
         ``"regression"`` (Gaussian likelihood) or ``"classification"`` (categorical).
     augment
         Optional ``(B, C, *spatial) -> (B, C, *spatial)`` applied to each training batch.
+    progress
+        A tqdm bar over the steps.
+    logger
+        Receives every step's scalars at the step's 0-based number: ``train/loss``,
+        ``train/nll`` (summed over the batch), ``train/data_term`` (the loss without the
+        KL: ``nll * N / B`` for a Bayesian network), ``train/kl``, ``train/beta``,
+        ``lr/<group>`` and, for a Bayesian network, ``posterior_log_sigma/<group>``.
+        Flushed at the end, not closed (it belongs to the caller).
 
     Returns
     -------
@@ -327,9 +341,10 @@ def fit(
                 nll = nll_of(model(xb), z[idx])
                 if bayesian:
                     terms = dwp.elbo(nll, model, n_data=n, batch_size=len(idx), beta=beta)
-                    loss, kl = terms.loss, terms.kl
+                    loss, kl, data_term = terms.loss, terms.kl, terms.data_term
                 else:
                     loss, kl = nll / len(idx), torch.zeros(())
+                    data_term = loss
                 loss.backward()
             else:
                 sets = next(batches)
@@ -345,7 +360,12 @@ def fit(
                 kl = dwp.kl(model) if bayesian else torch.zeros(())
                 if bayesian:
                     (beta * kl).backward()
-                loss = nll * factor + beta * kl.detach()
+                data_term = nll * factor
+                loss = data_term + beta * kl.detach()
+            if logger is not None:  # before the step: the scales this loss was computed with
+                values = {"loss": loss, "nll": nll, "data_term": data_term, "kl": kl}
+                logged = {k: v.item() for k, v in values.items()} | {"beta": beta}
+                logger.log_scalars(step, step_scalars(logged, model, optimiser))
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(
                     f"training loss is {loss.item()} at step {step}: lower lr or check the data"
@@ -362,6 +382,8 @@ def fit(
                     }
                 )
     model.eval()
+    if logger is not None:
+        logger.flush()
     return FittedModel(model, task, shift, scale, history)
 
 

@@ -30,9 +30,26 @@ def test_quickstart_exists():
     assert len(_code_blocks(_section("Quickstart"), "python")) == 1
 
 
+def _ci_lines() -> list[str]:
+    return [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+
+
 def test_ci_runs_the_readme_test_command():
     blocks = _code_blocks(_section("The two commands"), "bash")
     assert len(blocks) == 2, "the README gives two commands: main job, tests"
     test_command = blocks[1].strip()
-    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
-    assert test_command in ci_lines
+    assert test_command in _ci_lines()
+
+
+def test_ci_installs_as_the_readme_says():
+    """CI installs with the README's first install block, line for line and in order (what
+    a newcomer copies), so that a green CI means those commands work."""
+    block = _code_blocks(_section("Install"), "bash")[0]
+    commands = [line.split("#")[0].strip() for line in block.splitlines()]
+    commands = [command for command in commands if command]
+    assert commands, "the README's install block is empty"
+    ci_lines = _ci_lines()
+    missing = [command for command in commands if command not in ci_lines]
+    assert not missing, f".ci/run lacks the README's install commands {missing}"
+    positions = [ci_lines.index(command) for command in commands]
+    assert positions == sorted(positions), ".ci/run runs the install commands in another order"

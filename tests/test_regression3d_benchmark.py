@@ -1,26 +1,65 @@
-"""The regression benchmark's pipeline runs end to end and writes its files (``ci`` preset).
+"""The regression benchmark's pipeline runs end to end and writes its files (``ci`` preset);
+each run keeps one result file under ``--work-dir``, so a rerun trains nothing; submitit's
+local executor gives the serial run's report; a failed job is named with its log while
+the other runs finish.
 
-Numbers are not asserted: two training steps per network measure nothing.
+Numbers are not asserted: two training steps per network measure nothing.  They are
+compared: every run seeds itself, so the same run with the same torch thread count gives
+the same numbers in this process, in a worker process or in a submitit job.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from benchmarks import regression
 
+#: one torch thread: the thread count of each of the two submitit jobs run at a time
+SERIAL = ["--preset", "ci", "--seed", "1", "--threads", "1"]
+ENGINE = ["--engine", "submitit", "--jobs", "2", "--threads", "2"]
+
+
+def _main(out: Path, work: Path, *extra: str) -> int:
+    return regression.main([*SERIAL, "--out", str(out), "--work-dir", str(work), *extra])
+
+
+def _payload(out: Path) -> dict:
+    return json.loads((out / "regression_ci.json").read_text())
+
+
+def _results(work: Path) -> dict[str, int]:
+    """Every run's result files (``.json`` and ``.pt``), by name, with their mtimes."""
+    return {
+        p.name: p.stat().st_mtime_ns
+        for p in work.glob("regression-*/*.*")
+        if p.name != "config.json"
+    }
+
+
+def _jobs(work: Path) -> set[str]:
+    """The job folders submitit made (``%j`` is its template folder, made at start)."""
+    return {p.name for p in (work / "submitit").iterdir() if p.name != "%j"}
+
+
+def _without_seconds(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
 
 @pytest.fixture(scope="module")
-def ci_run(tmp_path_factory: pytest.TempPathFactory):
-    out = tmp_path_factory.mktemp("regression")
-    assert regression.main(["--preset", "ci", "--seed", "1", "--out", str(out)]) == 0
-    return out
+def ci_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("regression")
+    out, work = root / "out", root / "work"
+    assert _main(out, work) == 0
+    return SimpleNamespace(root=root, out=out, work=work, payload=_payload(out))
 
 
 def test_ci_preset_writes_tables_json_and_figures(ci_run) -> None:
-    names = sorted(p.name for p in ci_run.iterdir())
+    names = sorted(p.name for p in ci_run.out.iterdir())
     assert names == [
         "regression_ci.json",
         "regression_ci.md",
@@ -28,16 +67,16 @@ def test_ci_preset_writes_tables_json_and_figures(ci_run) -> None:
         "regression_ci_importance.png",
         "regression_ci_local_maps.png",
     ]
-    for png in ci_run.glob("*.png"):
+    for png in ci_run.out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    markdown = (ci_run / "regression_ci.md").read_text()
+    markdown = (ci_run.out / "regression_ci.md").read_text()
     for heading in ("## (a) BagNet", "## (b) Hydranet", "## (c) Importance"):
         assert heading in markdown
     assert "python -m benchmarks.regression --preset ci --seed 1" in markdown
 
 
 def test_json_rows_cover_every_section_and_method(ci_run) -> None:
-    result = json.loads((ci_run / "regression_ci.json").read_text())
+    result = ci_run.payload
     rows = result["rows"]
     bag = [r for r in rows if r["section"] == "bagnet"]
     assert [r["receptive_field"] for r in bag] == [9, 17, 33, 177]
@@ -48,3 +87,70 @@ def test_json_rows_cover_every_section_and_method(ci_run) -> None:
     assert len(importance) == 1 + len(regression.RECEPTIVE_FIELDS)
     assert all(0.0 <= r["auc_population"] <= 1.0 for r in importance)
     assert result["config"]["preset"] == "ci" and result["config"]["seed"] == 1
+    assert result["config"]["execution"]["engine"] == "processes"
+
+
+def test_every_run_has_one_result_file(ci_run) -> None:
+    runs = {name.rsplit(".", 1)[0] for name in _results(ci_run.work)}
+    hydra = {f"hydranet_n12_seed1_{method}" for method in regression.METHODS}
+    bagnets = {f"bagnet_rf{rf}" for rf in regression.RECEPTIVE_FIELDS}
+    best = min(ci_run.payload["rows"][:4], key=lambda r: r["age_mae"])["receptive_field"]
+    assert runs == bagnets | hydra | {"prior", f"importance_bagnet{best}"}
+
+
+def test_rerun_reads_every_run_back(ci_run) -> None:
+    stamps = _results(ci_run.work)
+    out = ci_run.root / "rerun"
+    assert _main(out, ci_run.work) == 0
+    assert _results(ci_run.work) == stamps
+    payload = _payload(out)
+    assert payload["config"]["execution"]["runs_done_now"] == 0
+    assert payload["rows"] == ci_run.payload["rows"]  # seconds included: read back
+
+
+@pytest.fixture(scope="module")
+def submitted(ci_run) -> SimpleNamespace:
+    pytest.importorskip("submitit")
+    out, work = ci_run.root / "submitit_out", ci_run.root / "submitit"
+    assert _main(out, work, *ENGINE) == 0
+    return SimpleNamespace(out=out, work=work, payload=_payload(out))
+
+
+def test_local_executor_gives_the_serial_report(ci_run, submitted) -> None:
+    rows = _without_seconds(submitted.payload["rows"])
+    assert rows == _without_seconds(ci_run.payload["rows"])
+    config, serial = submitted.payload["config"], ci_run.payload["config"]
+    assert config["dwp_prior"] == serial["dwp_prior"]
+    assert config["execution"]["engine"] == "submitit/local"
+    assert config["execution"]["threads_per_run"] == 1
+    # one job per run; what travels is paths and settings, not tensors
+    pickles = list((submitted.work / "submitit").glob("*/*_submitted.pkl"))
+    assert len(pickles) == config["execution"]["runs_done_now"] == 10
+    assert max(p.stat().st_size for p in pickles) < 16_000
+
+
+def test_rerun_with_everything_finished_submits_no_job(submitted) -> None:
+    jobs, stamps = _jobs(submitted.work), _results(submitted.work)
+    assert _main(submitted.out, submitted.work, *ENGINE) == 0
+    assert _jobs(submitted.work) == jobs
+    assert _results(submitted.work) == stamps
+
+
+def test_a_failed_job_is_named_with_its_log_and_the_others_finish(
+    submitted, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = submitted.work.parent / "failing"
+    shutil.copytree(submitted.work, work, ignore=shutil.ignore_patterns("submitit"))
+    (folder,) = work.glob("regression-*")
+    for name in ("prior.json", "prior.pt", "hydranet_n12_seed1_base.json"):
+        (folder / name).unlink()
+    (folder / "prior.pt").mkdir()  # a folder where the prior file goes: it cannot be written
+    capsys.readouterr()
+    assert _main(work.parent / "failing_out", work, *ENGINE) == 1
+    error = capsys.readouterr().err
+    assert f"prior ({folder / 'prior.json'})" in error
+    assert "1 of 2 runs failed" in error and "IsADirectoryError" in error
+    (line,) = [line for line in error.splitlines() if line.startswith("  prior (")]
+    log = Path(line.rsplit("(log: ", 1)[1].removesuffix(")"))
+    assert log.exists() and "IsADirectoryError" in log.read_text()
+    assert (folder / "hydranet_n12_seed1_base.json").exists()  # the other run finished

@@ -3,7 +3,9 @@
 Modules (import the ones you need; ``losses`` and ``metrics`` import MONAI):
 
 * :mod:`unet3d.model`: ``UNet3D``, the MRI paper's network (appendix B), ``kernel3_layers``.
-* :mod:`unet3d.cases`: which files make up a data set (Decathlon folder, CSV, NIfTI files).
+* :mod:`unet3d.cases`: which files make up a data set (Decathlon folder, CSV, any folder
+  paired by file name patterns, NIfTI files to predict); :mod:`unet3d.patterns`: the
+  patterns (``{id}``, glob).
 * :mod:`unet3d.preprocess`: one case read, checked, normalised and cropped / padded.
 * :mod:`unet3d.data`: ``SegmentationDataset`` (cached, augmented) and ``collate``; the data
   API (it also exports the case lists, ``uncrop`` and ``save_nifti``).

@@ -74,6 +74,12 @@ class TrainConfig:
         A tqdm progress bar over epochs (rank 0 only).
     num_workers : int
         DataLoader workers.
+    tensorboard : str or Path, optional
+        Also log every optimiser step's scalars and the validation metrics as TensorBoard
+        events in this folder (rank 0; needs ``pip install "dwp[tensorboard]"``;
+        :class:`unet3d.run_files.RunLog`).  Where a run is watched from is not part of
+        the run: :meth:`as_dict` leaves it out, so checkpoints, resume checks and
+        benchmark records never see it.
     """
 
     strategy: str = "random_init"
@@ -105,6 +111,7 @@ class TrainConfig:
     shuffle: bool = True
     progress: bool = True
     num_workers: int = 0
+    tensorboard: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.val_every < 1 or self.restarts < 0:
@@ -127,8 +134,10 @@ class TrainConfig:
             raise ValueError(f"lr_factor must be in (0, 1), got {self.lr_factor}")
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly copy (strategy options shown with ``repr`` where not plain)."""
+        """JSON-friendly copy (strategy options shown with ``repr`` where not plain),
+        without ``tensorboard`` (a run is the same run whoever watches it)."""
         out = asdict(self)
+        del out["tensorboard"]
         out["out_dir"] = None if self.out_dir is None else str(self.out_dir)
         out["strategy_options"] = {k: _plain(v) for k, v in self.strategy_options.items()}
         out["widths"] = list(self.widths)

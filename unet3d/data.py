@@ -1,7 +1,8 @@
 """The segmentation dataset of :class:`unet3d.UNet3D`: cases loaded as network inputs.
 
 :class:`SegmentationDataset` loads a list of :class:`Case` records (from
-:func:`load_decathlon` or :func:`load_csv`, :mod:`unet3d.cases`) into ``image``
+:func:`load_decathlon`, :func:`load_csv` or :func:`cases_from_patterns`,
+:mod:`unet3d.cases`) into ``image``
 ``(C, D, H, W)`` float32 and ``label`` ``(D, H, W)`` int64 tensors, preprocessed by
 :func:`unet3d.preprocess.preprocess` (checked, normalised, cropped / padded), optionally
 cached and augmented; :func:`collate` batches its items.  A prediction goes back to the
@@ -13,6 +14,7 @@ This module is the data API of ``unet3d``: it also exports the case lists and
 Bad input raises :class:`DataError` naming the file.
 
 >>> cases = load_decathlon("data/tumour", split="train")            # doctest: +SKIP
+>>> cases = cases_from_patterns("mine", "{id}_t1.nii.gz", "{id}_seg.nii.gz")  # doctest: +SKIP
 >>> data = SegmentationDataset(cases, classes=4, binarise=True)     # doctest: +SKIP
 >>> item = data[0]; item["image"].shape                             # doctest: +SKIP
 torch.Size([1, 56, 64, 48])
@@ -31,7 +33,7 @@ from torch.utils.data import Dataset
 
 from nifti_io import save_nifti
 
-from .cases import Case, DataError, decathlon_labels, load_csv, load_decathlon
+from .cases import Case, DataError, cases_from_patterns, decathlon_labels, load_csv, load_decathlon
 from .preprocess import AFFINE_ATOL, CropPad, Normalise, preprocess, target_size, uncrop
 
 __all__ = [
@@ -42,6 +44,7 @@ __all__ = [
     "DataError",
     "Normalise",
     "SegmentationDataset",
+    "cases_from_patterns",
     "collate",
     "decathlon_labels",
     "load_csv",
@@ -116,7 +119,7 @@ class SegmentationDataset(Dataset):
     Parameters
     ----------
     cases : sequence of Case
-        From :func:`load_decathlon` or :func:`load_csv`.
+        From :func:`load_decathlon`, :func:`load_csv` or :func:`cases_from_patterns`.
     normalise : {"minmax", "zscore", None}
         Per channel: ``"minmax"`` scales to [0, 1] (the MRI paper); ``"zscore"`` to mean 0,
         standard deviation 1 inside the brain (the case's mask, else the voxels > 0), and 0

@@ -3,9 +3,10 @@
 ``unet3d train`` stores the fingerprint of its cases in ``config.json`` (``"data"``) and
 ``--resume`` refuses to continue a run on other data (:func:`data_changes`).  It holds
 
-* ``source``: the command-line options that chose the cases (``--data``, ``--csv``,
-  ``--split``, ``--val-data``, ``--val-csv``, ``--val-split``, ``--val-fraction``), paths
-  resolved, so that another folder or split is named as such;
+* ``source``: the command-line options that chose the cases (``--data``,
+  ``--image-pattern``, ``--label-pattern``, ``--csv``, ``--split``, ``--val-data``,
+  ``--val-csv``, ``--val-split``, ``--val-fraction``), paths resolved, so that another
+  folder or split is named as such;
 * ``train`` / ``val``: per case its id and, per file (image, label, mask), its size and a
   digest of its content (:func:`file_digest`).
 

@@ -60,11 +60,14 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-from monai.losses import DiceCELoss, DiceLoss
 from torch import Tensor
 
+from dwp.extras import from_extra
 from dwp.likelihoods import categorical_nll
 from dwp.settings import validation_enabled
+
+with from_extra("unet3d", needed_by="unet3d.losses"):  # MONAI is not in the core install
+    from monai.losses import DiceCELoss, DiceLoss
 
 __all__ = [
     "DataTerm",

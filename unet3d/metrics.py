@@ -44,10 +44,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
 from torch import Tensor
 
 import dwp
+from dwp.extras import from_extra
+
+with from_extra("unet3d", needed_by="unet3d.metrics"):  # MONAI is not in the core install
+    from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
 
 if TYPE_CHECKING:
     from .inference import VolumePrediction

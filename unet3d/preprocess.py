@@ -298,8 +298,8 @@ def check_cases(
         if modality is not None:
             if modality >= channels:
                 raise DataError(
-                    f"{case.image}: modality {modality} out of range, the image has "
-                    f"{channels} (shape {shape})"
+                    f"{case.image}: modality {modality} out of range (--modality, "
+                    f"modality=), the image has {channels} channel(s) (shape {shape})"
                 )
             channels = 1
         mask = case.mask if normalise == "zscore" else None
@@ -361,8 +361,8 @@ def preprocess(
     if modality is not None:
         if modality >= image.shape[0]:
             raise DataError(
-                f"{case.image}: modality {modality} out of range, the image has "
-                f"{image.shape[0]} (shape {data.shape})"
+                f"{case.image}: modality {modality} out of range (--modality, modality=), "
+                f"the image has {image.shape[0]} channel(s) (shape {data.shape})"
             )
         image = image[modality : modality + 1]
     image = np.asarray(image, dtype=np.float32)

@@ -12,13 +12,16 @@ them to ``swag.pt`` (and per cycle to ``swag_restart{i}.pt``): the source of a
 :class:`dwp.SWAGPrior`.
 
 Every epoch it logs metrics (``metrics.csv``, ``metrics.json``: training loss terms, the
-validation loss and Dice, the learning rate), keeps ``best.pt`` (lowest validation loss)
-and ``last.pt`` (model, optimiser, scheduler, epoch, RNG state, history), all written
-atomically; both also hold the training config and the strategy's options, from which
-:func:`unet3d.checkpoint.load_model` rebuilds the network.  The checkpoint format is
-:mod:`unet3d.checkpoint`'s alone.  The metrics files are a view of ``last.pt``'s history,
-rewritten from it on resume.  A new run refuses a folder holding another run's files
-unless told to replace them (``overwrite=True``; :mod:`unet3d.run_files`).
+validation loss and Dice, the learning rate); every optimiser step its loss terms, learning
+rates and posterior scales go to ``steps.csv`` (and TensorBoard with ``config.tensorboard``),
+drawn in ``curves.png`` (:class:`unet3d.run_files.RunLog`).  It keeps ``best.pt`` (lowest
+validation loss) and ``last.pt`` (model, optimiser, scheduler, epoch, RNG state, history),
+all written atomically; both also hold the training config and the strategy's options,
+from which :func:`unet3d.checkpoint.load_model` rebuilds the network.  The checkpoint
+format is :mod:`unet3d.checkpoint`'s alone.  The metrics files are a view of ``last.pt``'s
+history, rewritten from it on resume (which also drops the steps logged after it).  A new
+run refuses a folder holding another run's files unless told to replace them
+(``overwrite=True``; :mod:`unet3d.run_files`).  Only rank 0 writes or logs under DDP.
 
 ``resume=True`` continues from ``last.pt`` and reaches bit for bit the same parameters as
 an uninterrupted run: the data order of epoch ``e`` depends on ``(seed, e)`` only
@@ -280,6 +283,7 @@ class _Run:
     writer: bool  # rank 0 with an out_dir: the process that writes files
     moments: SWAGMoments | None  # the SWAG collector (swag_rank > 0)
     guard: LossGuard = field(default_factory=LossGuard)  # stops a diverged run before its step
+    log: run_files.RunLog | None = None  # what rank 0 logs to be watched (steps.csv, TensorBoard)
 
 
 def _train_epoch(run: _Run, state: TrainingState) -> dict[str, Any]:
@@ -295,6 +299,8 @@ def _train_epoch(run: _Run, state: TrainingState) -> dict[str, Any]:
         loss, terms = run.strategy.loss(
             run.model, logits, label, n_data, image.shape[0], state.step
         )
+        if run.log is not None:  # before the check: a diverging step is worth seeing
+            run.log.step(state.step, terms, run.model, run.optimizer)
         _check_loss(run, state, terms)
         loss.backward()
         run.optimizer.step()
@@ -544,23 +550,32 @@ def _train(
         # writes); last.pt's history is the record, the files are rewritten from it
         run_files.write_metrics(state.history, out_dir)
     net = DistributedDataParallel(model) if world > 1 else model
+    log = run_files.RunLog.open(out_dir, config.tensorboard, state.step, rank)
     run = _Run(
-        config, strategy, data, model, net, optimizer, scheduler, world, out_dir, writer, moments
-    )
+        config, strategy, data, model, net, optimizer, scheduler, world, out_dir, writer, moments,
+        log=log,
+    )  # fmt: skip
     # what rebuilds the network (checkpoint.load_model), in best.pt and last.pt
     described = RunDescription(config.as_dict(), strategy.describe())
 
     bar = _progress_bar(run, state, rank)
-    while not state.finished:
-        record, improved = _epoch(run, state)
-        if writer:
-            _save(run, state, described, record, improved)
-        if world > 1:
-            dist.barrier()  # last.pt is complete before any rank may stop
-        bar.update(1)
-        bar.set_postfix({k: f"{record[k]:.4g}" for k in ("train_loss", "val_dice") if k in record})
-        if on_epoch_end is not None:
-            on_epoch_end(state.epoch - 1, record)
+    try:
+        while not state.finished:
+            record, improved = _epoch(run, state)
+            if writer:
+                _save(run, state, described, record, improved)
+            if log is not None:
+                log.epoch(record, state.history, state.finished)
+            if world > 1:
+                dist.barrier()  # last.pt is complete before any rank may stop
+            bar.update(1)
+            postfix = {k: f"{record[k]:.4g}" for k in ("train_loss", "val_dice") if k in record}
+            bar.set_postfix(postfix)
+            if on_epoch_end is not None:
+                on_epoch_end(state.epoch - 1, record)
+    finally:
+        if log is not None:
+            log.close()
     bar.close()
     return TrainResult(
         model=model,

@@ -22,6 +22,11 @@ Writes ``regression.json`` / ``regression.md`` (``regression_<preset>.*`` for pr
 than quick) and ``regression_local_maps.png``, ``regression_hydranet.png``,
 ``regression_importance.png`` into ``--out`` (default ``benchmarks/results``).
 
+Every network belongs to one run (:mod:`.runs`) with its own result file under
+``--work-dir`` (default ``runs/regression``), so a rerun reads finished runs back and
+resumes the rest; ``--engine submitit`` sends the runs to submitit jobs (SLURM arrays, or
+local processes), ``--jobs`` at a time (:mod:`benchmarks.grid`).
+
 Honest small-scale caveats: tiny widths and a few hundred steps on CPU, synthetic anatomy
 where sex changes brain size only, so numbers are not comparable with the papers' (which
 are given beside them for the layout only).
@@ -30,22 +35,37 @@ are given beside them for the layout only).
 from __future__ import annotations
 
 # .cli takes the command's --help description from this docstring's first paragraph
-from .bagnets import run_bagnets
+from .bagnets import BagnetRun, bagnet_runs, collect_bagnets
 from .cli import main, parse_args
-from .cohort import Cohort, load_cohort
+from .cohort import Cohort, age_cohorts, lesion_cohorts, load_cohort
 from .config import METHODS, PRESETS, RECEPTIVE_FIELDS, Preset
 from .figures import plot_hydranet, plot_importance, plot_local_maps
-from .hydranet import fit_source_prior, run_hydranet
-from .importance import run_importance
+from .hydranet import HydraRun, PriorRun, collect_hydranet, fit_source_prior, hydranet_runs
+from .importance import ImportanceRun, collect_importance, importance_run
 from .report import render_markdown
+from .runs import Run, Runner, work_folder
 
 __all__ = [
     "METHODS",
     "PRESETS",
     "RECEPTIVE_FIELDS",
+    "BagnetRun",
     "Cohort",
+    "HydraRun",
+    "ImportanceRun",
     "Preset",
+    "PriorRun",
+    "Run",
+    "Runner",
+    "age_cohorts",
+    "bagnet_runs",
+    "collect_bagnets",
+    "collect_hydranet",
+    "collect_importance",
     "fit_source_prior",
+    "hydranet_runs",
+    "importance_run",
+    "lesion_cohorts",
     "load_cohort",
     "main",
     "parse_args",
@@ -53,7 +73,5 @@ __all__ = [
     "plot_importance",
     "plot_local_maps",
     "render_markdown",
-    "run_bagnets",
-    "run_hydranet",
-    "run_importance",
+    "work_folder",
 ]

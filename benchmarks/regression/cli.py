@@ -1,5 +1,6 @@
 """The ``python -m benchmarks.regression`` / ``dwp-regression`` command: options, and one
-run that loads the cohorts, runs the three sections and writes tables, JSON and figures."""
+run that trains the three sections' runs (:mod:`.runs`: one result file each under
+``--work-dir``, where ``--engine`` sends them), then writes tables, JSON and figures."""
 
 from __future__ import annotations
 
@@ -13,19 +14,26 @@ from pathlib import Path
 
 import torch
 
+from dwp.extras import add_version_argument
+from dwp.train_log import check_tensorboard
+
+from ..grid import GridError, add_engine_arguments, engine_from_args
 from ..report import DEFAULT_OUT_DIR, write_results
 
 # the package's docstring describes the whole benchmark; its first line is the command's help
 from . import __doc__ as _package_doc
-from .bagnets import run_bagnets
-from .cohort import load_cohort
-from .config import AGE_CROP, LESION_CROP, PRESETS, RESOLUTION
+from .bagnets import bagnet_runs, collect_bagnets
+from .cohort import age_cohorts
+from .config import PRESETS, RESOLUTION
 from .figures import plot_hydranet, plot_importance, plot_local_maps
-from .hydranet import fit_source_prior, run_hydranet
-from .importance import run_importance
+from .hydranet import PriorRun, collect_hydranet, hydranet_runs
+from .importance import collect_importance, importance_run
 from .report import render_markdown
+from .runs import Runner, log, work_folder
 
 __all__ = ["main", "parse_args"]
+
+DEFAULT_WORK_DIR = Path("runs/regression")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -33,6 +41,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="dwp-regression", description=_package_doc.split("\n\n")[0]
     )
+    add_version_argument(parser)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
@@ -40,65 +49,99 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, default=None,
         help="torch threads (default: torch's, all cores; use 1 when the machine is shared)",
     )  # fmt: skip
+    parser.add_argument(
+        "--tensorboard", type=Path, metavar="DIR",
+        help="log every network's training as TensorBoard events in DIR/<section>/<network> "
+        '(needs pip install "dwp[tensorboard]"; changes no result)',
+    )  # fmt: skip
+    parser.add_argument(
+        "--work-dir", type=Path, default=DEFAULT_WORK_DIR,
+        help="where each run keeps its result file, in a folder per preset and seed; "
+        f"finished runs are read back, not redone (default {DEFAULT_WORK_DIR})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--jobs", type=int, default=None,
+        help="runs at a time, with --threads // --jobs torch threads each (default 1: one "
+        "run at a time in this process; on SLURM, no cap)",
+    )  # fmt: skip
+    add_engine_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark with the options in ``argv``; returns the exit status."""
+    """Run the benchmark with the options in ``argv``; returns the exit status (2: bad
+    options, 1: runs failed, every other run finished)."""
     args = parse_args(argv)
+    threads = torch.get_num_threads()
+    try:
+        engine = engine_from_args(args)
+        if args.tensorboard is not None:  # installed and writable: one line now, not mid-run
+            check_tensorboard(args.tensorboard, needed_by="--tensorboard")
+        if any(n is not None and n < 1 for n in (args.jobs, args.threads)):
+            raise ValueError("--jobs and --threads must be >= 1")
+        jobs = args.jobs or (None if engine.remote else 1)
+        # submitit's executor starts here: an option it rejects fails before any run
+        runner = Runner(engine, args.work_dir.absolute(), jobs, args.threads or threads)
+    except (ImportError, ValueError) as error:  # ImportError: one line naming the extra
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     command = shlex.join(
         ["python", "-m", "benchmarks.regression", *(sys.argv[1:] if argv is None else argv)]
     )
-    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or threads)
     try:
-        return _run(args, command)
+        return _run(args, command, runner)
+    except GridError as error:  # every other run finished; a rerun retries the failed ones
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     finally:  # a caller (a test, a notebook) keeps its own setting
         torch.set_num_threads(threads)
 
 
-def _run(args: argparse.Namespace, command: str) -> int:
+def _run(args: argparse.Namespace, command: str, runner: Runner) -> int:
     preset = PRESETS[args.preset]
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stamp = time.perf_counter
+    # absolute: submitit jobs may start in another folder
+    folder = work_folder(args.work_dir.absolute(), preset, args.seed)
+    tensorboard = args.tensorboard and args.tensorboard.absolute()
+    log(f"runs in {folder}")
 
-    t = stamp()
-    age_train = load_cohort("brain_age", preset.age_train, "train", args.seed, AGE_CROP, "zscore")
-    age_test = load_cohort("brain_age", preset.age_test, "test", args.seed, AGE_CROP, "zscore")
-    lesion_pool = load_cohort(
-        "lesion_count", max(preset.lesion_sizes), "train", args.seed, LESION_CROP, "minmax"
-    )
-    lesion_test = load_cohort(
-        "lesion_count", preset.lesion_test, "test", args.seed, LESION_CROP, "minmax"
-    )
-    timings = {"data": stamp() - t}
-    print(f"data {timings['data']:.0f} s", flush=True)
+    # wave 1: the BagNets and the source prior; wave 2: what reads their files
+    bagnets = bagnet_runs(preset, args.seed, folder, tensorboard)
+    prior = PriorRun(folder=folder, preset=preset, seed=args.seed, tensorboard=tensorboard)
+    runner.wave([*bagnets, prior])
+    hydra = hydranet_runs(preset, args.seed, folder, prior.tensors, tensorboard)
+    # a run whose input failed is not started (it would fail too)
+    ready = [r for r in hydra if r.prior is None or prior.finished()]
+    noise = [importance_run(bagnets)] if all(r.finished() for r in bagnets) else []
+    runner.wave([*ready, *noise])
+    runner.check()
 
-    t = stamp()
-    bag = run_bagnets(preset, args.seed, age_train, age_test)
-    timings["bagnet"] = stamp() - t
-    print(f"bagnets {timings['bagnet']:.0f} s", flush=True)
-    t = stamp()
-    prior, prior_info = fit_source_prior(preset, args.seed)
-    hydra = run_hydranet(preset, args.seed, prior, lesion_test, lesion_pool)
-    timings["hydranet"] = stamp() - t
-    print(f"hydranet {timings['hydranet']:.0f} s", flush=True)
-    t = stamp()
-    imp = run_importance(preset, args.seed, age_train, age_test, bag)
-    timings["importance"] = stamp() - t
-    print(f"importance {timings['importance']:.0f} s", flush=True)
+    t = time.perf_counter()
+    age_train, age_test = age_cohorts(preset, args.seed)
+    timings = {"data": time.perf_counter() - t}
+    bag = collect_bagnets(bagnets, age_train, age_test)
+    hydra_rows = collect_hydranet(hydra)
+    imp = collect_importance(noise[0], age_test, bag)
+    prior_info = prior.record()["info"]
+    # compute seconds of each section's runs, whenever and wherever they ran
+    timings["bagnet"] = sum(r.record()["seconds"] for r in bagnets)
+    timings["hydranet"] = sum(r.record()["seconds"] for r in [prior, *hydra])
+    timings["importance"] = noise[0].record()["seconds"]
+    for section in ("bagnet", "hydranet", "importance"):
+        print(f"{section} {timings[section]:.0f} s", flush=True)
 
     suffix = "" if args.preset == "quick" else f"_{args.preset}"
     plot_local_maps(age_test, bag, out / f"regression{suffix}_local_maps.png")
-    plot_hydranet(hydra, out / f"regression{suffix}_hydranet.png")
+    plot_hydranet(hydra_rows, out / f"regression{suffix}_hydranet.png")
     plot_importance(age_test, imp, out / f"regression{suffix}_importance.png")
     wall = time.perf_counter() - start
     timings["total"] = wall
-    markdown = render_markdown(args.preset, bag, hydra, prior_info, imp, wall)
-    rows = bag["rows"] + [bag["baseline"]] + hydra + imp["rows"]
+    markdown = render_markdown(args.preset, bag, hydra_rows, prior_info, imp, wall)
+    rows = bag["rows"] + [bag["baseline"]] + hydra_rows + imp["rows"]
     config = {
         "preset": args.preset,
         **asdict(preset),
@@ -107,6 +150,13 @@ def _run(args: argparse.Namespace, command: str) -> int:
         "resolution_mm": RESOLUTION,
         "dwp_prior": prior_info,
         "timings_s": timings,
+        "execution": {
+            "engine": runner.engine.describe(),
+            "jobs": runner.jobs,
+            "threads_per_run": runner.job.threads,
+            "work_folder": str(folder),
+            "runs_done_now": runner.submitted,
+        },
     }
     write_results(f"regression{suffix}", config, rows, markdown, out, command=command)
     print(markdown)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -12,9 +13,9 @@ from torch import Tensor
 import cohorts
 import regression3d as r3d
 
-from .config import RESOLUTION
+from .config import AGE_CROP, LESION_CROP, RESOLUTION, Preset
 
-__all__ = ["Cohort", "load_cohort"]
+__all__ = ["Cohort", "age_cohorts", "lesion_cohorts", "load_cohort"]
 
 
 @dataclass
@@ -67,4 +68,24 @@ def load_cohort(
     affine = _crop_affine(np.asarray(s["affine"]), crop)
     return Cohort(
         x, mask[:, 0], {k: np.asarray(v) for k, v in targets.items()}, np.stack(labels), affine
+    )
+
+
+# The runs of one process share their cohorts (they are deterministic from the seed): a
+# serial run generates each once, as before runs were split.  Callers must not modify them.
+@lru_cache(maxsize=2)
+def age_cohorts(preset: Preset, seed: int) -> tuple[Cohort, Cohort]:
+    """The ``brain_age`` training and test subjects of sections (a) and (c)."""
+    return (
+        load_cohort("brain_age", preset.age_train, "train", seed, AGE_CROP, "zscore"),
+        load_cohort("brain_age", preset.age_test, "test", seed, AGE_CROP, "zscore"),
+    )
+
+
+@lru_cache(maxsize=2)
+def lesion_cohorts(preset: Preset, seed: int) -> tuple[Cohort, Cohort]:
+    """The ``lesion_count`` training pool and test subjects of section (b)."""
+    return (
+        load_cohort("lesion_count", max(preset.lesion_sizes), "train", seed, LESION_CROP, "minmax"),
+        load_cohort("lesion_count", preset.lesion_test, "test", seed, LESION_CROP, "minmax"),
     )

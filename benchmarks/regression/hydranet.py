@@ -1,10 +1,14 @@
 """Section (b): Hydranet vs its base regressor, alone, with an N(0, 1) prior and with a deep
-weight prior learned on the ``ms_source`` cohort, on ``lesion_count`` count and volume."""
+weight prior learned on the ``ms_source`` cohort, on ``lesion_count`` count and volume.
+
+The prior is one run (:class:`PriorRun`, its file by :meth:`dwp.DeepWeightPrior.save`), each method x
+training size x repetition another (:class:`HydraRun`, reading the prior file)."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,20 +17,25 @@ from torch import Tensor
 
 import dwp
 import regression3d as r3d
+from dwp.train_log import optional_tensorboard
 
-from .cohort import Cohort, load_cohort
+from .cohort import Cohort, lesion_cohorts, load_cohort
 from .config import LESION_CROP, METHODS, Preset
+from .runs import Run
 
-__all__ = ["fit_source_prior", "run_hydranet"]
+__all__ = ["HydraRun", "PriorRun", "collect_hydranet", "fit_source_prior", "hydranet_runs"]
 
 
 def _lesion_targets(c: Cohort) -> Tensor:
     return torch.tensor(np.stack([c.targets["count"], c.targets["volume_mm3"]], 1)).float()
 
 
-def fit_source_prior(preset: Preset, seed: int) -> tuple[dwp.DeepWeightPrior, dict[str, Any]]:
+def fit_source_prior(
+    preset: Preset, seed: int, tensorboard: Path | None = None
+) -> tuple[dwp.DeepWeightPrior, dict[str, Any]]:
     """Deep weight prior on the 3x3x3 kernels of base regressors trained on ``ms_source``
-    (MS-like lesions: their count and volume), one VAE for all layers."""
+    (MS-like lesions: their count and volume), one VAE for all layers; with
+    ``tensorboard``, each source net's fit logs into ``tensorboard/source/net<k>``."""
     source = load_cohort(
         "ms_source", preset.source_subjects, "train", seed + 1000, LESION_CROP, "minmax"
     )
@@ -38,7 +47,9 @@ def fit_source_prior(preset: Preset, seed: int) -> tuple[dwp.DeepWeightPrior, di
     for k in range(preset.source_nets):
         torch.manual_seed(seed + 100 + k)
         net = r3d.BaseRegressor(1, 2, preset.regressor_widths)
-        nets.append(r3d.fit(net, source.x, y, replace(config, seed=seed + k)).model)
+        with optional_tensorboard(tensorboard, "source", f"net{k}", purge_step=0) as logger:
+            fitted = r3d.fit(net, source.x, y, replace(config, seed=seed + k), logger=logger)
+        nets.append(fitted.model)
     bank = dwp.collect_kernels(nets, group_by="all", kernel_shape=(3, 3, 3))
     prior = dwp.DeepWeightPrior.fit(
         bank, epochs=preset.vae_epochs, progress=False, seed=seed, latent_dim=4
@@ -54,48 +65,111 @@ def fit_source_prior(preset: Preset, seed: int) -> tuple[dwp.DeepWeightPrior, di
     return prior, info
 
 
-def run_hydranet(
-    preset: Preset, seed: int, prior: dwp.DeepWeightPrior, test: Cohort, pool: Cohort
-) -> list[dict[str, Any]]:
-    """Every method x training size x seed on lesion count and volume (one two-output net)."""
-    rows = []
-    y_pool, y_test = _lesion_targets(pool), _lesion_targets(test).numpy()
-    for n_train in preset.lesion_sizes:
-        for rep in range(preset.seeds):
-            run_seed = seed + rep
-            # a different training subset per repetition, the same for every method
-            pick = torch.randperm(len(pool.x), generator=torch.Generator().manual_seed(run_seed))
-            idx = pick[:n_train]
-            x, y = pool.x[idx], y_pool[idx]
-            for method in METHODS:
-                start = time.perf_counter()
-                torch.manual_seed(run_seed)
-                net = r3d.BaseRegressor(1, 2, preset.regressor_widths)
-                config = r3d.TrainConfig(
-                    steps=preset.regressor_steps, batch_size=preset.batch_size, lr=preset.lr,
-                    seed=run_seed, beta=preset.beta, kl_warmup=preset.regressor_steps // 2,
-                )  # fmt: skip
-                if method == "hydranet":
-                    config = replace(config, hydranet=r3d.HydraConfig(4, 0.1))
-                elif method == "base_normal_prior":
-                    net = r3d.make_bayesian(net, dwp.NormalPrior())
-                elif method == "base_dwp":
-                    net = r3d.make_bayesian(net, kernel_prior=prior, init="prior")
-                fitted = r3d.fit(net, x, y, config)
-                mean, variance = fitted.predict(test.x, n_samples=8)
-                for j, target in enumerate(("count", "volume_mm3")):
-                    rows.append(
-                        {
-                            "section": "hydranet",
-                            "method": method,
-                            "target": target,
-                            "n_train": n_train,
-                            "seed": run_seed,
-                            "mse": r3d.mse(y_test[:, j], mean[:, j]),
-                            "icc": r3d.icc_agreement(y_test[:, j], mean[:, j]),
-                            "mae": r3d.mae(y_test[:, j], mean[:, j]),
-                            "epistemic_sd": float(variance[:, j].sqrt().mean()),
-                            "seconds": time.perf_counter() - start,
-                        }
-                    )
-    return rows
+@dataclass(frozen=True, kw_only=True)
+class PriorRun(Run):
+    """The deep weight prior of :func:`fit_source_prior`: the prior file (:attr:`tensors`,
+    by :meth:`dwp.DeepWeightPrior.save`) and its fit summary."""
+
+    def stem(self) -> str:
+        return "prior"
+
+    def compute(self) -> None:
+        started = time.perf_counter()
+        prior, info = fit_source_prior(self.preset, self.seed, self.tensorboard)
+        prior.save(self.tensors)
+        self.finish({"info": info}, started=started)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HydraRun(Run):
+    """One ``method`` trained on ``n_train`` subjects of repetition ``rep`` (seed ``seed +
+    rep``), on lesion count and volume (one two-output net); ``prior``: the file of the
+    deep weight prior (``base_dwp`` only).  With ``tensorboard``, the fit logs into
+    ``tensorboard/hydranet/n<size>_seed<seed>/<method>``."""
+
+    n_train: int
+    rep: int
+    method: str
+    prior: Path | None = None
+
+    def stem(self) -> str:
+        return f"hydranet_n{self.n_train}_seed{self.seed + self.rep}_{self.method}"
+
+    def compute(self) -> None:
+        started = time.perf_counter()
+        pool, test = lesion_cohorts(self.preset, self.seed)
+        # loaded before the seed is set: building the prior's networks draws random numbers
+        prior = None if self.prior is None else dwp.DeepWeightPrior.load(self.prior)
+        preset, n_train, method, tensorboard = (
+            self.preset,
+            self.n_train,
+            self.method,
+            self.tensorboard,
+        )
+        rows = []
+        y_pool, y_test = _lesion_targets(pool), _lesion_targets(test).numpy()
+        run_seed = self.seed + self.rep
+        # a different training subset per repetition, the same for every method
+        pick = torch.randperm(len(pool.x), generator=torch.Generator().manual_seed(run_seed))
+        idx = pick[:n_train]
+        x, y = pool.x[idx], y_pool[idx]
+        start = time.perf_counter()
+        torch.manual_seed(run_seed)
+        net = r3d.BaseRegressor(1, 2, preset.regressor_widths)
+        config = r3d.TrainConfig(
+            steps=preset.regressor_steps, batch_size=preset.batch_size, lr=preset.lr,
+            seed=run_seed, beta=preset.beta, kl_warmup=preset.regressor_steps // 2,
+        )  # fmt: skip
+        if method == "hydranet":
+            config = replace(config, hydranet=r3d.HydraConfig(4, 0.1))
+        elif method == "base_normal_prior":
+            net = r3d.make_bayesian(net, dwp.NormalPrior())
+        elif method == "base_dwp":
+            net = r3d.make_bayesian(net, kernel_prior=prior, init="prior")
+        run = f"n{n_train}_seed{run_seed}"
+        with optional_tensorboard(tensorboard, "hydranet", run, method, purge_step=0) as logger:
+            fitted = r3d.fit(net, x, y, config, logger=logger)
+        mean, variance = fitted.predict(test.x, n_samples=8)
+        for j, target in enumerate(("count", "volume_mm3")):
+            rows.append(
+                {
+                    "section": "hydranet",
+                    "method": method,
+                    "target": target,
+                    "n_train": n_train,
+                    "seed": run_seed,
+                    "mse": r3d.mse(y_test[:, j], mean[:, j]),
+                    "icc": r3d.icc_agreement(y_test[:, j], mean[:, j]),
+                    "mae": r3d.mae(y_test[:, j], mean[:, j]),
+                    "epistemic_sd": float(variance[:, j].sqrt().mean()),
+                    "seconds": time.perf_counter() - start,
+                }
+            )
+        self.finish({"rows": rows}, started=started)
+
+
+def hydranet_runs(
+    preset: Preset, seed: int, folder: Path, prior: Path, tensorboard: Path | None = None
+) -> list[HydraRun]:
+    """Every method x training size x repetition, in the report's order; ``prior``: the
+    :class:`PriorRun`'s file."""
+    return [
+        HydraRun(
+            folder=folder,
+            preset=preset,
+            seed=seed,
+            tensorboard=tensorboard,
+            n_train=n_train,
+            rep=rep,
+            method=method,
+            prior=prior if method == "base_dwp" else None,
+        )
+        for n_train in preset.lesion_sizes
+        for rep in range(preset.seeds)
+        for method in METHODS
+    ]
+
+
+def collect_hydranet(runs: list[HydraRun]) -> list[dict[str, Any]]:
+    """The finished runs' rows (two per run: count and volume)."""
+    return [row for run in runs for row in run.record()["rows"]]

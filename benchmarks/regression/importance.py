@@ -1,9 +1,13 @@
 """Section (c): importance maps scored against the known ageing map: a noise model
-(Bintsi et al. 2021) on the frozen best age BagNet, next to the BagNets' local maps."""
+(Bintsi et al. 2021) on the frozen best age BagNet, next to the BagNets' local maps.
+
+The noise model is one run (:class:`ImportanceRun`, reading the best BagNet run's age
+net); the local maps' scores are computed from the BagNet runs' maps when collecting."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,44 +18,58 @@ import cohorts
 import regression3d as r3d
 from cohorts.ageing import ageing_map
 
-from .cohort import Cohort
-from .config import AGE_CROP, RESOLUTION, Preset
+from .bagnets import BagnetRun
+from .cohort import Cohort, age_cohorts
+from .config import AGE_CROP, RESOLUTION
+from .runs import Run
 
-__all__ = ["run_importance"]
+__all__ = ["ImportanceRun", "collect_importance", "importance_run"]
 
 
-def run_importance(
-    preset: Preset, seed: int, train: Cohort, test: Cohort, bag: dict[str, Any]
-) -> dict[str, Any]:
-    """Noise-model importance of the best age BagNet vs BagNet local-map importance."""
-    best_rf = min(bag["rows"], key=lambda row: row["age_mae"])["receptive_field"]
-    fitted = bag["models"][best_rf]
-    age_std = float(np.std(train.targets["age"]))
+def _template() -> np.ndarray:
+    """The template's ageing map on the benchmark's crop: 1 ventricles, 2 cortex."""
+    return ageing_map(cohorts.load_anatomy(RESOLUTION))[AGE_CROP]
 
-    def predictor(x: Tensor) -> Tensor:  # years; the fitted net predicts standardised age
-        return fitted.model(x) * fitted.scale + fitted.shift
 
-    config = r3d.ImportanceConfig(
-        steps=preset.noise_steps, batch_size=preset.batch_size, lr=3e-3, lam=0.05,
-        max_std=2.0, target_scale=age_std, seed=seed,
-    )  # fmt: skip
-    age_tr = torch.tensor(train.targets["age"]).float().unsqueeze(1)
-    for p in fitted.model.parameters():
-        p.requires_grad_(False)
-    start = time.perf_counter()
-    model, history = r3d.fit_noise_model(predictor, train.x, age_tr, config)
-    maps = r3d.importance_maps(model, test.x).numpy()
-    brain = test.mask.numpy()
-    # per subject: its own (deformed) ageing map; population: the template's, inside the brain
-    per_subject = [
-        r3d.importance_auc(m, lab > 0, b)
-        for m, lab, b in zip(maps, test.labels, brain, strict=True)
-    ]
-    template = ageing_map(cohorts.load_anatomy(RESOLUTION))[AGE_CROP]
-    population = maps.mean(0)
-    common = brain.mean(0) > 0.5
-    rows = [
-        {
+@dataclass(frozen=True, kw_only=True)
+class ImportanceRun(Run):
+    """The noise model on the frozen age net of ``bagnet`` (the best receptive field)."""
+
+    bagnet: BagnetRun
+
+    def stem(self) -> str:
+        return f"importance_bagnet{self.bagnet.rf}"
+
+    def compute(self) -> None:
+        started = time.perf_counter()
+        train, test = age_cohorts(self.preset, self.seed)
+        preset, best_rf = self.preset, self.bagnet.rf
+        fitted = self.bagnet.age_net()
+        age_std = float(np.std(train.targets["age"]))
+
+        def predictor(x: Tensor) -> Tensor:  # years; the fitted net predicts standardised age
+            return fitted.model(x) * fitted.scale + fitted.shift
+
+        config = r3d.ImportanceConfig(
+            steps=preset.noise_steps, batch_size=preset.batch_size, lr=3e-3, lam=0.05,
+            max_std=2.0, target_scale=age_std, seed=self.seed,
+        )  # fmt: skip
+        age_tr = torch.tensor(train.targets["age"]).float().unsqueeze(1)
+        for p in fitted.model.parameters():
+            p.requires_grad_(False)
+        start = time.perf_counter()
+        model, history = r3d.fit_noise_model(predictor, train.x, age_tr, config)
+        maps = r3d.importance_maps(model, test.x).numpy()
+        brain = test.mask.numpy()
+        # per subject: its own (deformed) ageing map; population: the template's, in the brain
+        per_subject = [
+            r3d.importance_auc(m, lab > 0, b)
+            for m, lab, b in zip(maps, test.labels, brain, strict=True)
+        ]
+        template = _template()
+        population = maps.mean(0)
+        common = brain.mean(0) > 0.5
+        row = {
             "section": "importance",
             "method": f"noise model on BagNet-{best_rf}",
             "auc_population": r3d.importance_auc(population, template > 0, common),
@@ -61,7 +79,22 @@ def run_importance(
             "mean_noise_scale": history[-1]["mean_scale"],
             "seconds": time.perf_counter() - start,
         }
-    ]
+        self.finish({"row": row}, {"population": torch.from_numpy(population)}, started=started)
+
+
+def importance_run(bagnets: list[BagnetRun]) -> ImportanceRun:
+    """The noise-model run on the finished BagNet run of the lowest age MAE."""
+    best = min(bagnets, key=lambda run: run.record()["row"]["age_mae"])
+    return ImportanceRun(folder=best.folder, preset=best.preset, seed=best.seed, bagnet=best)
+
+
+def collect_importance(run: ImportanceRun, test: Cohort, bag: dict[str, Any]) -> dict[str, Any]:
+    """The noise model's row and map, and the BagNet local maps' importance (|Pearson r|
+    between local prediction and age over the test subjects) with their scores."""
+    rows = [run.record()["row"]]
+    population = run.load_tensors()["population"].numpy()
+    template = _template()
+    common = test.mask.numpy().mean(0) > 0.5
     age_te = test.targets["age"]
     bag_maps = {}
     for rf, local in bag["local_maps"].items():
@@ -89,5 +122,5 @@ def run_importance(
         "population": population,
         "template": template,
         "bag_maps": bag_maps,
-        "best_rf": best_rf,
+        "best_rf": run.bagnet.rf,
     }

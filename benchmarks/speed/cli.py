@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 import dwp
+from dwp.extras import add_version_argument
 
 from ..report import DEFAULT_OUT_DIR, write_results
 from .fit import run_fit
@@ -44,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Time Bayesian UNet3D training steps (reparam, local_reparam, flipout), "
         "the deep weight prior's KL bound and the kernel VAE fit.",
     )
+    add_version_argument(parser)
     parser.add_argument("--seed", type=int, default=0, help="torch seed (default 0)")
     parser.add_argument(
         "--sections",

@@ -6,7 +6,8 @@ Bayesian control with an N(0, 1) prior, for several target training-set sizes an
 
     python -m benchmarks.transfer --seed 0                      # the quick preset
     python -m benchmarks.transfer --preset ci --seed 0          # smoke run (a minute)
-    python -m benchmarks.transfer --only method=dwp,size=5,split=0
+    python -m benchmarks.transfer --engine submitit --cluster slurm --slurm-gpus 1
+    python -m benchmarks.transfer --only method=dwp,size=5,split=0   # by hand, then:
     python -m benchmarks.transfer --merge machineA/work machineB/work
 
 Stages, each a folder under ``--work-dir`` named by a hash of everything it depends on
@@ -37,7 +38,8 @@ fields declare the stages they change, and its presets), :mod:`.keys` (every sta
 cache key, from those declarations; the cache itself is :mod:`benchmarks.stages`),
 :mod:`.data`, :mod:`.sources`, :mod:`.prior` and :mod:`.cells` (the four stages),
 :mod:`.selection` (the settings chosen on validation), :mod:`.execution` (:func:`run`,
-:func:`merge`, the worker processes), :mod:`.report` and :mod:`.cli`.
+:func:`merge`, the worker processes or the submitit jobs of :mod:`benchmarks.grid`),
+:mod:`.report` and :mod:`.cli`.
 """
 
 from .cells import Cell, grid, parse_only, split_indices

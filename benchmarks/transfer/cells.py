@@ -178,8 +178,11 @@ def run_cell(
     folder: Path,
     options: dict[str, Any],
     seed: int,
+    tensorboard: Path | None = None,
 ) -> dict[str, Any]:
-    """Train one cell (resuming an interrupted run) and score it on the test set."""
+    """Train one cell (resuming an interrupted run) and score it on the test set;
+    ``tensorboard``: the run's TensorBoard folder (not in the record, the config's
+    :meth:`~unet3d.config.TrainConfig.as_dict` leaves it out)."""
     result_file = folder / "result.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
@@ -193,6 +196,7 @@ def run_cell(
         val_every=_val_every(preset, cell.size),
         lr_patience=preset.patience,
         seed=seed * 1000 + 100 * cell.split + cell.size,
+        tensorboard=tensorboard,
     )
     started = time.perf_counter()
     result = train(config, Subset(datasets.pool, train_idx), datasets.val, resume=True)

@@ -8,6 +8,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from dwp.extras import add_version_argument
+from dwp.train_log import check_tensorboard
+
+from ..grid import GridError, add_engine_arguments, engine_from_args
 from .cells import parse_only
 from .config import PRESETS, override
 from .execution import default_jobs, merge, run
@@ -19,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="dwp-transfer",
         description="DWP vs pretrain vs frozen pretrain vs random init (Kuzina et al. 2019).",
     )
+    add_version_argument(parser)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -54,8 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--jobs",
         type=int,
-        default=default_jobs(),
-        help="runs trained at a time, in worker processes (default: CPU count, at most 2)",
+        help="runs trained at a time (default: CPU count, at most 2; on SLURM, no cap)",
     )
     parser.add_argument(
         "--threads",
@@ -63,7 +67,15 @@ def _parser() -> argparse.ArgumentParser:
         help="torch threads in all (default: torch's count); each of the --jobs runs gets "
         "threads // jobs, and a run's numbers depend on that count",
     )
+    parser.add_argument(
+        "--tensorboard",
+        type=Path,
+        metavar="DIR",
+        help="log each cell's training as TensorBoard events in DIR/<method>-<hash>/n<size>/"
+        'split<split> (needs pip install "dwp[tensorboard]"; changes no result)',
+    )
     parser.add_argument("--no-progress", action="store_true")
+    add_engine_arguments(parser)
     return parser
 
 
@@ -72,12 +84,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         preset = override(PRESETS[args.preset], args.set)
         only = parse_only(args.only)
-    except ValueError as error:
+        engine = engine_from_args(args)
+        if args.tensorboard is not None:  # installed and writable, before any stage runs
+            check_tensorboard(args.tensorboard, needed_by="--tensorboard")
+    except (ValueError, ImportError) as error:  # ImportError: one line naming the extra
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
+    if (args.jobs is not None and args.jobs < 1) or (args.threads is not None and args.threads < 1):
         print("error: --jobs and --threads must be >= 1", file=sys.stderr)
         return 2
+    jobs = args.jobs if args.jobs is not None or engine.remote else default_jobs()
     name = args.name or ("transfer" if args.preset == "quick" else f"transfer_{args.preset}")
     command = "python -m benchmarks.transfer " + " ".join(
         sys.argv[1:] if argv is None else list(argv)
@@ -101,12 +117,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 source_data=args.source_data,
                 target_data=args.target_data,
                 progress=progress,
-                jobs=args.jobs,
+                jobs=jobs,
                 threads=args.threads,
+                engine=engine,
+                tensorboard=args.tensorboard,
             )
     except (ValueError, OSError) as error:  # DataError and CheckpointError are ValueErrors
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except GridError as error:  # every other run finished; a rerun retries the failed ones
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     if only:
         for record in plan.records:
             print(

@@ -1,5 +1,7 @@
 """Running the pipeline: the stages the selected cells need, then the cells, in worker
-processes (:class:`CellRunner`); or merging finished cells of several work folders."""
+processes (:class:`CellRunner`) or as submitit jobs (:mod:`benchmarks.grid`: a SLURM job
+array per wave, the tuning cells then the grid's); or merging finished cells of several
+work folders."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..stages import stage_folder
+from ..grid import Engine, Failure, GridError, Submitter
+from ..stages import Stage, stage_folder
 from .cells import Cell, Datasets, grid, run_cell, selected
 from .config import PRIOR, SOURCE, Preset, log
 from .data import Data, data_key, prepare_data
@@ -40,7 +43,7 @@ class Plan:
     wall_seconds: float | None = None
     subjects: dict[str, list[str]] | None = None
     selections: list[dict[str, Any]] = field(default_factory=list)
-    execution: dict[str, int] | None = None
+    execution: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class Task:
     folder: Path
     options: dict[str, Any]
     seed: int
+    tensorboard: Path | None = None  # the run's TensorBoard folder; no part of its result
 
     def finished(self) -> bool:
         return (self.folder / "result.json").exists()
@@ -59,6 +63,11 @@ class Task:
     def record(self) -> dict[str, Any]:
         """The finished cell's record."""
         return json.loads((self.folder / "result.json").read_text())
+
+    def name(self) -> str:
+        """The cell and its folder (the tuning candidates of one cell differ by folder)."""
+        c = self.cell
+        return f"{c.method} n={c.size} split={c.split} ({self.folder})"
 
 
 _WORKER: tuple[Data, Datasets] | None = None
@@ -74,7 +83,30 @@ def _run_task(task: Task, worker: tuple[Data, Datasets] | None = None) -> dict[s
     worker = worker or _WORKER
     assert worker is not None, "worker not initialised"
     data, datasets = worker
-    return run_cell(task.cell, task.preset, data, datasets, task.folder, task.options, task.seed)
+    return run_cell(
+        task.cell, task.preset, data, datasets, task.folder, task.options, task.seed,
+        tensorboard=task.tensorboard,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CellJob:
+    """One cell as a submitit job.  Only paths and settings travel (a :class:`Data` lists
+    files, a :class:`Task` names its folder): the job's process rebuilds the datasets from
+    the cached data stage and writes the cell's ``result.json`` as a serial run would."""
+
+    data: Data
+    threads: int
+
+    def __call__(self, task: Task) -> None:
+        torch.set_num_threads(self.threads)  # a cell's numbers depend on its thread count
+        _run_task(task, (self.data, Datasets(task.preset, self.data)))
+
+
+def _stage_job(threads: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """A stage (source nets, prior) as a submitit job, with ``threads`` torch threads."""
+    torch.set_num_threads(threads)
+    return fn(*args)
 
 
 class CellRunner:
@@ -143,18 +175,39 @@ def run(
     source_data: Path | None = None,
     target_data: Path | None = None,
     progress: bool = True,
-    jobs: int = 1,
+    jobs: int | None = 1,
     threads: int | None = None,
+    engine: Engine | None = None,
+    tensorboard: Path | None = None,
 ) -> Plan:
     """Run the stages the selected cells need, then the cells (cached ones are read back).
 
     The source nets and the prior use ``threads`` torch threads (default: torch's
     current count); the cells run ``jobs`` at a time with ``threads // jobs`` each.
+
+    ``engine`` (default: worker processes here, :class:`CellRunner`): with submitit, the
+    source and prior stages (when not cached) and every unfinished cell run as jobs, the
+    tuning cells first and the grid's once the settings are chosen; on SLURM ``jobs`` caps
+    the array's parallelism (``None``: no cap) and a run uses its job's CPUs.  Failed jobs
+    raise :class:`~benchmarks.grid.GridError` once every other job has finished (a method
+    whose tuning failed runs no grid cell: its settings cannot be chosen).
+
+    ``tensorboard``: every cell trained logs TensorBoard events into
+    ``tensorboard/<method>-<hash>/n<size>/split<split>``, its run folder's path under
+    ``work/runs`` (tuning candidates differ by hash).  Logging is no part of a stage key.
     """
     started = time.perf_counter()
+    engine = engine or Engine()
     threads = threads or torch.get_num_threads()
-    if jobs < 1 or threads < 1:
+    if (jobs is not None and jobs < 1) or threads < 1:
         raise ValueError(f"jobs and threads must be >= 1, got {jobs} and {threads}")
+    if jobs is None and not engine.remote:
+        jobs = 1
+    per_run = engine.threads_per_run(threads, jobs or 1)
+    submitter: Submitter | None = None
+    if engine.submitit:
+        work = Path(work).absolute()  # the jobs may start elsewhere on the shared disk
+        submitter = engine.start(work / "submitit", "dwp-transfer")  # bad options: fail now
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     cells = [c for c in grid(preset) if selected(c, only or {})]
@@ -162,21 +215,38 @@ def run(
         raise ValueError(f"--only {only} selects no cell of the grid")
     methods = {c.method for c in cells}
     data = prepare_data(preset, work, seed, source_data, target_data, progress)
+
+    def stage(cache: Stage, key: dict[str, Any], fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` here, or as one job when the stage is not cached yet."""
+        if submitter is None:
+            return fn(*args)
+        cached = cache.find([work], key)
+        if cached is not None:
+            return cached  # no job (and no queue wait) for a finished stage
+        log(f"{cache.name} stage: one job ({engine.describe()})")
+        per_job = engine.threads_per_run(threads, 1)
+        return submitter.call(_stage_job, per_job, fn, *args, name=f"{cache.name} stage")
+
     sources = prior = None
     # DWP needs the source kernels whatever its initialisation; N(0, 1) only to start there.
     needs_source = bool(methods & {"pretrained", "pretrained_frozen", "dwp"}) or (
         "normal_prior" in methods and "pretrained" in (preset.normal_init, *preset.normal_init_grid)
     )
     if needs_source:
-        sources = train_sources(preset, data, work, seed)
+        key = stage_key(preset, SOURCE, seed, data.key)
+        sources = stage(SOURCE_STAGE, key, train_sources, preset, data, work, seed)
     if "dwp" in methods:
-        prior = fit_prior(preset, data.key, sources, work, seed, progress)
+        key = stage_key(preset, PRIOR, seed, data.key)
+        show = progress and submitter is None  # a job's log is no place for a progress bar
+        prior = stage(PRIOR_STAGE, key, fit_prior, preset, data.key, sources, work, seed, show)
 
     def task(candidate: Preset, cell: Cell) -> Task:
         key = stage_key(candidate, cell.method, seed, data.key)
         folder = stage_folder(work / "runs", cell.method, key)
         options = strategy_options(candidate, cell.method, sources, prior)
-        return Task(cell, candidate, folder / cell.folder(), options, seed)
+        # TensorBoard: the run folder's path under work/runs (None: no logging)
+        events = tensorboard and Path(tensorboard).absolute() / folder.name / cell.folder()
+        return Task(cell, candidate, folder / cell.folder(), options, seed, events)
 
     tuning_tasks = [
         task(preset.replace(**option), tuning_cell(preset, method))
@@ -197,26 +267,61 @@ def run(
         # choice (already in ``candidate``) does not move it.
         return task(candidate, tuning_cell(candidate, method)).record()["val_dice"]
 
-    runner = CellRunner(preset, data, jobs, max(1, threads // jobs))
+    runner = None if submitter else CellRunner(preset, data, jobs or 1, per_run)
+    failures: list[Failure] = []
+    submitted = 0
+
+    def run_wave(tasks: list[Task]) -> set[str]:
+        """Run the unfinished ``tasks``; the methods of those that failed."""
+        nonlocal submitted
+        todo = [t for t in tasks if not t.finished()]
+        if runner is not None:
+            runner.run(todo, advance)  # fails fast: the first error stops the pool
+            return set()
+        assert submitter is not None  # one engine or the other
+        failed: set[str] = set()
+
+        def finished(i: int, failure: Failure | None) -> None:
+            advance(todo[i])
+            if failure is not None:
+                failed.add(todo[i].cell.method)
+                failures.append(failure)
+                log(f"failed: {failure}")
+
+        if todo:
+            log(f"{len(todo)} cell job(s) on {engine.describe()}, logs in {work / 'submitit'}")
+        submitted += len(todo)
+        names = [t.name() for t in todo]
+        submitter.map(CellJob(data, per_run), todo, names, at_once=jobs, done=finished)
+        return failed
+
     try:
-        runner.run([t for t in tuning_tasks if not t.finished()], advance)
-        preset, selections = choose_all(preset, methods, score)
+        failed = run_wave(tuning_tasks)
+        preset, selections = choose_all(preset, methods - failed, score)
         for selection in selections:
             log(f"{selection['method']}: {selection['chosen']} chosen on validation Dice")
-        tasks = [task(preset, c) for c in cells]
+        tasks = [task(preset, c) for c in cells if c.method not in failed]
         bar.total = bar.n + sum(not t.finished() for t in tasks)
         bar.refresh()
-        runner.run([t for t in tasks if not t.finished()], advance)
+        run_wave(tasks)
     finally:
-        runner.close()
+        if runner is not None:
+            runner.close()
         bar.close()
+    if failures:
+        raise GridError(failures, submitted)
     records = [t.record() for t in tasks]
     roles = {"pool": data.pool, "val": data.val, "test": data.test}
     subjects = {role: [c.id for c in cases] for role, cases in roles.items()}
     plan = Plan(preset, seed, data.key, sources, prior, records, subjects=subjects)
     plan.selections = selections
     plan.wall_seconds = time.perf_counter() - started
-    plan.execution = {"jobs": jobs, "threads": threads, "threads_per_run": max(1, threads // jobs)}
+    plan.execution = {
+        "engine": engine.describe(),
+        "jobs": jobs,
+        "threads": threads,
+        "threads_per_run": per_run,
+    }
     return plan
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from dwp.extras import add_version_argument
+
 from ..report import DEFAULT_OUT_DIR, write_results
 from .config import PRESETS
 from .pipeline import run_all
@@ -26,6 +28,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m benchmarks.variational",
         description=(description or "").split("\n\n")[0],
     )
+    add_version_argument(parser)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR, help="results folder")

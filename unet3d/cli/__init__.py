@@ -4,10 +4,12 @@ Also runnable as ``python -m unet3d``.
 
 ``train``
     Trains a :class:`unet3d.UNet3D` with one of the :mod:`unet3d.strategies` on a Decathlon
-    folder or a CSV of NIfTI files (:mod:`unet3d.cli.train_command`).
+    folder, any folder of NIfTI files paired by name patterns, or a CSV of NIfTI files
+    (:mod:`unet3d.cli.train_command`).
 ``predict``
     Rebuilds a trained network from its checkpoint and writes probability, mask and
-    mutual-information maps of NIfTI images (:mod:`unet3d.cli.predict_command`).
+    mutual-information maps of NIfTI images, a folder's searched with its subfolders
+    (:mod:`unet3d.cli.predict_command`).
 
 Argument types both share are in :mod:`unet3d.cli.arguments`.
 
@@ -36,6 +38,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from dwp.argparse_types import error_line
+from dwp.extras import add_version_argument, exit_on_missing_extra, require
+
 from . import predict_command, train_command
 
 __all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "build_parser", "main"]
@@ -52,17 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="unet3d",
         description="3D U-Net segmentation with transfer strategies and deep weight priors.",
     )
+    add_version_argument(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train_command.add_parser(commands)
     predict_command.add_parser(commands)
     return parser
-
-
-def _message(error: BaseException) -> str:
-    if isinstance(error, OSError) and error.filename is not None:
-        # "[Errno 2] No such file or directory: 'x'" -> "x: No such file or directory"
-        return f"{error.filename}: {error.strerror or error}"
-    return str(error) or type(error).__name__
 
 
 #: What to lower when a command runs out of device memory.
@@ -87,6 +86,7 @@ def _device_failure(error: RuntimeError, command: str) -> str | None:
     return None
 
 
+@exit_on_missing_extra  # without MONAI: one "error: ..." line naming the extra, status 2
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``unet3d``; returns the exit status.
 
@@ -104,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    # after parsing, so that --help and --version work on a core install; SciPy: HD95
+    require("monai", "scipy", extra="unet3d", needed_by="unet3d")
     args.argv = argv
     args.check(args)
     try:
@@ -113,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # whose messages name the file or layer; the FloatingPointErrors (a non-finite
         # posterior or loss, a diverged loss) name the layer or term and the fix: the
         # message is the whole story, a traceback would only hide it.
-        print(f"error: {_message(error)}", file=sys.stderr)
+        print(f"error: {error_line(error)}", file=sys.stderr)
         return EXIT_ERROR
     except RuntimeError as error:
         message = _device_failure(error, args.command)

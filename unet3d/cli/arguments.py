@@ -1,90 +1,120 @@
-"""Argument types shared by the ``unet3d`` subcommands (argparse ``type=`` callables)."""
+"""Argument types shared by the ``unet3d`` subcommands (argparse ``type=`` callables), and
+the options of a data folder searched by pattern.
+
+The types check what the Python layer would otherwise refuse later under its own argument
+names (``size must be ...``): argparse names the flag, with the usage line and status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from dwp import argparse_types as types
+from dwp.argparse_types import (
+    finite_float,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 if TYPE_CHECKING:  # torch is imported when a command runs, not when the parser is built
     import torch
 
 __all__ = [
+    "PATTERN_FLAGS",
+    "add_pattern_options",
+    "case_pattern",
     "check_output_folder",
+    "class_count",
+    "file_pattern",
     "fraction",
     "init_log_sigma",
     "non_negative_float",
     "non_negative_int",
     "overlap",
+    "pattern_problem",
     "positive_float",
     "positive_int",
     "rate",
+    "size_side",
     "torch_device",
+    "trainable_problem",
     "triple",
+    "window_side",
 ]
 
+#: How the messages of :func:`unet3d.cases.cases_from_patterns` name its two patterns.
+PATTERN_FLAGS = ("--image-pattern", "--label-pattern")
 
-def positive_int(text: str) -> int:
-    """argparse type: an int >= 1."""
+
+#: argparse type: a number in (0, 1).
+fraction = types.fraction(low_open=True, high_open=True)
+#: argparse type: a number in (0, 1].
+rate = types.fraction(low_open=True, high_open=False)
+
+
+def class_count(text: str) -> int:
+    """argparse type: an int >= 2 (background and at least one class: softmax needs two)."""
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            f"must be at least 2 (the background and one class), got {text}"
+        )
     return value
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an int >= 0."""
+def size_side(text: str) -> int:
+    """argparse type: a side of ``unet3d train --size``, a positive multiple of 8 (the
+    U-Net's three stride-2 levels; :func:`unet3d.preprocess.target_size`)."""
+    from ..model import SIZE_DIVISOR
+
     value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    if value < 1 or value % SIZE_DIVISOR:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive multiple of {SIZE_DIVISOR}, got {text}"
+        )
     return value
 
 
-def _finite(text: str) -> float:
+def window_side(text: str) -> int:
+    """argparse type: a side of ``unet3d predict --roi``, a multiple of 8 and at least 16
+    (:func:`unet3d.inference.predict_volume`'s ``roi_size``)."""
+    from ..inference import MIN_ROI
+    from ..model import SIZE_DIVISOR
+
+    value = int(text)
+    if value < MIN_ROI or value % SIZE_DIVISOR:
+        raise argparse.ArgumentTypeError(
+            f"must be a multiple of {SIZE_DIVISOR}, at least {MIN_ROI}, got {text}"
+        )
+    return value
+
+
+def case_pattern(text: str) -> str:
+    """argparse type: a file pattern with ``{id}`` (:mod:`unet3d.patterns`)."""
+    from ..patterns import check_pattern
+
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text}") from None
-    # float() takes "inf" and "nan": an infinite learning rate or weight fails only at
-    # the first step, after the data are read, with NaN in every weight
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
+        check_pattern(text, "the pattern")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    value = _finite(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+def file_pattern(text: str) -> str:
+    """argparse type: a file pattern, ``{id}`` optional (:mod:`unet3d.patterns`)."""
+    from ..patterns import check_pattern
 
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite number >= 0."""
-    value = _finite(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """argparse type: a number in (0, 1)."""
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
-    return value
-
-
-def rate(text: str) -> float:
-    """argparse type: a number in (0, 1]."""
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+    try:
+        check_pattern(text, "the pattern", needs_id=False)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def init_log_sigma(text: str) -> float | str:
@@ -92,7 +122,7 @@ def init_log_sigma(text: str) -> float | str:
     if text == "fan_in":
         return text
     try:
-        return _finite(text)
+        return finite_float(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"must be 'fan_in' or a finite number, got {text}"
@@ -167,3 +197,59 @@ def check_output_folder(path: Path, flag: str = "--out") -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         what = "is" if existing == path else f"cannot be created: {existing} is"
         raise ValueError(f"{path}: {flag} {what} not writable")
+
+
+def add_pattern_options(group: Any) -> None:
+    """Add ``--image-pattern`` / ``--label-pattern`` (``unet3d train``) to ``group``, an
+    argparse parser or argument group."""
+    group.add_argument(
+        "--image-pattern",
+        type=case_pattern,
+        metavar="PATTERN",
+        help="with --data DIR (and --val-data): DIR is any folder, its images the files "
+        "matching PATTERN (relative to DIR; glob * ? [...], ** for any depth) and {id} "
+        "the case id, e.g. '{id}_t1.nii.gz', 'images/{id}.nii.gz', '*/{id}_flair.nii.gz', "
+        "'{id}/{id}_flair.nii.gz'",
+    )
+    group.add_argument(
+        "--label-pattern",
+        type=case_pattern,
+        metavar="PATTERN",
+        help="with --image-pattern: the label of case {id}, e.g. '{id}_seg.nii.gz', "
+        "'labels/{id}.nii.gz' (files it matches are never images)",
+    )
+
+
+def pattern_problem(args: argparse.Namespace) -> str | None:
+    """The usage error of ``--image-pattern`` / ``--label-pattern`` with the other data
+    options, or ``None``."""
+    image, label = args.image_pattern, args.label_pattern
+    if image is None and label is None:
+        return None
+    if image is None or label is None:
+        return "--image-pattern and --label-pattern go together"
+    if args.data is None:
+        return "--image-pattern needs --data DIR (the folder the patterns search)"
+    if image == label:
+        return f"--image-pattern and --label-pattern are the same: {image!r}"
+    if not args.binarise and args.n_classes is None:
+        return "--image-pattern with --no-binarise needs --n-classes (no dataset.json here)"
+    return None
+
+
+def trainable_problem(blocks: Sequence[str]) -> str | None:
+    """The usage error of ``--trainable`` blocks that name no parameter of the U-Net, or
+    ``None``.  :class:`~unet3d.strategies.PretrainedFrozenStrategy` finds out only once
+    training starts, and only when none of them matches: a typo would train too little."""
+    from ..model import UNet3D
+    from ..strategies import block_names
+
+    model = UNet3D(1, 2, (1, 1, 1, 1))  # the names do not depend on the widths
+    names = [name for name, _ in model.named_parameters()]
+    unknown = [b for b in blocks if not any(n == b or n.startswith(b + ".") for n in names)]
+    if not unknown:
+        return None
+    return (
+        f"--trainable {' '.join(unknown)}: no such block of the U-Net (blocks: "
+        f"{' '.join(block_names(model))})"
+    )

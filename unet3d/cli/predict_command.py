@@ -1,11 +1,17 @@
 """``unet3d predict``: predict NIfTI images with a trained model.
 
 Rebuilds the network of a ``best.pt`` / ``last.pt`` (:func:`unet3d.checkpoint.load_model`)
-and predicts NIfTI images (one file, a folder of them, or a Decathlon folder's test split:
-:func:`unet3d.cases.load_images`) with sliding windows
+and predicts NIfTI images (one file, a folder searched with its subfolders, or a Decathlon
+folder's test split: :func:`unet3d.cases.load_images`) with sliding windows
 (:func:`unet3d.inference.predict_case`): for each image ``<id>_prob.nii.gz``,
 ``<id>_mask.nii.gz`` and ``<id>_mi.nii.gz`` (mutual information, averaged over
 ``--samples`` posterior samples of a Bayesian model), with the input's affine and header.
+
+A folder is searched for every ``.nii`` / ``.nii.gz`` file at any depth, or for the files
+of ``--pattern`` (:mod:`unet3d.patterns`), less those of ``--exclude`` (e.g. the labels,
+``'*_seg.nii.gz'``) and the maps of an earlier prediction under ``--out``.  The maps of
+``<input>/a/b/x.nii.gz`` go to ``<out>/a/b/``, so that images of one name in two
+subfolders do not collide; those of a file or a Decathlon test split go to ``--out``.
 
 Before any work the device, ``--out`` and every image's header are checked, so a missing
 GPU, an unwritable folder or a mismatched image fails in seconds, not after the first
@@ -19,19 +25,27 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from nifti_io import NIFTI_SUFFIXES
+
 from .arguments import (
     check_output_folder,
+    file_pattern,
     non_negative_int,
     overlap,
     positive_int,
     torch_device,
     triple,
+    window_side,
 )
 
-__all__ = ["DEFAULT_ROI", "add_parser", "run"]
+__all__ = ["DEFAULT_ROI", "MAPS", "add_parser", "run"]
 
 #: Window side when neither ``--roi`` nor the training ``--size`` gives one.
 DEFAULT_ROI = 64
+#: The maps :func:`unet3d.inference.predict_case` writes, ``<id>_<map>.nii.gz``.
+MAPS = ("prob", "mask", "mi")
+#: How the messages of :func:`unet3d.cases.load_images` name its pattern arguments.
+_PATTERN_FLAGS = ("--pattern", "--exclude")
 
 
 def add_parser(commands: Any) -> None:
@@ -50,7 +64,25 @@ def add_parser(commands: Any) -> None:
         type=Path,
         required=True,
         metavar="PATH",
-        help="a NIfTI file, a folder of them, or a Decathlon folder (its test split)",
+        help="a NIfTI file; a folder, searched with its subfolders (the maps mirror them "
+        "under --out); or a Decathlon folder (its test split)",
+    )
+    predict.add_argument(
+        "--pattern",
+        type=file_pattern,
+        metavar="PATTERN",
+        help="with a folder --input: predict the files matching PATTERN, relative to it "
+        "(glob * ? [...], ** for any depth), e.g. '*.nii.gz' (the top folder only), "
+        "'**/*_flair.nii.gz', '{id}/{id}_flair.nii.gz' ({id} names the maps; default: "
+        "every .nii / .nii.gz file at any depth)",
+    )
+    predict.add_argument(
+        "--exclude",
+        type=file_pattern,
+        action="append",
+        metavar="PATTERN",
+        help="with a folder --input: skip the files matching PATTERN (one without a / is a "
+        "file name in any folder), e.g. '*_seg.nii.gz'; may be repeated",
     )
     predict.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     predict.add_argument(
@@ -61,7 +93,7 @@ def add_parser(commands: Any) -> None:
     )
     predict.add_argument(
         "--roi",
-        type=positive_int,
+        type=window_side,
         nargs="+",
         metavar="N",
         help=f"window N^3 (or D H W), multiples of 8, >= 16 (default: the training --size "
@@ -107,11 +139,52 @@ def _roi(args: argparse.Namespace, config: dict[str, Any]) -> int | tuple[int, .
     return DEFAULT_ROI
 
 
+def _searched_folder(args: argparse.Namespace) -> Path | None:
+    """``--input`` resolved if it is a folder searched for images, else ``None`` (a file,
+    or a Decathlon folder read from its ``dataset.json``, as :func:`load_images` does)."""
+    source = args.input
+    decathlon = (source / "dataset.json").is_file() and args.pattern is None and not args.exclude
+    return source.resolve() if source.is_dir() and not decathlon else None
+
+
+def _out_folders(args: argparse.Namespace, cases: list, searched: Path | None) -> list[Path]:
+    """Per case, the folder of its maps: the image's subfolder of a ``searched`` folder
+    mirrored under ``--out``; ``--out`` itself for a file or a Decathlon test split.
+
+    Raises
+    ------
+    ValueError
+        Two images whose maps would overwrite each other (``x.nii`` and ``x.nii.gz``
+        side by side, or two Decathlon test entries of one name), naming both.
+    """
+    folders = [
+        args.out if searched is None else args.out / c.image.parent.relative_to(searched)
+        for c in cases
+    ]
+    seen: dict[Path, Path] = {}
+    for case, folder in zip(cases, folders, strict=True):
+        other = seen.setdefault(folder / case.id, case.image)
+        if other != case.image:
+            raise ValueError(
+                f"{other} and {case.image} would both write {folder / case.id}_*.nii.gz; "
+                "leave one out with --exclude"
+            )
+    return folders
+
+
+def _not_maps(cases: list, out: Path) -> list:
+    """``cases`` less the maps an earlier prediction wrote under ``out`` (which may lie in
+    the folder searched, or be it): they are outputs, not images to predict."""
+    out = out.resolve()
+    names = tuple(f"_{key}{suffix}" for key in MAPS for suffix in NIFTI_SUFFIXES)
+    return [c for c in cases if not (c.image.is_relative_to(out) and c.image.name.endswith(names))]
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``unet3d predict`` with parsed arguments; returns the exit status (0)."""
     from tqdm.auto import tqdm
 
-    from ..cases import load_images
+    from ..cases import DataError, load_images
     from ..checkpoint import load_model
     from ..inference import predict_case
     from ..preprocess import check_cases
@@ -121,7 +194,15 @@ def run(args: argparse.Namespace) -> int:
     device = torch_device(args.device)
     check_output_folder(args.out)
     trained = load_model(args.checkpoint)
-    cases = load_images(args.input)
+    found = load_images(args.input, args.pattern, args.exclude or (), names=_PATTERN_FLAGS)
+    searched = _searched_folder(args)
+    cases = found if searched is None else _not_maps(found, args.out)
+    if not cases:
+        raise DataError(f"{args.input}: the only images found are maps under --out {args.out}")
+    skipped = (
+        f" ({len(found) - len(cases)} earlier maps skipped)" if len(cases) < len(found) else ""
+    )
+    folders = _out_folders(args, cases, searched)
     modality = trained.config.get("modality") if args.modality is None else args.modality
     normalise = trained.config.get("normalise", "minmax")
     check_cases(cases, modality, normalise)  # every header: a bad file fails before image 1
@@ -131,14 +212,15 @@ def run(args: argparse.Namespace) -> int:
     kind = f"Bayesian, {samples} samples" if trained.bayesian else "deterministic"
     print(
         f"{trained.path}: {trained.strategy.get('name', '?')} U-Net ({kind}), "
-        f"{len(cases)} image(s), window {roi}",
+        f"{len(cases)} image(s){skipped}, window {roi}",
         file=sys.stderr,
     )
-    for case in tqdm(cases, disable=not args.progress, desc="predict", unit="image"):
+    progress = tqdm(cases, disable=not args.progress, desc="predict", unit="image")
+    for case, folder in zip(progress, folders, strict=True):
         written = predict_case(
             model,
             case,
-            args.out,
+            folder,
             samples,
             normalise=normalise,
             modality=modality,

@@ -29,6 +29,9 @@ def data_source(args: argparse.Namespace) -> dict[str, Any]:
 
     return {
         "--data": resolved(args.data),
+        # absent from runs of earlier releases, which data_changes reads as None: the same
+        "--image-pattern": args.image_pattern,
+        "--label-pattern": args.label_pattern,
         "--csv": resolved(args.csv),
         "--split": args.split,
         "--val-data": resolved(args.val_data),

@@ -1,8 +1,10 @@
 """``unet3d train``: train a U-Net with one of the strategies on NIfTI data.
 
 Trains a :class:`unet3d.UNet3D` with one of the :mod:`unet3d.strategies` on NIfTI data in
-the Medical Segmentation Decathlon layout (``--data``) or listed in a CSV (``--csv``),
-through :func:`unet3d.train.train`.  Validation data come from a second folder / table
+the Medical Segmentation Decathlon layout (``--data``), in any folder paired by file name
+patterns (``--data`` with ``--image-pattern`` / ``--label-pattern``,
+:func:`unet3d.cases.cases_from_patterns`) or listed in a CSV (``--csv``), through
+:func:`unet3d.train.train`.  Validation data come from a second folder / table
 (``--val-data`` / ``--val-csv``) or a seeded share of the training cases
 (``--val-fraction``).  ``--out`` receives what :func:`~unet3d.train.train` writes
 (``metrics.csv``, ``metrics.json``, ``best.pt``, ``last.pt``) and ``config.json``: the
@@ -10,7 +12,9 @@ command, the training config, the strategy, the cases used and a fingerprint of 
 files (:mod:`unet3d.fingerprint`).  ``--resume`` continues an interrupted run with the same
 result as an uninterrupted one; it refuses other settings, data, split or cases than the
 run's (naming what changed).  A new run refuses an ``--out`` holding another run's files
-unless ``--overwrite`` replaces them (:mod:`unet3d.run_files`).
+unless ``--overwrite`` replaces them (:mod:`unet3d.run_files`).  Every step is logged to
+``steps.csv`` and drawn in ``curves.png`` in ``--out``, and with ``--tensorboard DIR`` to
+TensorBoard (:class:`unet3d.run_files.RunLog`).
 
 The heavy modules (torch, MONAI) are imported when the command runs, not when the parser
 is built, so that ``--help`` stays quick.
@@ -28,13 +32,19 @@ from pathlib import Path
 from typing import Any
 
 from .arguments import (
+    PATTERN_FLAGS,
+    add_pattern_options,
+    class_count,
     fraction,
     init_log_sigma,
     non_negative_float,
     non_negative_int,
+    pattern_problem,
     positive_float,
     positive_int,
     rate,
+    size_side,
+    trainable_problem,
     triple,
 )
 from .run_folder import RESUME_FREE, check_new_run, check_resume, data_source
@@ -86,8 +96,14 @@ def add_parser(commands: Any) -> None:
     )
     data = train.add_argument_group("data")
     source = data.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", type=Path, metavar="DIR", help="Decathlon folder (training)")
+    source.add_argument(
+        "--data",
+        type=Path,
+        metavar="DIR",
+        help="Decathlon folder (training), or any folder with --image-pattern",
+    )
     source.add_argument("--csv", type=Path, metavar="FILE", help="CSV of image / label paths")
+    add_pattern_options(data)
     data.add_argument(
         "--split",
         metavar="NAME",
@@ -109,7 +125,7 @@ def add_parser(commands: Any) -> None:
     )
     data.add_argument(
         "--size",
-        type=positive_int,
+        type=size_side,
         nargs="+",
         metavar="N",
         help="crop / pad every volume to N^3 (or D H W), multiples of 8 (default: each "
@@ -126,7 +142,7 @@ def add_parser(commands: Any) -> None:
     )
     data.add_argument(
         "--n-classes",
-        type=positive_int,
+        type=class_count,
         help="output classes (default 2, or with --no-binarise the classes of dataset.json)",
     )
     data.add_argument(
@@ -293,7 +309,7 @@ def add_parser(commands: Any) -> None:
         default=1,
         help="with --swag-rank: a snapshot every N optimisation steps (default 1)",
     )
-    optim.add_argument("--seed", type=int, default=0, help="(default 0)")
+    optim.add_argument("--seed", type=non_negative_int, default=0, help="(default 0)")
     optim.add_argument(
         "--widths",
         type=positive_int,
@@ -312,6 +328,14 @@ def add_parser(commands: Any) -> None:
         action="store_true",
         help="replace the run in DIR (its checkpoints, metrics, config.json); without it "
         "or --resume, a DIR holding a run is refused",
+    )
+    out.add_argument(
+        "--tensorboard",
+        type=Path,
+        metavar="DIR",
+        help="also log every step's loss terms, KL weight, learning rates and posterior "
+        "log-sigmas, and the validation metrics, as TensorBoard events in DIR (needs "
+        'pip install "dwp[tensorboard]"; --out gets steps.csv and curves.png either way)',
     )
     out.add_argument("--no-progress", dest="progress", action="store_false")
     train.set_defaults(handler=run, check=_check_args, usage_error=train.error)
@@ -343,6 +367,11 @@ def _check_args(args: argparse.Namespace) -> None:
         error("--val-split needs --val-csv")
     if args.size is not None and len(args.size) not in (1, 3):
         error(f"--size takes 1 or 3 values, got {len(args.size)}")
+    if args.size is not None and max(args.size) == 8:  # else the first forward pass fails
+        error("--size 8 leaves the U-Net one voxel at 1/8 resolution; make a side >= 16")
+    for problem in (pattern_problem(args), args.trainable and trainable_problem(args.trainable)):
+        if problem:
+            error(problem)
     if args.binarise and args.n_classes not in (None, 2):
         error("--n-classes other than 2 needs --no-binarise")
     if not args.binarise and args.csv is not None and args.n_classes is None:
@@ -405,17 +434,23 @@ def _check_source(path: Path, in_channels: int, n_classes: int, widths: Sequence
 
 def _cases(args: argparse.Namespace) -> tuple[list, list | None, int | None]:
     """Training and validation cases, and the number of classes ``dataset.json`` declares
-    (``None`` for a CSV)."""
-    from ..data import decathlon_labels, load_csv, load_decathlon
+    (``None`` for a CSV or a folder searched by pattern)."""
+    from ..data import cases_from_patterns, decathlon_labels, load_csv, load_decathlon
+
+    def folder(root: Path) -> list:  # a Decathlon folder, or any folder with the patterns
+        if args.image_pattern is None:
+            return load_decathlon(root, "train")
+        patterns = (args.image_pattern, args.label_pattern)
+        return cases_from_patterns(root, *patterns, names=PATTERN_FLAGS)
 
     if args.data is not None:
-        cases = load_decathlon(args.data, "train")
-        declared = len(decathlon_labels(args.data))
+        cases = folder(args.data)
+        declared = None if args.image_pattern else len(decathlon_labels(args.data))
     else:
         cases = load_csv(args.csv, split=args.split)
         declared = None
     if args.val_data is not None:
-        val_cases = load_decathlon(args.val_data, "train")
+        val_cases = folder(args.val_data)
     elif args.val_csv is not None:
         val_cases = load_csv(args.val_csv, split=args.val_split)
     elif args.val_fraction is not None:
@@ -432,6 +467,7 @@ def _case_record(case: Any) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     """Run ``unet3d train`` with parsed arguments; returns the exit status (0)."""
     from dwp.io import write_json
+    from dwp.train_log import check_tensorboard
 
     # unet3d.train.train is looked up now, not at import: tests replace it
     from .. import train as training
@@ -444,7 +480,11 @@ def run(args: argparse.Namespace) -> int:
     for flag, path in (("--source", args.source), ("--prior", args.prior)):
         if path is not None and not path.is_file():  # before any data is read
             raise ValueError(f"{path}: file not found ({flag})")
+    if args.tensorboard is not None:  # TensorBoard installed, DIR writable: before any work
+        check_tensorboard(args.tensorboard, needed_by="--tensorboard")
     cases, val_cases, declared = _cases(args)
+    if args.batch_size > len(cases):  # train() would refuse it after config.json is written
+        raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(cases)} training cases")
     if args.binarise:
         n_classes = 2
     else:
@@ -500,6 +540,7 @@ def run(args: argparse.Namespace) -> int:
         modality=args.modality,
         normalise=normalise,
         progress=args.progress,
+        tensorboard=args.tensorboard,
     )
     strategy = get_strategy(args.strategy, **options)
     if args.source is not None:

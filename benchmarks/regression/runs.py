@@ -1,0 +1,167 @@
+"""The benchmark's runs and where they go.
+
+Every network the benchmark trains belongs to one *run*: a BagNet receptive field, the
+source prior, one Hydranet method x training size x repetition, the noise model.  A run is
+a small picklable spec (:class:`Run`: settings and paths, no data) that rebuilds its
+cohorts from the seed, trains, and writes its result into the work folder: ``<stem>.json``
+(rows, metrics; written last, atomically: the run's finished mark) and, where it has
+tensors, ``<stem>.pt`` before it.  A finished run is never redone, so a rerun resumes.
+
+The runs go in two waves, the second reading the first's files (the prior, the best age
+BagNet): through :class:`Runner`, in this process (``--jobs 1``), in worker processes or as
+submitit jobs (:mod:`benchmarks.grid`).  Every run seeds itself, so its numbers depend on
+its settings and its torch thread count only, not on where or when it ran.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dwp.io import load_torch_file, save_torch_file, write_json
+
+from ..grid import Engine, Failure, GridError, Submitter
+from ..stages import logger, stage_folder
+from .config import Preset
+
+__all__ = ["VERSION", "Run", "RunJob", "Runner", "log", "work_folder"]
+
+#: the code version of every run's result, part of the work folder's key: bumped when a
+#: change of code changes a result, so that files of older code are never reused
+VERSION = 1
+
+log = logger("regression")
+
+
+def work_folder(work: Path, preset: Preset, seed: int) -> Path:
+    """``work/regression-<hash>``: the runs of this preset and seed (created, with its key
+    in ``config.json``); another preset or seed gets another folder."""
+    key = {"benchmark": "regression", "version": VERSION, "seed": seed, **asdict(preset)}
+    return stage_folder(work, "regression", key)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Run:
+    """One run: its work ``folder``, the ``preset`` and ``seed`` its cohorts and networks
+    derive from, and the TensorBoard root its fits log into (no part of its result).
+
+    Subclasses name the run (:meth:`stem`) and do it (:meth:`compute`), which ends with
+    :meth:`finish`."""
+
+    folder: Path
+    preset: Preset
+    seed: int
+    tensorboard: Path | None = None
+
+    def stem(self) -> str:
+        raise NotImplementedError
+
+    def compute(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def result(self) -> Path:
+        """The run's JSON result, its finished mark."""
+        return self.folder / f"{self.stem()}.json"
+
+    @property
+    def tensors(self) -> Path:
+        """The run's tensors (maps, a network, a prior), written before :attr:`result`."""
+        return self.folder / f"{self.stem()}.pt"
+
+    def finished(self) -> bool:
+        return self.result.exists()
+
+    def record(self) -> dict[str, Any]:
+        """The finished run's record."""
+        return json.loads(self.result.read_text())
+
+    def load_tensors(self) -> Any:
+        return load_torch_file(self.tensors, what=f"{self.stem()} result")
+
+    def name(self) -> str:
+        """The run and its result file, for logs and failures."""
+        return f"{self.stem()} ({self.result})"
+
+    def finish(self, record: dict[str, Any], tensors: Any = None, *, started: float) -> None:
+        """Write ``tensors`` (if any), then ``record`` with the run's seconds and threads."""
+        if tensors is not None:
+            save_torch_file(tensors, self.tensors)
+        seconds = time.perf_counter() - started
+        write_json(self.result, {**record, "seconds": seconds, "threads": torch.get_num_threads()})
+
+
+@dataclass(frozen=True)
+class RunJob:
+    """A run with ``threads`` torch threads: what a worker process or a submitit job calls
+    (a run's numbers depend on its thread count)."""
+
+    threads: int
+
+    def __call__(self, run: Run) -> None:
+        torch.set_num_threads(self.threads)
+        run.compute()
+
+
+class Runner:
+    """Runs the unfinished runs of a wave: in this process (the processes engine with
+    ``jobs=1``, as the benchmark always ran), in ``jobs`` worker processes, or as submitit
+    jobs, ``jobs`` at a time (``None``: all; on SLURM the array's parallelism).
+
+    Each run gets :meth:`Engine.threads_per_run` torch threads.  Here the first error
+    stops the command; submitit jobs that fail stop no other, and :meth:`check` raises
+    :class:`~benchmarks.grid.GridError` naming them with their logs.
+    """
+
+    def __init__(self, engine: Engine, work: Path, jobs: int | None, threads: int) -> None:
+        self.engine, self.jobs = engine, jobs
+        self.job = RunJob(engine.threads_per_run(threads, jobs or 1))
+        self.logs = Path(work) / "submitit"
+        self.submitter: Submitter | None = None
+        if engine.submitit:  # bad options fail now, before any run
+            self.submitter = engine.start(self.logs, "dwp-regression")
+        self.failures: list[Failure] = []
+        self.submitted = 0
+
+    def wave(self, runs: Sequence[Run]) -> None:
+        """Run those of ``runs`` that have not finished."""
+        todo = [r for r in runs if not r.finished()]
+        if not todo:
+            return
+        self.submitted += len(todo)
+        where = self.engine.describe() + (
+            "" if self.submitter is None else f", logs in {self.logs}"
+        )
+        log(f"{len(todo)} of {len(runs)} runs to do ({where})")
+        if self.submitter is not None:
+
+            def done(i: int, failure: Failure | None) -> None:
+                log(f"failed: {failure}" if failure else f"finished {todo[i].stem()}")
+
+            names = [r.name() for r in todo]
+            self.failures += self.submitter.map(self.job, todo, names, at_once=self.jobs, done=done)
+        elif (self.jobs or 1) == 1:
+            for run in todo:
+                self.job(run)
+        else:
+            # spawn, not fork: a forked child of a process that already ran OpenMP code
+            # can deadlock in its first parallel region
+            pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"))
+            try:
+                for run, _ in zip(todo, pool.map(self.job, todo), strict=True):
+                    log(f"finished {run.stem()}")
+            finally:  # an error or Ctrl-C: the runs not started are dropped
+                pool.shutdown(cancel_futures=True)
+
+    def check(self) -> None:
+        """Raise :class:`~benchmarks.grid.GridError` if any job failed."""
+        if self.failures:
+            raise GridError(self.failures, self.submitted)
