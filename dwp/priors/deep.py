@@ -35,7 +35,14 @@ from ..posterior import MeanFieldNormal, reparam_sample
 from ..vae import KernelVAE, VAEFit, fit_kernel_vae
 from .base import KLKind, Prior
 from .files import PriorFileError, register_format
-from .groups import KernelGroups, LayerGroups, check_kernel_shape, layer_groups_config
+from .groups import (
+    GroupModules,
+    GroupParameters,
+    KernelGroups,
+    LayerGroups,
+    check_kernel_shape,
+    layer_groups_config,
+)
 from .kernel_gaussian import KernelGaussianPrior
 from .report import IWAE_SAMPLES, held_out_scores, render_scores, split_bank
 
@@ -303,7 +310,7 @@ class DeepWeightPrior(KernelGroups, Prior):
             )
         if not 0.0 < kernel_fraction <= 1.0:
             raise ValueError(f"kernel_fraction must be in (0, 1], got {kernel_fraction}")
-        self.vaes = nn.ModuleDict({g: copy.deepcopy(v) for g, v in vaes.items()})
+        self.vaes = GroupModules({g: copy.deepcopy(v) for g, v in vaes.items()})
         for vae in self.vaes.values():
             _freeze_as_buffers(vae.decoder)
             if not train_encoder:
@@ -314,7 +321,7 @@ class DeepWeightPrior(KernelGroups, Prior):
         self.share_forward_sample = bool(share_forward_sample)
         self.learn_scale = bool(learn_scale)
         self.log_scale_factors = (
-            nn.ParameterDict({g: nn.Parameter(torch.zeros(())) for g in self.vaes})
+            GroupParameters({g: nn.Parameter(torch.zeros(())) for g in self.vaes})
             if self.learn_scale
             else None
         )

@@ -10,15 +10,22 @@ template prior is bound to a layer, written once for every such prior.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..posterior import MeanFieldNormal
 from .base import Prior, PriorMismatchError
 
-__all__ = ["KernelGroups", "LayerGroups", "check_kernel_shape", "layer_groups_config"]
+__all__ = [
+    "GroupModules",
+    "GroupParameters",
+    "KernelGroups",
+    "LayerGroups",
+    "check_kernel_shape",
+    "layer_groups_config",
+]
 
 #: Layer name -> group: a mapping (keys may be glob patterns), a function returning a group
 #: name or ``None``, or ``None`` (every layer belongs to the only group, if there is one).
@@ -123,3 +130,63 @@ class KernelGroups:
                 "sample() of a multi-group prior needs a layer: use prior.for_site(...)"
             )
         return self.for_group(self.groups[0]).sample(shape)
+
+
+# A group may be named after a layer ("down1.conv_1.conv", from ``group_by="layer"``), but
+# torch refuses "." in a submodule's or a parameter's attribute name: the containers below
+# keep the group's own name as the key and store it under an escaped attribute name, so a
+# prior's state_dict keys stay unambiguous ("%" escaped first, so the escape is invertible).
+_ESCAPES = (("%", "%25"), (".", "%2E"))
+
+
+def _escape(name: str) -> str:
+    for raw, escaped in _ESCAPES:
+        name = name.replace(raw, escaped)
+    return name
+
+
+def _unescape(attribute: str) -> str:
+    for raw, escaped in reversed(_ESCAPES):
+        attribute = attribute.replace(escaped, raw)
+    return attribute
+
+
+class GroupModules(nn.ModuleDict):
+    """An :class:`torch.nn.ModuleDict` whose keys are group names, dots allowed.
+
+    Keys, iteration and indexing use the group names; the submodules' attribute names (and
+    so the ``state_dict`` keys) escape ``.`` as ``%2E`` and ``%`` as ``%25``; names without
+    either are stored unchanged, so files written before this escape load as they are.
+    """
+
+    def __getitem__(self, key: str) -> nn.Module:
+        return super().__getitem__(_escape(key))
+
+    def __setitem__(self, key: str, module: nn.Module) -> None:
+        super().__setitem__(_escape(key), module)
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(_escape(key))
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and super().__contains__(_escape(key))
+
+    def __iter__(self) -> Iterator[str]:
+        return (_unescape(k) for k in super().__iter__())
+
+    def keys(self) -> list[str]:  # type: ignore[override]
+        return [_unescape(k) for k in super().keys()]
+
+    def items(self) -> list[tuple[str, nn.Module]]:  # type: ignore[override]
+        return [(_unescape(k), m) for k, m in super().items()]
+
+    def pop(self, key: str) -> nn.Module:
+        return super().pop(_escape(key))
+
+
+class GroupParameters(nn.ParameterDict):
+    """An :class:`torch.nn.ParameterDict` whose keys are group names, dots allowed (stored
+    under escaped attribute names, as in :class:`GroupModules`)."""
+
+    def _key_to_attr(self, key: str) -> str:
+        return _escape(super()._key_to_attr(key))

@@ -38,7 +38,13 @@ from ..kernel_bank import KernelBank
 from ..normal import LOG_2PI
 from ..posterior import MeanFieldNormal
 from .base import KLKind, Prior
-from .groups import KernelGroups, LayerGroups, check_kernel_shape, layer_groups_config
+from .groups import (
+    GroupModules,
+    KernelGroups,
+    LayerGroups,
+    check_kernel_shape,
+    layer_groups_config,
+)
 
 __all__ = ["KernelGaussianPrior", "KernelGaussianSitePrior", "fit_kernel_gaussian"]
 
@@ -345,7 +351,7 @@ class KernelGaussianPrior(KernelGroups, Prior):
                 f"KernelGaussianPrior needs one mean and one covariance per group, got means "
                 f"for {sorted(means)} and covariances for {sorted(covariances)}"
             )
-        self.gaussians = nn.ModuleDict({g: self._group(g, means[g], covariances[g]) for g in means})
+        self.gaussians = GroupModules({g: self._group(g, means[g], covariances[g]) for g in means})
         self.layer_groups = layer_groups
         self.learn_scale = bool(learn_scale)
         self.metadata = dict(metadata or {})
