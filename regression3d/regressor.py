@@ -51,6 +51,13 @@ class BaseRegressor(nn.Module):
         Regression outputs (e.g. 2 for lesion count and volume together).
     widths
         Conv width of each block; ``(32, 64)`` is the paper's network.
+    feature_scale
+        The pooled features are multiplied by this constant before the linear output, whose
+        initial weights are divided by it: the same function at initialisation and the same
+        function class, but an optimiser with per-parameter step sizes (Adam) moves the
+        output ``feature_scale`` times faster.  Global average pooling divides a few lesion
+        voxels by the whole volume, so the output weight must grow large before a count is
+        read; 1 (default) is the paper's parametrisation.
 
     Notes
     -----
@@ -59,7 +66,11 @@ class BaseRegressor(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int = 1, out_features: int = 1, widths: Sequence[int] = (32, 64)
+        self,
+        in_channels: int = 1,
+        out_features: int = 1,
+        widths: Sequence[int] = (32, 64),
+        feature_scale: float = 1.0,
     ) -> None:
         super().__init__()
         widths = tuple(int(w) for w in widths)
@@ -78,9 +89,14 @@ class BaseRegressor(nn.Module):
             channels += width
         self.blocks = nn.Sequential(*blocks)
         self.num_features = channels
+        if not feature_scale > 0:
+            raise ValueError(f"feature_scale must be > 0, got {feature_scale}")
+        self.feature_scale = float(feature_scale)
         self.head = nn.Linear(channels, out_features)
+        with torch.no_grad():
+            self.head.weight /= self.feature_scale
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 5:
             raise ValueError(f"x must be (B, C, D, H, W), got shape {tuple(x.shape)}")
-        return self.head(self.blocks(x).mean(dim=(2, 3, 4)))
+        return self.head(self.feature_scale * self.blocks(x).mean(dim=(2, 3, 4)))

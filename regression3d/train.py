@@ -12,7 +12,8 @@ by ``B``.  With image-level labels and a handful of subjects the data term is ti
 the KL of every weight, so ``beta`` (the KL weight) is exposed: choose it on validation data.
 
 Regression targets are standardised inside (``(y - shift) / scale``) and predictions mapped
-back; for Hydranet's set sums only scaled (``shift = 0``), so that sums stay sums.
+back; for Hydranet's set sums by default only scaled (``shift = 0``), so that sums stay sums
+(:attr:`HydraConfig.centre` centres them too).
 
 :meth:`FittedModel.predict` returns the predictive mean and the **epistemic** variance over
 posterior samples (:func:`dwp.predict`); zero for a deterministic network.
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 import dwp
 from dwp.train_log import TrainingLogger, step_scalars
 
-from .hydranet import draw_sets, set_loss_backward, set_members, set_targets
+from .hydranet import SetBatch, draw_sets, set_loss_backward, set_members, set_targets
 
 __all__ = [
     "FittedModel",
@@ -107,10 +108,33 @@ def make_bayesian(
 
 @dataclass(frozen=True)
 class HydraConfig:
-    """Hydranet set-sum training: sets of ``set_size`` items, each zeroed with ``p_zero``."""
+    """Hydranet set-sum training: sets of ``set_size`` items, each zeroed with ``p_zero``.
+
+    Attributes
+    ----------
+    set_size, p_zero
+        Members per set (the paper's ``n`` branches, 4) and the probability that a member is
+        replaced by a zero image (0.1).
+    centre
+        ``False``: targets only scaled (``y / sd``), so a set's target is the sum of its
+        kept members' labels and a zero image must predict 0.  ``True``: targets centred
+        like the base regressor's (``(y - mean) / sd``); a zero image then stands for an
+        average subject (it must predict 0 in centred units, the training mean in target
+        units), and the network keeps the base regressor's output scale.
+    sets_per_step
+        Sets per optimisation step (the loss is their mean); ``None``: ``batch_size //
+        set_size``, at least one (the paper: one set of 4 per step).  Sets are cut from
+        consecutive epochs when an epoch holds fewer.
+    """
 
     set_size: int = 4
     p_zero: float = 0.1
+    centre: bool = False
+    sets_per_step: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.sets_per_step is not None and self.sets_per_step < 1:
+            raise ValueError(f"sets_per_step must be >= 1 or None, got {self.sets_per_step}")
 
 
 @dataclass(frozen=True)
@@ -302,8 +326,8 @@ def fit(
         y = y.reshape(n, -1).to(x.dtype)
         if not torch.isfinite(y).all():
             raise ValueError("y holds NaN or inf values")
-        hydra = config.hydranet is not None
-        shift = torch.zeros(y.shape[1], dtype=x.dtype) if hydra else y.mean(0)
+        uncentred = config.hydranet is not None and not config.hydranet.centre
+        shift = torch.zeros(y.shape[1], dtype=x.dtype) if uncentred else y.mean(0)
         scale = (y.std(0) if n > 1 else torch.ones(y.shape[1])).clamp_min(1e-8).to(x.dtype)
         z = (y - shift) / scale
     else:
@@ -398,11 +422,16 @@ def _batches(n: int, config: TrainConfig, generator: torch.Generator):
             for i in range(0, n - size + 1, size):
                 yield order[i : i + size]
     else:
-        per_step = max(1, config.batch_size // hydra.set_size)
+        per_step = hydra.sets_per_step or max(1, config.batch_size // hydra.set_size)
+        pending: list[SetBatch] = []
         while True:
-            sets = draw_sets(n, hydra.set_size, hydra.p_zero, generator=generator)
-            for i in range(0, len(sets) - per_step + 1, per_step):
-                yield sets[i : i + per_step]
+            pending.append(draw_sets(n, hydra.set_size, hydra.p_zero, generator=generator))
+            while sum(len(s) for s in pending) >= per_step:
+                pool = SetBatch(
+                    torch.cat([s.index for s in pending]), torch.cat([s.keep for s in pending])
+                )
+                yield pool[:per_step]
+                pending = [pool[per_step:]] if len(pool) > per_step else []
 
 
 def standardise_images(x: Tensor, mask: Tensor | None = None) -> Tensor:

@@ -108,6 +108,26 @@ def test_rerun_reads_every_run_back(ci_run) -> None:
     assert payload["rows"] == ci_run.payload["rows"]  # seconds included: read back
 
 
+def test_a_rerun_keeps_the_hand_measured_ablation_section(ci_run) -> None:
+    from benchmarks.regression.report import ABLATIONS_HEADING, mean_ci
+
+    out = ci_run.root / "ablations"
+    out.mkdir()
+    section = f"{ABLATIONS_HEADING}\n\n| a | b |\n|---|---|\n| 1 | 2 |\n"
+    old = (ci_run.out / "regression_ci.md").read_text()
+    (out / "regression_ci.md").write_text(old.replace("Produced by:", section + "\nProduced by:"))
+    for _ in range(2):  # kept once, before the footer, however often the report is redrawn
+        assert _main(out, ci_run.work) == 0
+        markdown = (out / "regression_ci.md").read_text()
+        assert markdown.count(ABLATIONS_HEADING) == 1 and section.strip() in markdown
+        assert markdown.index(ABLATIONS_HEADING) < markdown.index("Produced by:")
+        assert markdown.count("Produced by:") == 1
+    mean, low, high = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and high - mean == pytest.approx(mean - low)
+    assert high - mean == pytest.approx(4.3027 / 3**0.5, rel=1e-4)  # t(0.975, 2) * sem
+    assert mean_ci([5.0]) == (5.0, 5.0, 5.0)
+
+
 @pytest.fixture(scope="module")
 def submitted(ci_run) -> SimpleNamespace:
     pytest.importorskip("submitit")

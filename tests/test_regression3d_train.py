@@ -132,6 +132,62 @@ def test_hydranet_training_and_bagnet_classification_run() -> None:
     torch.testing.assert_close(probs.sum(1), torch.ones(3))
 
 
+@pytest.mark.parametrize("centre", [False, True])
+def test_hydranet_first_loss_is_the_set_sum_mse_of_its_sets(centre: bool) -> None:
+    # The loss of step 0 is the mean over the step's sets of the summed Gaussian NLL of
+    # (sum of the members' predictions, sum of the kept members' scaled targets): centred
+    # targets (zero images count as 0, i.e. the training mean) or only scaled ones.
+    import copy
+
+    from regression3d import draw_sets, set_members, set_sum, set_targets
+
+    torch.manual_seed(0)
+    x, y = _data(6, seed=5)
+    net = BaseRegressor(1, 1, (2, 2))
+    reference = copy.deepcopy(net)
+    hydra = HydraConfig(3, 0.3, centre=centre, sets_per_step=2)
+    fitted = fit(net, x, y, TrainConfig(steps=1, seed=4, hydranet=hydra, noise_scale=0.5))
+    shift = y.mean() if centre else torch.tensor(0.0)
+    assert torch.allclose(fitted.shift, shift.view(1))
+    z = ((y - shift) / y.std()).view(-1, 1)
+    sets = draw_sets(6, 3, 0.3, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        total = set_sum(reference, set_members(x, sets))
+    expected = dwp.likelihoods.gaussian_nll(total, set_targets(z, sets), 0.5) / len(sets)
+    assert fitted.history[0]["loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_hydranet_steps_take_sets_per_step_sets_across_epochs() -> None:
+    from regression3d.train import _batches
+
+    config = TrainConfig(hydranet=HydraConfig(4, 0.0, sets_per_step=5))
+    batches = _batches(10, config, torch.Generator().manual_seed(0))
+    steps = [next(batches) for _ in range(3)]  # 3 sets per epoch: 15 sets = 5 epochs
+    assert all(len(b) == 5 for b in steps)
+    index = torch.cat([b.index for b in steps]).flatten()
+    keep = torch.cat([b.keep for b in steps]).flatten()
+    for epoch in range(5):  # every epoch uses each item once; its last set is padded
+        part, kept = index[12 * epoch : 12 * (epoch + 1)], keep[12 * epoch : 12 * (epoch + 1)]
+        assert sorted(part[kept].tolist()) == list(range(10))
+        assert int(kept.sum()) == 10
+    # the default: batch_size // set_size sets per step
+    default = _batches(10, TrainConfig(batch_size=8, hydranet=HydraConfig(4)), torch.Generator())
+    assert len(next(default)) == 2
+    with pytest.raises(ValueError, match="sets_per_step"):
+        HydraConfig(sets_per_step=0)
+
+
+def test_feature_scale_keeps_the_initial_function() -> None:
+    x = torch.randn(2, 1, 6, 6, 6)
+    torch.manual_seed(0)
+    plain = BaseRegressor(1, 2, (2, 3))
+    torch.manual_seed(0)
+    scaled = BaseRegressor(1, 2, (2, 3), feature_scale=100.0)
+    torch.testing.assert_close(plain(x), scaled(x))
+    with pytest.raises(ValueError, match="feature_scale"):
+        BaseRegressor(feature_scale=0.0)
+
+
 def test_bad_training_inputs_are_rejected() -> None:
     x, y = _data(4, seed=0)
     with pytest.raises(ValueError, match="labels"):

@@ -28,7 +28,7 @@ from .config import PRESETS, RESOLUTION
 from .figures import plot_hydranet, plot_importance, plot_local_maps
 from .hydranet import PriorRun, collect_hydranet, hydranet_runs
 from .importance import collect_importance, importance_run
-from .report import render_markdown
+from .report import keep_ablations, render_markdown
 from .runs import Runner, log, work_folder
 
 __all__ = ["main", "parse_args"]
@@ -141,6 +141,8 @@ def _run(args: argparse.Namespace, command: str, runner: Runner) -> int:
     wall = time.perf_counter() - start
     timings["total"] = wall
     markdown = render_markdown(args.preset, bag, hydra_rows, prior_info, imp, wall)
+    previous = out / f"regression{suffix}.md"
+    markdown = keep_ablations(previous.read_text() if previous.exists() else None, markdown)
     rows = bag["rows"] + [bag["baseline"]] + hydra_rows + imp["rows"]
     config = {
         "preset": args.preset,

@@ -13,7 +13,7 @@ from torch import Tensor
 import cohorts
 import regression3d as r3d
 
-from .config import AGE_CROP, LESION_CROP, RESOLUTION, Preset
+from .config import AGE_CROP, LESION_CROP, LESION_SCALING, RESOLUTION, Preset
 
 __all__ = ["Cohort", "age_cohorts", "lesion_cohorts", "load_cohort"]
 
@@ -40,8 +40,10 @@ def load_cohort(
 ) -> Cohort:
     """``n`` subjects of a cohort in memory, cropped and intensity-normalised.
 
-    ``scaling``: ``"zscore"`` inside the brain (brain age) or ``"minmax"`` to [0, 1] (lesion
-    count: Hydranet's zero images are then black images, as in the paper).
+    ``scaling``: ``"zscore"`` inside the brain (brain age), ``"minmax"`` to [0, 1], or
+    ``"background"`` (lesion count): ``(x - median) / (q99 - median)`` per image, clipped at
+    0, so the white-matter background is 0 and only brighter structures (the FLAIR-like
+    lesions) are non-zero; Hydranet's zero images are then background images.
     """
     images, masks, labels, targets = [], [], [], {}
     for i in range(n):
@@ -61,6 +63,11 @@ def load_cohort(
     mask = torch.from_numpy(np.stack(masks)).unsqueeze(1)
     if scaling == "zscore":
         x = r3d.standardise_images(x, mask) * mask
+    elif scaling == "background":
+        flat = x.flatten(1)
+        median = flat.median(1).values.view(-1, 1, 1, 1, 1)
+        high = flat.quantile(0.99, dim=1).view(-1, 1, 1, 1, 1)
+        x = ((x - median) / (high - median).clamp_min(1e-8)).clamp_min(0)
     else:
         low = x.amin(dim=(2, 3, 4), keepdim=True)
         high = x.amax(dim=(2, 3, 4), keepdim=True)
@@ -86,6 +93,8 @@ def age_cohorts(preset: Preset, seed: int) -> tuple[Cohort, Cohort]:
 def lesion_cohorts(preset: Preset, seed: int) -> tuple[Cohort, Cohort]:
     """The ``lesion_count`` training pool and test subjects of section (b)."""
     return (
-        load_cohort("lesion_count", max(preset.lesion_sizes), "train", seed, LESION_CROP, "minmax"),
-        load_cohort("lesion_count", preset.lesion_test, "test", seed, LESION_CROP, "minmax"),
+        load_cohort(
+            "lesion_count", max(preset.lesion_sizes), "train", seed, LESION_CROP, LESION_SCALING
+        ),
+        load_cohort("lesion_count", preset.lesion_test, "test", seed, LESION_CROP, LESION_SCALING),
     )

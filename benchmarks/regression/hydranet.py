@@ -20,7 +20,7 @@ import regression3d as r3d
 from dwp.train_log import optional_tensorboard
 
 from .cohort import Cohort, lesion_cohorts, load_cohort
-from .config import LESION_CROP, METHODS, Preset
+from .config import LESION_CROP, LESION_SCALING, METHODS, Preset
 from .runs import Run
 
 __all__ = ["HydraRun", "PriorRun", "collect_hydranet", "fit_source_prior", "hydranet_runs"]
@@ -37,7 +37,7 @@ def fit_source_prior(
     (MS-like lesions: their count and volume), one VAE for all layers; with
     ``tensorboard``, each source net's fit logs into ``tensorboard/source/net<k>``."""
     source = load_cohort(
-        "ms_source", preset.source_subjects, "train", seed + 1000, LESION_CROP, "minmax"
+        "ms_source", preset.source_subjects, "train", seed + 1000, LESION_CROP, LESION_SCALING
     )
     y = _lesion_targets(source)
     config = r3d.TrainConfig(
@@ -46,7 +46,7 @@ def fit_source_prior(
     nets = []
     for k in range(preset.source_nets):
         torch.manual_seed(seed + 100 + k)
-        net = r3d.BaseRegressor(1, 2, preset.regressor_widths)
+        net = r3d.BaseRegressor(1, 2, preset.regressor_widths, preset.feature_scale)
         with optional_tensorboard(tensorboard, "source", f"net{k}", purge_step=0) as logger:
             fitted = r3d.fit(net, source.x, y, replace(config, seed=seed + k), logger=logger)
         nets.append(fitted.model)
@@ -115,7 +115,7 @@ class HydraRun(Run):
         x, y = pool.x[idx], y_pool[idx]
         start = time.perf_counter()
         torch.manual_seed(run_seed)
-        net = r3d.BaseRegressor(1, 2, preset.regressor_widths)
+        net = r3d.BaseRegressor(1, 2, preset.regressor_widths, preset.feature_scale)
         config = r3d.TrainConfig(
             steps=preset.regressor_steps, batch_size=preset.batch_size, lr=preset.lr,
             seed=run_seed, beta=preset.beta, kl_warmup=preset.regressor_steps // 2,

@@ -10,11 +10,41 @@ import numpy as np
 from ..report import markdown_table
 from .config import METHODS
 
-__all__ = ["render_markdown"]
+__all__ = ["ABLATIONS_HEADING", "keep_ablations", "mean_ci", "render_markdown"]
+
+#: the section of ``regression.md`` measured outside the runs (Hydranet's ablations, by
+#: hand): :func:`keep_ablations` carries it over when the report is rewritten
+ABLATIONS_HEADING = "## (d) Hydranet ablations"
 
 
 def _f(value: Any, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and Student-t confidence interval over seeds (``(mean, mean, mean)`` for one)."""
+    from scipy import stats
+
+    array = np.asarray(values, dtype=float)
+    mean = float(array.mean())
+    if len(array) < 2:
+        return mean, mean, mean
+    half = float(stats.t.ppf(0.5 + level / 2, len(array) - 1) * stats.sem(array))
+    return mean, mean - half, mean + half
+
+
+def _ci(values: list[float], fmt: str = ".2f") -> str:
+    mean, low, high = mean_ci(values)
+    return f"{mean:{fmt}} [{low:{fmt}}, {high:{fmt}}]"
+
+
+def keep_ablations(old: str | None, new: str) -> str:
+    """``new`` with the :data:`ABLATIONS_HEADING` section of the previous report ``old``
+    appended (from the heading to the report's "Produced by" footer or its end)."""
+    if old is None or ABLATIONS_HEADING not in old:
+        return new
+    section = old[old.index(ABLATIONS_HEADING) :].split("\nProduced by:\n")[0]
+    return new.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
 
 
 def render_markdown(
@@ -63,7 +93,7 @@ def render_markdown(
         "Bias correction: `pred - (a - 1) age - b` with `pred = a age + b` fitted on the "
         "training subjects only. Paper columns: Pawlowski & Glocker 2019 on CamCAN (652 "
         "real T1 scans, 1 mm), for the layout only.",
-        "## (b) Hydranet vs base regressor on `lesion_count` (mean +- sd over seeds)",
+        "## (b) Hydranet vs base regressor on `lesion_count` (mean [95% CI] over seeds)",
     ]
     table = []
     for target in ("count", "volume_mm3"):
@@ -75,24 +105,46 @@ def render_markdown(
                     if x["method"] == method and x["target"] == target and x["n_train"] == n
                 ]
                 mse_v, icc_v = [x["mse"] for x in sel], [x["icc"] for x in sel]
+                # paired by seed (the same training subjects): method minus base
+                base = {
+                    x["seed"]: x["icc"]
+                    for x in hydra
+                    if x["method"] == "base" and x["target"] == target and x["n_train"] == n
+                }
+                diff = [x["icc"] - base[x["seed"]] for x in sel if x["seed"] in base]
                 table.append(
                     [
                         target,
                         n,
                         method,
-                        f"{np.mean(mse_v):.4g} +- {np.std(mse_v):.2g}",
-                        f"{np.mean(icc_v):.2f} +- {np.std(icc_v):.2f}",
+                        len(sel),
+                        _ci(mse_v, ".4g"),
+                        _ci(icc_v),
+                        "-" if method == "base" else _ci(diff),
                         _f(np.mean([x["epistemic_sd"] for x in sel]), 3),
                     ]
                 )
     parts.append(
         markdown_table(
-            ["target", "training subjects", "method", "test MSE", "ICC(2,1)", "epistemic sd"], table
+            [
+                "target",
+                "training subjects",
+                "method",
+                "seeds",
+                "test MSE",
+                "ICC(2,1)",
+                "ICC minus base (paired)",
+                "epistemic sd",
+            ],
+            table,
         )
     )
     parts.append(
-        f"ICC(2,1): two-way random, absolute agreement (Shrout & Fleiss). One network predicts "
-        f"both targets. DWP: one kernel VAE on {prior_info['kernels']} 3x3x3 kernels of "
+        f"ICC(2,1): two-way random, absolute agreement (Shrout & Fleiss); 95% Student-t "
+        f"intervals over seeds (each seed its own training subjects, the same for every "
+        f"method). One network predicts both targets; images scaled to a zero background, "
+        f"`feature_scale` 100; Hydranet as in the paper (sets of 4, p = 0.1, one set per step, "
+        f"label sums not centred). DWP: one kernel VAE on {prior_info['kernels']} 3x3x3 kernels of "
         f"regressors trained on `ms_source`; on its test kernels {prior_info['vae_test_iwae']:.1f} "
         f"nats per kernel vs {prior_info['gaussian_full']:.1f} (full-covariance Gaussian) and "
         f"{prior_info['gaussian_diagonal']:.1f} (diagonal)."
