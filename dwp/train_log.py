@@ -38,6 +38,7 @@ import io
 import math
 import os
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -120,21 +121,21 @@ def check_tensorboard(
     return prepare_log_dir(log_dir)
 
 
-class TrainingLogger:
+class TrainingLogger(ABC):
     """Where a training loop sends its scalars; a context manager that closes itself.
 
     Subclasses implement :meth:`log_scalars`; :meth:`flush` (make what was logged
     visible to a reader now) and :meth:`close` do nothing unless overridden.
     """
 
+    @abstractmethod
     def log_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """Record ``scalars`` (tag -> value) at optimiser step ``step``."""
-        raise NotImplementedError
 
-    def flush(self) -> None:
+    def flush(self) -> None:  # noqa: B027 (an optional hook: a no-op by default)
         """Make what was logged visible to readers (e.g. once per epoch)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (an optional hook: a no-op by default)
         """Flush and release the logger's files; nothing may be logged afterwards."""
 
     def __enter__(self) -> TrainingLogger:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -49,7 +50,7 @@ def work_folder(work: Path, preset: Preset, seed: int) -> Path:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Run:
+class Run(ABC):
     """One run: its work ``folder``, the ``preset`` and ``seed`` its cohorts and networks
     derive from, and the TensorBoard root its fits log into (no part of its result).
 
@@ -61,11 +62,13 @@ class Run:
     seed: int
     tensorboard: Path | None = None
 
+    @abstractmethod
     def stem(self) -> str:
-        raise NotImplementedError
+        """The run's file name stem in its folder."""
 
+    @abstractmethod
     def compute(self) -> None:
-        raise NotImplementedError
+        """Do the run; ends with :meth:`finish`."""
 
     @property
     def result(self) -> Path:
