@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from pyro.infer import SVI, Trace_ELBO
 from torch import Tensor, nn
 
+from .devices import resolve_device
 from .normal import normal_log_density, standard_normal_kl
 
 __all__ = [
@@ -300,7 +301,7 @@ class VAEFit:
     Attributes
     ----------
     vae
-        The VAE at its best held-out epoch.
+        The VAE at its best held-out epoch, on the device it was fitted on.
     history
         One dict per epoch: ``epoch``, ``train_elbo`` and ``val_elbo`` (nats per kernel),
         ``lr``.
@@ -398,6 +399,7 @@ def fit_kernel_vae(
     progress: bool = True,
     desc: str = "kernel VAE",
     val_kernels: Tensor | None = None,
+    device: str | torch.device = "cpu",
 ) -> VAEFit:
     """Fit a :class:`KernelVAE` to a bank of kernels by stochastic variational inference.
 
@@ -426,8 +428,21 @@ def fit_kernel_vae(
         Seeds the split, the initialisation and the SVI noise: same seed, same VAE.
     progress
         Show a tqdm progress bar with the held-out ELBO.
+    device
+        Where to fit (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``), checked before any
+        work (:func:`dwp.devices.resolve_device`).  The VAE is initialised on the CPU and
+        then moved, so a seed starts every device from the same weights; the kernels are
+        moved once, the Gaussian baselines are computed on the CPU.  The returned
+        :attr:`VAEFit.vae` stays on ``device``.
+
+    Raises
+    ------
+    ValueError
+        Too few or non-finite kernels, a bad fraction, or a ``device`` this machine lacks.
     """
     from tqdm.auto import tqdm
+
+    device = resolve_device(device)
 
     minimum = 2 if val_kernels is None else 1
     if kernels.dim() < 2 or len(kernels) < minimum:
@@ -452,10 +467,13 @@ def fit_kernel_vae(
                 f"{', '.join(map(str, train.shape[1:]))}), got {tuple(val.shape)}"
             )
     n_val = len(val)
+    # the bank is small (kernels, not images): one copy on the device, no transfer per step;
+    # on the CPU ``to`` returns the tensors themselves
+    train_on, val_on = train.to(device), val.to(device)
 
     with torch.random.fork_rng(), pyro.get_param_store().scope():
         torch.manual_seed(seed)
-        vae = KernelVAE(tuple(kernels.shape[1:]), latent_dim, architecture, hidden)
+        vae = KernelVAE(tuple(kernels.shape[1:]), latent_dim, architecture, hidden).to(device)
         scheduler = pyro.optim.ReduceLROnPlateau(
             {
                 "optimizer": torch.optim.Adam,
@@ -470,10 +488,11 @@ def fit_kernel_vae(
         best_state, since_best = copy.deepcopy(vae.state_dict()), 0
         bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
         for epoch in bar:
-            order = torch.randperm(len(train), generator=generator)
-            loss = sum(svi.step(train[idx], idx, len(train)) for idx in order.split(batch_size))
+            # drawn on the CPU generator (the same order on every device), then moved
+            order = torch.randperm(len(train), generator=generator).to(device)
+            loss = sum(svi.step(train_on[idx], idx, len(train)) for idx in order.split(batch_size))
             train_elbo = -loss / len(order.split(batch_size)) / len(train)
-            val_elbo = _mean_elbo(vae, val, 4096)
+            val_elbo = _mean_elbo(vae, val_on, 4096)
             scheduler.step(-val_elbo)
             current_lr = _current_lr(scheduler, lr)
             fit.history.append(

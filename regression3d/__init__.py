@@ -3,8 +3,10 @@
 * :mod:`~regression3d.bagnet`: :class:`BagNet3D` (receptive field 9 / 17 / 33 / 177,
   local prediction maps, a strictly local variant), :func:`measure_receptive_field`;
 * :mod:`~regression3d.regressor`: Hydranet's :class:`BaseRegressor`;
-* :mod:`~regression3d.hydranet`: set-sum augmentation for any regressor, one member per
-  forward pass (:func:`set_loss_backward`);
+* :mod:`~regression3d.hydranet`: set-sum augmentation for any regressor, all members in
+  one forward pass or a few at a time (:func:`set_loss_backward`);
+* :mod:`~regression3d.augment`: :class:`RigidAugmentation` (the Hydranet paper's random
+  flips, rotation and translation, from MONAI transforms);
 * :mod:`~regression3d.train`: :func:`fit` (deterministic, or the ELBO for networks made
   Bayesian by :func:`make_bayesian` with any ``dwp`` prior, a deep weight prior included),
   :class:`FittedModel.predict` (mean and epistemic variance);
@@ -16,6 +18,7 @@
 The package knows nothing about the synthetic cohorts: it takes tensors and affines.
 """
 
+from .augment import RigidAugmentation
 from .bagnet import KERNEL3, BagNet3D, ChannelNorm3d, bagnet3d, linearised, measure_receptive_field
 from .hydranet import SetBatch, draw_sets, set_loss_backward, set_members, set_sum, set_targets
 from .importance import (
@@ -62,6 +65,7 @@ __all__ = [
     "HydraConfig",
     "ImportanceConfig",
     "NoiseModel",
+    "RigidAugmentation",
     "SetBatch",
     "SkipBlock",
     "TrainConfig",

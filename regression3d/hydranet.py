@@ -6,13 +6,16 @@ the regressor's predictions with the sum of the labels (counts and volumes add u
 time the regressor is used alone.
 
 The paper replicates the network ``n`` times in one graph, which holds ``n`` volumes'
-activations at once.  :func:`set_loss_backward` instead runs the members one after another:
-a first pass without autograd gives the scalar predictions and the loss's gradient ``g``
-with respect to their sum; a second pass per member back-propagates ``g`` through that
-member alone.  The gradient is exactly that of the one-graph loss (the chain rule through a
-sum), at the memory of one member and the cost of one extra forward pass.  Random draws
-inside the network (Bayesian weight samples, dropout) are replayed identically in every
-pass, so all members of a set see one and the same network sample.
+activations at once.  :func:`set_loss_backward` does the same by default (all members of
+all sets in one batch: one forward and one backward pass, the cost per image of an
+ordinary minibatch).  For volumes too large for that it streams the members a few at a
+time (``members_per_pass``): a first pass without autograd gives the scalar predictions and
+the loss's gradient ``g`` with respect to their sum; a second pass per batch of members
+back-propagates ``g`` through them alone.  The gradient is exactly that of the one-graph
+loss (the chain rule through a sum), at the memory of one batch of members and the cost of
+one extra forward pass.  Random draws inside the network are replayed identically in every
+streamed pass, so with a Bayesian network's default (one weight sample per forward pass,
+``reparam``) all members of a step see one and the same network sample either way.
 """
 
 from __future__ import annotations
@@ -164,12 +167,13 @@ def set_loss_backward(
     members: Sequence[Tensor],
     target: Tensor,
     loss_fn: LossFn = lambda s, t: F.mse_loss(s, t, reduction="sum"),
+    *,
+    members_per_pass: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Set-sum loss and its gradient, one member at a time.
+    """Set-sum loss and its gradient, all members in one pass or a few at a time.
 
     Computes ``loss = loss_fn(sum_j model(members[j]), target)`` and accumulates its
-    gradient into the parameters' ``.grad`` (as ``loss.backward()`` would), holding one
-    member's activations at a time.
+    gradient into the parameters' ``.grad`` (as ``loss.backward()`` would).
 
     Parameters
     ----------
@@ -183,6 +187,12 @@ def set_loss_backward(
         ``(sum of predictions, target) -> scalar``; default the summed squared error.  For an
         ELBO pass e.g. ``dwp.likelihoods.gaussian_nll`` scaled by ``N / B``, then add the KL's
         gradient separately.
+    members_per_pass
+        ``None`` (default): every member of every set in one batch of ``n * S`` images, one
+        forward and one backward pass (the paper's one graph, and as fast per image as
+        ordinary minibatches).  ``k``: batches of ``k`` members (``k * S`` images), streamed
+        as the module docstring describes, holding only their activations; ``1`` for the
+        least memory.  The gradient is the same either way.
 
     Returns
     -------
@@ -190,24 +200,43 @@ def set_loss_backward(
         The loss (detached scalar) and the sum of predictions ``(S, *out)`` (detached).
     """
     _check_members(members)
-    with _replayed_randomness(members[0].device) as rewind:
-        with torch.no_grad():
-            outs = []
-            for member in members:
-                rewind()
-                outs.append(model(member))
-        total = torch.stack(outs).sum(0).requires_grad_(True)
+    if members_per_pass is not None and members_per_pass < 1:
+        raise ValueError(f"members_per_pass must be >= 1 or None, got {members_per_pass}")
+    n, n_sets = len(members), members[0].shape[0]
+    chunk = n if members_per_pass is None else min(members_per_pass, n)
+    passes = [torch.cat(list(members[i : i + chunk])) for i in range(0, n, chunk)]
+
+    def summed(batch: Tensor) -> Tensor:  # (k * S, *out) -> (S, *out): sum over members
+        out = model(batch)
+        return out.view(-1, n_sets, *out.shape[1:]).sum(0)
+
+    def checked_loss(total: Tensor) -> Tensor:
         if total.shape != target.shape:
             raise ValueError(
                 f"target {tuple(target.shape)} must have the predictions' shape "
                 f"{tuple(total.shape)}"
             )
-        with torch.enable_grad():
-            loss = loss_fn(total, target)
-            if loss.dim() != 0:
-                raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
+        loss = loss_fn(total, target)
+        if loss.dim() != 0:
+            raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
+        return loss
+
+    with torch.enable_grad():
+        if len(passes) == 1:
+            total = summed(passes[0])
+            loss = checked_loss(total)
+            loss.backward()
+            return loss.detach(), total.detach()
+        with _replayed_randomness(members[0].device) as rewind:
+            with torch.no_grad():
+                partial = []
+                for batch in passes:
+                    rewind()
+                    partial.append(summed(batch))
+            total = torch.stack(partial).sum(0).requires_grad_(True)
+            loss = checked_loss(total)
             (grad,) = torch.autograd.grad(loss, total)
-            for member in members:
+            for batch in passes:
                 rewind()
-                model(member).backward(grad)
+                summed(batch).backward(grad)
     return loss.detach(), total.detach()

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import dwp
+from dwp.devices import resolve_device
 from dwp.train_log import TrainingLogger, step_scalars
 
 from .hydranet import SetBatch, draw_sets, set_loss_backward, set_members, set_targets
@@ -125,16 +126,23 @@ class HydraConfig:
         Sets per optimisation step (the loss is their mean); ``None``: ``batch_size //
         set_size``, at least one (the paper: one set of 4 per step).  Sets are cut from
         consecutive epochs when an epoch holds fewer.
+    members_per_pass
+        ``None``: all members of a step's sets in one forward pass (fastest); ``k``: ``k``
+        members at a time, for volumes whose ``set_size`` copies do not fit in memory
+        (:func:`~regression3d.hydranet.set_loss_backward`; same gradient).
     """
 
     set_size: int = 4
     p_zero: float = 0.1
     centre: bool = False
     sets_per_step: int | None = None
+    members_per_pass: int | None = None
 
     def __post_init__(self) -> None:
-        if self.sets_per_step is not None and self.sets_per_step < 1:
-            raise ValueError(f"sets_per_step must be >= 1 or None, got {self.sets_per_step}")
+        for name in ("sets_per_step", "members_per_pass"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
 
 
 @dataclass(frozen=True)
@@ -149,7 +157,9 @@ class TrainConfig:
     optimizer
         ``"auto"``: ``"natural"`` for a Bayesian network (Adam on the means, natural-
         gradient steps on the posterior scales, :class:`dwp.optim.NaturalVI`), AdamW for a
-        deterministic one; or ``"adam"`` / ``"sgd"`` (:func:`dwp.optim.build_optimizer`).
+        deterministic one; or ``"adam"`` / ``"sgd"`` (:func:`dwp.optim.build_optimizer`);
+        or, for a deterministic network, ``"adadelta"`` (the Hydranet paper's optimiser;
+        ``lr`` 1.0 is its usual rate).
     scale_rate
         ``natural``: the rate of the natural-gradient step on the scales.
     beta
@@ -165,6 +175,12 @@ class TrainConfig:
         ``None`` for ordinary minibatches, or a :class:`HydraConfig`.
     seed
         Seed of the batches, the zero images and the weight samples.
+    device
+        Where to train (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``), checked by
+        :func:`fit` before any step (:func:`dwp.devices.resolve_device`).  The network is
+        moved there; the images stay where they are and each batch is moved.  The batches
+        and zero images are drawn on the CPU whatever the device; weight samples come from
+        the device's generator (seeded with ``seed`` too).
     """
 
     steps: int = 200
@@ -179,9 +195,11 @@ class TrainConfig:
     noise_scale: float = 0.5
     hydranet: HydraConfig | None = None
     seed: int = 0
+    device: str | torch.device = "cpu"
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The settings as plain values (``device`` as its string), e.g. for JSON."""
+        return asdict(self) | {"device": str(self.device)}
 
 
 @dataclass
@@ -191,11 +209,12 @@ class FittedModel:
     Attributes
     ----------
     model
-        The network (eval mode).
+        The network (eval mode), on the device it was trained on.
     task
         ``"regression"`` or ``"classification"``.
     shift, scale
-        Regression targets were ``(y - shift) / scale`` in training, shape ``(K,)``.
+        Regression targets were ``(y - shift) / scale`` in training, shape ``(K,)``, CPU
+        tensors.
     history
         ``step``, ``loss``, ``nll``, ``kl`` every 10 steps.
     """
@@ -218,7 +237,7 @@ class FittedModel:
         Parameters
         ----------
         x
-            ``(N, C, D, H, W)``.
+            ``(N, C, D, H, W)``, on any device: each batch is moved to the model's.
         n_samples
             Posterior samples (ignored by deterministic networks).
         batch_size
@@ -228,19 +247,28 @@ class FittedModel:
         -------
         tuple of Tensor
             Regression: mean and variance ``(N, K)`` in target units.  Classification:
-            class probabilities ``(N, C)`` and their variance over samples.
+            class probabilities ``(N, C)`` and their variance over samples.  CPU tensors.
         """
         _check_images(x, "x")
+        device = _device_of(self.model)
         means, variances = [], []
         for i in range(0, len(x), batch_size):
-            pred = dwp.predict(self.model, x[i : i + batch_size], n_samples, task=self.task)
-            means.append(pred.mean)
-            variances.append(pred.variance)
+            batch = x[i : i + batch_size].to(device)
+            pred = dwp.predict(self.model, batch, n_samples, task=self.task)
+            means.append(pred.mean.cpu())
+            variances.append(pred.variance.cpu())
         mean, variance = torch.cat(means), torch.cat(variances)
         if self.task == "regression":
             mean = mean * self.scale + self.shift
             variance = variance * self.scale**2
         return mean, variance
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter or buffer (CPU for a module with none)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def _check_images(x: Tensor, name: str) -> None:
@@ -256,6 +284,17 @@ def _optimiser(
     """``config.optimizer`` for ``model``; ``"auto"``: natural-gradient scales for a
     Bayesian network, AdamW (decoupled weight decay) for a deterministic one."""
     name = config.optimizer
+    if name == "adadelta":
+        if bayesian:
+            raise ValueError(
+                "optimizer 'adadelta' is for deterministic networks; a Bayesian one takes "
+                "'auto', 'natural', 'adam' or 'sgd'"
+            )
+        return torch.optim.Adadelta(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+        )
     if name == "auto" and not bayesian:
         return torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
@@ -313,7 +352,15 @@ def fit(
     Returns
     -------
     FittedModel
+        ``model`` itself, moved to ``config.device``; ``shift`` and ``scale`` on the CPU.
+
+    Raises
+    ------
+    ValueError
+        Bad images or labels, an optimiser that does not fit the network, or a
+        ``config.device`` this machine lacks (before the network is moved or trained).
     """
+    device = resolve_device(config.device, name="device")
     _check_images(x, "x")
     if len(y) != len(x):
         raise ValueError(f"x has {len(x)} images but y has {len(y)} labels")
@@ -322,6 +369,7 @@ def fit(
     if config.hydranet is not None and task != "regression":
         raise ValueError("Hydranet set sums need additive regression targets")
     n = len(x)
+    y = y.cpu()  # labels are tiny: scaled on the CPU (FittedModel keeps shift, scale there)
     if task == "regression":
         y = y.reshape(n, -1).to(x.dtype)
         if not torch.isfinite(y).all():
@@ -335,6 +383,8 @@ def fit(
             raise ValueError("classification labels y must be integers")
         shift, scale, z = torch.zeros(1), torch.ones(1), y.long()
 
+    # before the optimiser is built: it must hold the parameters that will be trained
+    model.to(device)
     bayesian = bool(dwp.bayesian_layers(model))
     schedule = (
         dwp.KLSchedule(
@@ -361,27 +411,33 @@ def fit(
             beta = schedule(step)
             if config.hydranet is None:
                 idx = next(batches)
-                xb = x[idx] if augment is None else augment(x[idx])
-                nll = nll_of(model(xb), z[idx])
+                # only the batch moves: the dataset may not fit on the device
+                xb = x[idx].to(device)
+                xb = xb if augment is None else augment(xb)
+                nll = nll_of(model(xb), z[idx].to(device))
                 if bayesian:
                     terms = dwp.elbo(nll, model, n_data=n, batch_size=len(idx), beta=beta)
                     loss, kl, data_term = terms.loss, terms.kl, terms.data_term
                 else:
-                    loss, kl = nll / len(idx), torch.zeros(())
+                    loss, kl = nll / len(idx), torch.zeros((), device=device)
                     data_term = loss
                 loss.backward()
             else:
                 sets = next(batches)
-                members = set_members(x, sets)
+                members = [m.to(device) for m in set_members(x, sets)]
                 if augment is not None:
                     members = [augment(m) for m in members]
                 n_sets = -(-n // config.hydranet.set_size)
                 factor = n_sets / len(sets) if bayesian else 1.0 / len(sets)
                 nll, _ = set_loss_backward(
-                    model, members, set_targets(z, sets), lambda s, t, f=factor: nll_of(s, t) * f
+                    model,
+                    members,
+                    set_targets(z, sets).to(device),
+                    lambda s, t, f=factor: nll_of(s, t) * f,
+                    members_per_pass=config.hydranet.members_per_pass,
                 )
                 nll = nll / factor
-                kl = dwp.kl(model) if bayesian else torch.zeros(())
+                kl = dwp.kl(model) if bayesian else torch.zeros((), device=device)
                 if bayesian:
                     (beta * kl).backward()
                 data_term = nll * factor

@@ -1245,3 +1245,57 @@ def test_a_learned_scale_is_the_change_of_variables_of_the_kernels(tmp_path):
     prior.save(tmp_path / "scaled.pt")
     loaded = DeepWeightPrior.load(tmp_path / "scaled.pt")
     assert loaded.learn_scale and float(loaded.log_scale_factors["all"].detach()) == 0.25
+
+
+# -- the device option of the fit -----------------------------------------------------------
+def _small_prior_fit(**options):
+    bank = _linear_bank((60, 50))
+    return DeepWeightPrior.fit(
+        bank, latent_dim=D, hidden=4, epochs=1, batch_size=32, iwae_samples=4, progress=False,
+        **options,
+    )  # fmt: skip
+
+
+def test_default_and_explicit_cpu_device_fit_the_same_prior_and_file(tmp_path):
+    priors = [_small_prior_fit(), _small_prior_fit(device="cpu")]
+    priors.append(_small_prior_fit(device=torch.device("cpu")))
+    reference = priors[0].state_dict()
+    for i, prior in enumerate(priors):
+        state = prior.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in reference.items() if torch.is_tensor(v))
+        assert prior.metadata == priors[0].metadata  # the fits' histories and held-out scores
+        prior.save(tmp_path / f"{i}.pt")
+    files = {(tmp_path / f"{i}.pt").read_bytes() for i in range(len(priors))}
+    assert len(files) == 1  # byte for byte the same file
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("gpu", r"^device 'gpu' is not a torch device"),
+        (f"cuda:{torch.cuda.device_count()}", r"is not available on this machine \(available: cpu"),
+    ],
+)  # fmt: skip
+def test_a_bad_device_is_rejected_before_any_vae_is_fitted(monkeypatch, device, message):
+    def no_fit(*args, **kwargs):
+        raise AssertionError("a VAE fit started")
+
+    monkeypatch.setattr(dwp.priors.deep, "fit_kernel_vae", no_fit)
+    with pytest.raises(ValueError, match=message):
+        _small_prior_fit(device=device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_prior_fitted_on_cuda_stays_there_and_its_file_loads_on_the_cpu(tmp_path):
+    prior = _small_prior_fit(device="cuda")
+    assert all(t.device.type == "cuda" for t in (*prior.parameters(), *prior.buffers()))
+    assert math.isfinite(prior.held_out()["vae"])
+    site = prior.for_group("enc")
+    assert site.sample((4, 2, *KS)).device.type == "cuda"
+    prior.save(tmp_path / "prior.pt")
+    loaded = DeepWeightPrior.load(tmp_path / "prior.pt")
+    for key, value in prior.state_dict().items():
+        if torch.is_tensor(value):
+            assert loaded.state_dict()[key].device.type == "cpu"
+            assert torch.equal(loaded.state_dict()[key], value.cpu()), key
+    assert loaded.metadata == prior.metadata

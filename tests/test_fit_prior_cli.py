@@ -369,3 +369,42 @@ def test_the_readme_commands_parse():
     for command in commands:
         args = build_parser().parse_args(command[1:])
         check(args, KINDS[args.kind])  # usage errors would exit
+
+
+# -- --device ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--device", "gpu"], r"^dwp fit-prior: error: --device 'gpu' is not a torch device \(e\.g\. 'cpu'"),
+        (["--device", f"cuda:{torch.cuda.device_count()}"],
+         r"^dwp fit-prior: error: --device 'cuda:\d+' is not available on this machine \(available: cpu"),
+        (["--device", "meta"], r"^dwp fit-prior: error: --device 'meta' is not supported"),
+        (["--kind", "kernel-gaussian", "--device", "cpu"],
+         r"error: --device does not apply to --kind kernel-gaussian \(it applies to dwp\)$"),
+    ],
+)  # fmt: skip
+def test_a_bad_device_is_one_usage_error_before_anything_is_read(tmp_path, argv, message):
+    # the SOURCE does not exist: the device is checked before any file is touched
+    kind = [] if "--kind" in argv else ["--kind", "dwp"]
+    status, stdout, stderr = fit(tmp_path / "missing.pt", *kind, *argv, "--out", tmp_path / "p.pt")
+    assert status == 2 and stdout == ""
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and re.search(message, errors[0]), stderr
+    assert files(tmp_path) == set()
+
+
+def test_device_cpu_fits_the_prior_that_no_device_fits(dwp_run, tmp_path):
+    status, _, stderr = fit(
+        *dwp_run["sources"], "--kind", "dwp", "--include", "conv*", "--min-norm", "0.05",
+        "--seed", "3", *VAE_FLAGS, "--no-progress", "--device", "cpu",
+        "--out", tmp_path / "prior.pt",
+    )  # fmt: skip
+    assert status == 0, stderr
+    loaded, expected = load_prior(tmp_path / "prior.pt"), dwp_run["prior"]
+    assert_same_state(loaded, expected)
+    assert loaded.metadata["held_out"] == expected.metadata["held_out"]
+    report = json.loads((tmp_path / "prior.report.json").read_text())
+    assert report["options"]["device"] == "cpu"  # the run's record says where it ran
+    status, stdout, _ = run("fit-prior", "--help")
+    help_text = " ".join(stdout.split())  # whatever the terminal width
+    assert status == 0 and "--device DEVICE" in help_text and "(default cpu)" in help_text

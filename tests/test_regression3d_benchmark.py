@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -126,6 +127,54 @@ def test_a_rerun_keeps_the_hand_measured_ablation_section(ci_run) -> None:
     assert mean == 2.0 and high - mean == pytest.approx(mean - low)
     assert high - mean == pytest.approx(4.3027 / 3**0.5, rel=1e-4)  # t(0.975, 2) * sem
     assert mean_ci([5.0]) == (5.0, 5.0, 5.0)
+
+
+def test_ablations_run_beside_the_others_and_replace_section_d(ci_run) -> None:
+    from benchmarks.regression.ablations import ABLATIONS
+    from benchmarks.regression.report import ABLATIONS_HEADING
+
+    out = ci_run.root / "with_ablations"
+    before = _results(ci_run.work)
+    assert _main(out, ci_run.work, "--ablations") == 0
+    after = _results(ci_run.work)
+    # (a)-(c) read back; one new result file per ablation (ci: one repetition, 12 subjects)
+    assert {k: v for k, v in after.items() if k in before} == before
+    new = {name.rsplit(".", 1)[0] for name in after.keys() - before.keys()}
+    assert new == {f"ablation_{a.slug}_n12_seed1" for a in ABLATIONS}
+    payload = _payload(out)
+    rows = [r for r in payload["rows"] if r.get("section") == "ablation"]
+    assert {(r["ablation"], r["target"]) for r in rows} == {
+        (a.name, t) for a in ABLATIONS for t in ("count", "volume_mm3")
+    }
+    markdown = (out / "regression_ci.md").read_text()
+    assert markdown.count(ABLATIONS_HEADING) == 1
+    section = markdown[markdown.index(ABLATIONS_HEADING) :]
+    for a in ABLATIONS:
+        assert f"| {a.name} |" in section
+    assert "| (b) base |" in section and "| (b) Hydranet |" in section
+    # a rerun without --ablations keeps the measured section
+    assert _main(out, ci_run.work) == 0
+    assert (out / "regression_ci.md").read_text().count(ABLATIONS_HEADING) == 1
+
+
+def test_ablations_change_only_what_they_name(ci_run) -> None:
+    from benchmarks.regression.ablations import ABLATIONS, AblationRun
+    from benchmarks.regression.config import PRESETS
+    from benchmarks.regression.hydranet import HydraRun
+
+    preset = PRESETS["quick"]
+    common = {"folder": ci_run.work, "preset": preset, "seed": 0, "n_train": 12, "rep": 1}
+    by_name = {a.name: a for a in ABLATIONS}
+    base = HydraRun(**common, method="hydranet").train_config(1)
+    one = AblationRun(**common, method="hydranet", ablation=by_name["one set per step"])
+    assert one.train_config(1) == replace(base, hydranet=replace(base.hydranet, sets_per_step=1))
+    centred = AblationRun(**common, method="hydranet", ablation=by_name["centred sums"])
+    config = centred.train_config(1)
+    assert config.hydranet.centre and config.steps == preset.regressor_steps
+    paper = by_name["base, Adadelta + augmentation"]
+    run = AblationRun(**common, method=paper.method, ablation=paper)
+    assert run.train_config(1).optimizer == "adadelta" and run.train_config(1).hydranet is None
+    assert run.augmentation(1) is not None and one.augmentation(1) is None
 
 
 @pytest.fixture(scope="module")

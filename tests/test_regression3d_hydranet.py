@@ -51,8 +51,11 @@ def test_zero_image_rate_follows_p() -> None:
     assert abs(rate - 0.25) < 0.02  # binomial sd ~0.007
 
 
+@pytest.mark.parametrize("members_per_pass", [1, 3, None])
 @pytest.mark.parametrize("bayesian", [False, True])
-def test_streamed_set_loss_equals_the_single_pass_and_its_gradients(bayesian: bool) -> None:
+def test_streamed_set_loss_equals_the_single_pass_and_its_gradients(
+    bayesian: bool, members_per_pass: int | None
+) -> None:
     torch.manual_seed(0)
     net = BaseRegressor(1, 2, (3, 4))
     if bayesian:  # reparam: one weight sample per pass, replayed for every member
@@ -63,7 +66,7 @@ def test_streamed_set_loss_equals_the_single_pass_and_its_gradients(bayesian: bo
 
     torch.manual_seed(11)
     net.zero_grad()
-    loss, total = set_loss_backward(net, members, target)
+    loss, total = set_loss_backward(net, members, target, members_per_pass=members_per_pass)
     streamed = [p.grad.clone() for p in net.parameters()]
 
     # the twin: every member of every set in ONE forward pass, predictions summed per set
@@ -103,3 +106,11 @@ def test_bad_sets_and_targets_are_rejected() -> None:
         set_loss_backward(net, [torch.zeros(2, 1, 4, 4, 4)], torch.zeros(3, 1))
     with pytest.raises(ValueError, match="members"):
         set_loss_backward(net, [], torch.zeros(1, 1))
+    with pytest.raises(ValueError, match="members_per_pass"):
+        set_loss_backward(net, [torch.zeros(2, 1, 4, 4, 4)], torch.zeros(2, 1), members_per_pass=0)
+    for members_per_pass in (1, None):  # the shape check holds on both paths
+        with pytest.raises(ValueError, match="target"):
+            set_loss_backward(
+                net, [torch.zeros(2, 1, 4, 4, 4)] * 2, torch.zeros(3, 1),
+                members_per_pass=members_per_pass,
+            )  # fmt: skip

@@ -177,6 +177,43 @@ def test_hydranet_steps_take_sets_per_step_sets_across_epochs() -> None:
         HydraConfig(sets_per_step=0)
 
 
+def test_hydranet_members_per_pass_changes_memory_not_the_fit() -> None:
+    x, y = _data(8, seed=6)
+    fits = []
+    for members_per_pass in (None, 1):
+        torch.manual_seed(0)
+        hydra = HydraConfig(4, 0.25, sets_per_step=2, members_per_pass=members_per_pass)
+        fitted = fit(BaseRegressor(1, 1, (2, 3)), x, y, TrainConfig(steps=4, hydranet=hydra))
+        fits.append(fitted)
+    one_pass, streamed = fits
+    for a, b in zip(one_pass.model.parameters(), streamed.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert [h["loss"] for h in one_pass.history] == pytest.approx(
+        [h["loss"] for h in streamed.history], rel=1e-5
+    )
+    with pytest.raises(ValueError, match="members_per_pass"):
+        HydraConfig(members_per_pass=0)
+
+
+def test_adadelta_and_augmentation_train_a_deterministic_net_only() -> None:
+    from regression3d import RigidAugmentation
+    from regression3d.train import _optimiser
+
+    x, y = _data(8, seed=7)
+    config = TrainConfig(steps=3, optimizer="adadelta", lr=1.0)
+    net = BaseRegressor(1, 1, (2, 2))
+    schedule = dwp.KLSchedule("constant", end=1.0)
+    assert isinstance(_optimiser(net, config, schedule, False), torch.optim.Adadelta)
+    before = [p.detach().clone() for p in net.parameters()]
+    fitted = fit(net, x, y, config, augment=RigidAugmentation(seed=0))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(before, fitted.model.parameters(), strict=True)
+    )
+    bnn = make_bayesian(BaseRegressor(1, 1, (2, 2)))
+    with pytest.raises(ValueError, match="adadelta"):
+        fit(bnn, x, y, config)
+
+
 def test_feature_scale_keeps_the_initial_function() -> None:
     x = torch.randn(2, 1, 6, 6, 6)
     torch.manual_seed(0)
@@ -198,3 +235,74 @@ def test_bad_training_inputs_are_rejected() -> None:
         fit(BaseRegressor(1, 2, (2,)), x, y, task="classification")
     with pytest.raises(ValueError, match="3x3x3"):
         make_bayesian(torch.nn.Linear(2, 1), kernel_prior=dwp.NormalPrior())
+
+
+# -- the device option ----------------------------------------------------------------------
+def _fit_on(device: str | torch.device | None, hydranet: HydraConfig | None = None) -> FittedModel:
+    """A small Bayesian fit; ``device=None``: the config's default."""
+    x, y = _data(8, seed=8)
+    torch.manual_seed(0)
+    bnn = make_bayesian(BaseRegressor(1, 1, (2, 2)))
+    options = {} if device is None else {"device": device}
+    config = TrainConfig(steps=4, beta=1e-2, hydranet=hydranet, **options)
+    return fit(bnn, x, y, config)
+
+
+@pytest.mark.parametrize("hydranet", [None, HydraConfig(4, 0.25, members_per_pass=2)])
+def test_default_and_explicit_cpu_device_train_the_same_weights(hydranet) -> None:
+    fits = [_fit_on(d, hydranet) for d in (None, "cpu", torch.device("cpu"))]
+    assert TrainConfig().device == "cpu"
+    reference = fits[0].model.state_dict()
+    for fitted in fits[1:]:
+        state = fitted.model.state_dict()
+        assert state.keys() == reference.keys()
+        for key, value in reference.items():  # tensors, and the priors' extra state
+            same = torch.equal(state[key], value) if torch.is_tensor(value) else state[key] == value
+            assert same, key
+        assert fitted.history == fits[0].history
+    x, _ = _data(3, seed=9)
+    predictions = []
+    for fitted in fits:
+        torch.manual_seed(1)
+        predictions.append(fitted.predict(x, n_samples=2))
+    assert all(torch.equal(p[0], predictions[0][0]) for p in predictions)
+    assert TrainConfig(device=torch.device("cpu")).as_dict()["device"] == "cpu"  # JSON-ready
+
+
+def test_a_bad_or_missing_device_is_rejected_before_training() -> None:
+    x, y = _data(4, seed=0)
+    net = BaseRegressor(1, 1, (2,))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: never there
+    cases = [
+        ("gpu", r"^device 'gpu' is not a torch device"),
+        (missing, rf"^device '{missing}' is not available on this machine \(available: cpu"),
+        ("meta", r"^device 'meta' is not supported"),
+    ]
+    for device, message in cases:
+        with pytest.raises(ValueError, match=message):
+            fit(net, x, y, TrainConfig(steps=2, device=device))
+    after = net.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)  # not trained, not moved
+
+
+def test_the_fitted_model_keeps_cpu_scaling_and_predicts_cpu_tensors() -> None:
+    fitted = _fit_on("cpu")
+    assert fitted.shift.device.type == fitted.scale.device.type == "cpu"
+    mean, variance = fitted.predict(_data(2, seed=9)[0], n_samples=2)
+    assert mean.device.type == variance.device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_on_cuda_moves_the_model_and_the_batches_not_the_data() -> None:
+    x, y = _data(8, seed=8)
+    for hydranet in (None, HydraConfig(4, 0.25, members_per_pass=2)):
+        torch.manual_seed(0)
+        bnn = make_bayesian(BaseRegressor(1, 1, (2, 2)))
+        config = TrainConfig(steps=4, beta=1e-2, hydranet=hydranet, device="cuda")
+        fitted = fit(bnn, x, y, config)
+        assert all(p.device.type == "cuda" for p in fitted.model.parameters())
+        assert x.device.type == "cpu" and fitted.shift.device.type == "cpu"
+        assert all(torch.isfinite(torch.tensor(h["loss"])) for h in fitted.history)
+        mean, variance = fitted.predict(x[:3], n_samples=2)
+        assert mean.device.type == variance.device.type == "cpu" and mean.shape == (3, 1)

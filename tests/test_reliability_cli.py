@@ -257,7 +257,7 @@ def test_a_missing_device_is_named_before_any_work(
     status, err = _run([*argv, "--device", missing], capsys)
     assert status == cli.EXIT_ERROR
     line = _one_error_line(err)
-    assert f"--device {missing} is not available" in line and "available: cpu" in line
+    assert f"--device '{missing}' is not available" in line and "available: cpu" in line
     status, err = _run([*argv, "--device", "gpu"], capsys)
     assert status == cli.EXIT_ERROR and "not a torch device" in _one_error_line(err)
 

@@ -18,6 +18,8 @@ import dwp
 import unet3d.train
 from unet3d import cli
 from unet3d.checkpoint import CheckpointError, load_model
+from unet3d.cli.arguments import augmentation_of
+from unet3d.config import Augmentation
 
 REPO = Path(__file__).resolve().parents[1]
 WIDTHS = ["--widths", "2", "4", "4", "8"]
@@ -203,7 +205,7 @@ def test_resume_accepts_a_run_from_before_a_setting_existed(
     last = tmp_path / "run" / "last.pt"
     state = torch.load(last, weights_only=True)
     config = json.loads(state["config"])
-    for key in ("swag_rank", "swag_start", "swag_every", "scale_rate"):
+    for key in ("swag_rank", "swag_start", "swag_every", "scale_rate", "augmentation"):
         del config[key]
     torch.save({**state, "config": json.dumps(config)}, last)
     status, _, err = _run([*argv, "--resume"], capsys)
@@ -216,6 +218,75 @@ def test_resume_with_other_settings_names_the_difference(
     status, _, err = _run([*_train_argv(data, runs["random_init"], epochs=3), "--resume"], capsys)
     assert status == cli.EXIT_ERROR
     assert "last.pt" in err and "epochs: 1 -> 3" in err and "Traceback" not in err
+
+
+def test_augment_options_reach_the_config_and_the_training_set_only(
+    tmp_path: Path,
+    data: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_train, seen = unet3d.train.train, {}
+
+    def spy(config, train_set, val_set, **kwargs):
+        seen.update(config=config, train_set=train_set, val_set=val_set)
+        return real_train(config, train_set, val_set, **kwargs)
+
+    monkeypatch.setattr(unet3d.train, "train", spy)
+    tuned = ("--augment", "--flip-prob", "0.25", "--intensity-scale", "0.2", "--seed", "3")
+    argv = _train_argv(data, tmp_path / "run", *tuned)
+    status, _, err = _run(argv, capsys)
+    assert status == 0, err
+    expected = Augmentation(flip_prob=0.25, scale=0.2)  # the options not given: defaults
+    assert seen["config"].augmentation == expected
+    assert seen["train_set"].augmentation == expected and seen["train_set"].seed == 3
+    assert seen["val_set"].augmentation is None
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    last = json.loads(torch.load(tmp_path / "run" / "last.pt", weights_only=True)["config"])
+    assert stored["augmentation"] == last["augmentation"] == {
+        "flip_prob": 0.25, "rotate_prob": 0.2, "max_rotation_deg": 10.0,
+        "intensity_prob": 0.5, "scale": 0.2, "shift": 0.1,
+    }  # fmt: skip
+    # a --resume with other augmentation is another run
+    status, _, err = _run([*_train_argv(data, tmp_path / "run", "--seed", "3"), "--resume"], capsys)
+    assert status == cli.EXIT_ERROR and "augmentation: {'flip_prob': 0.25" in err
+    assert "-> None" in err
+
+
+def test_augment_alone_takes_the_defaults_and_is_off_without_it() -> None:
+    def parsed(*extra: str):
+        return cli.build_parser().parse_args(["train", "--data", "d", "--out", "o", *extra])
+
+    assert augmentation_of(parsed("--augment")) == Augmentation()
+    assert augmentation_of(parsed()) is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--flip-prob", "0.3"], "--flip-prob needs --augment"),
+        (["--rotate-prob", "0", "--intensity-shift", "0"], "--rotate-prob --intensity-shift need"),
+        (["--augment", "--flip-prob", "1.5"], "argument --flip-prob: must be in [0, 1], got 1.5"),
+        (["--augment", "--intensity-prob", "-0.1"], "argument --intensity-prob: must be in [0, 1]"),
+        (
+            ["--augment", "--intensity-scale", "-1"],
+            "argument --intensity-scale: must be a number >=",
+        ),
+        (
+            ["--augment", "--max-rotation-deg", "inf"],
+            "argument --max-rotation-deg: must be a finite",
+        ),
+        (["--augment", "--intensity-shift", "x"], "argument --intensity-shift: must be a number"),
+    ],
+)
+def test_bad_augmentation_options_are_usage_errors_naming_the_option(
+    extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--data", "d", "--out", "o", *extra])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "usage: unet3d train" in err
+    assert f"error: {message}" in err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,3 +517,58 @@ def test_bad_arguments_are_usage_errors(
         cli.main(argv)
     assert exit_.value.code == 2
     assert "usage: unet3d" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# train --device
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("nonsense", "error: --device 'nonsense' is not a torch device ("),
+        (f"cuda:{max(torch.cuda.device_count(), 7)}", "is not available on this machine"),
+    ],
+)
+def test_train_device_errors_are_one_line_naming_the_option(
+    tmp_path: Path, device: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # no such --data folder either: the device is checked first, before any data is read
+    argv = _train_argv(tmp_path / "no-data", tmp_path / "out", "--device", device)
+    status, _, err = _run(argv, capsys)
+    assert status == cli.EXIT_ERROR
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --device '{device}'"), err
+    assert message in lines[0] and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_device_reaches_the_config_and_a_resume_may_change_it(
+    tmp_path: Path,
+    data: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_train, seen = unet3d.train.train, []
+
+    def spy(config, *args, **kwargs):
+        seen.append(config.device)
+        return real_train(config, *args, **kwargs)
+
+    monkeypatch.setattr(unet3d.train, "train", spy)
+    argv = _train_argv(data, tmp_path / "run")
+    status, _, err = _run([*argv, "--device", "cpu"], capsys)
+    assert status == 0, err
+    # where a run computes is not part of it: neither config.json nor last.pt holds it
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    last = json.loads(torch.load(tmp_path / "run" / "last.pt", weights_only=True)["config"])
+    assert "device" not in stored and "device" not in last
+    status, _, err = _run([*argv, "--resume"], capsys)  # the default device this time
+    assert status == 0, err
+    assert seen == ["cpu", "cpu"]
+
+
+def test_train_help_lists_the_device(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert "--device DEVICE" in capsys.readouterr().out

@@ -250,6 +250,18 @@ def test_rotation_keeps_image_and_label_aligned(train, tmp_path):
     assert dice > 0.9
 
 
+def test_augmentation_settings_are_checked_and_shared_with_the_config():
+    import unet3d.config
+
+    assert Augmentation is unet3d.config.Augmentation  # the data API exports the config's
+    with pytest.raises(ValueError, match=r"Augmentation\.flip_prob must be in \[0, 1\], got 2"):
+        Augmentation(flip_prob=2)
+    with pytest.raises(ValueError, match=r"Augmentation\.shift must be a finite number >= 0"):
+        Augmentation(shift=-0.5)
+    edges = Augmentation(flip_prob=0, rotate_prob=1, max_rotation_deg=0, scale=0, shift=0)
+    assert edges.rotate_prob == 1  # the closed ends are allowed
+
+
 # --- bad input --------------------------------------------------------------------------------
 
 

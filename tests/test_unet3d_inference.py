@@ -1,7 +1,11 @@
 """Sliding-window inference: shapes, probabilities, MC uncertainty, test-time augmentation,
-NIfTI output, errors."""
+NIfTI output, errors, progress bars (and ``unet3d predict --progress``)."""
 
 from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -10,7 +14,9 @@ import torch
 
 import cohorts
 import dwp
-from unet3d import UNet3D
+import unet3d.checkpoint
+import unet3d.inference
+from unet3d import UNet3D, cli
 from unet3d.cases import Case, DataError
 from unet3d.data import load_decathlon
 from unet3d.inference import (
@@ -276,3 +282,137 @@ def test_predict_case_names_the_file_of_an_image_with_other_channels(tmp_path):
     assert paths["mask"].is_file()
     with pytest.raises(DataError, match="the 2 channel\\(s\\) it was trained on"):
         predict_case(tiny(in_channels=2), case, tmp_path / "out", roi_size=16, modality=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress bars
+
+
+def _window_bar(err: str) -> bool:
+    """Whether stderr holds MONAI's bar over the windows: tqdm's bars start their line with
+    ``\\r``; MONAI's has no description, so its percentage comes first."""
+    return re.search(r"\r\s*\d+%\|", err) is not None
+
+
+def _same(a: VolumePrediction, b: VolumePrediction) -> None:
+    assert a.n_samples == b.n_samples
+    for field in ("probabilities", "mask", "mutual_information", "predictive_entropy"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+
+
+def test_progress_changes_no_numbers_and_shows_the_samples(capsys):
+    model, x = bayesian(), volume()
+    kwargs = {"n_samples": 3, "roi_size": 16, "overlap": 0.25, "seed": 0}
+    quiet = predict_volume(model, x, **kwargs)
+    assert capsys.readouterr().err == ""  # off by default
+    shown = predict_volume(model, x, progress=True, **kwargs)
+    err = capsys.readouterr().err
+    _same(quiet, shown)
+    assert "samples" in err and "3/3" in err
+    # several passes: no window bar unless asked (MONAI's would leave a line per pass)
+    assert not _window_bar(err)
+    windows = predict_volume(model, x, progress=True, window_progress=True, **kwargs)
+    err = capsys.readouterr().err
+    _same(quiet, windows)
+    assert "samples" in err and _window_bar(err)
+
+
+def test_progress_of_one_pass_shows_the_windows(capsys):
+    model, x = tiny(), volume()
+    quiet = predict_volume(model, x, n_samples=4, roi_size=16, overlap=0.25)
+    capsys.readouterr()
+    shown = predict_volume(model, x, n_samples=4, roi_size=16, overlap=0.25, progress=True)
+    err = capsys.readouterr().err
+    _same(quiet, shown)
+    assert "samples" not in err  # one pass: a bar of 1 would say nothing
+    assert _window_bar(err)
+    predict_volume(model, x, roi_size=16, progress=True, window_progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_tta_progress_changes_no_numbers_and_shows_the_flips(capsys):
+    model, x = tiny(), volume()
+    quiet = predict_volume_tta(model, x, flips=(0, 2), roi_size=16, overlap=0.25)
+    capsys.readouterr()
+    shown = predict_volume_tta(model, x, flips=(0, 2), roi_size=16, overlap=0.25, progress=True)
+    err = capsys.readouterr().err
+    _same(quiet, shown)
+    assert "flips" in err and "4/4" in err and not _window_bar(err)
+
+
+def test_predict_case_progress(tmp_path, capsys):
+    image = tmp_path / "one.nii.gz"
+    data = np.random.default_rng(0).random((20, 18, 16)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), image)
+    case = Case("one", image)
+    kwargs = {"n_samples": 2, "roi_size": 16, "seed": 0}
+    quiet = predict_case(bayesian(), case, tmp_path / "quiet", **kwargs)
+    assert capsys.readouterr().err == ""
+    shown = predict_case(bayesian(), case, tmp_path / "shown", progress=True, **kwargs)
+    assert "samples" in capsys.readouterr().err
+    for key in quiet:
+        a = np.asanyarray(nib.load(quiet[key]).dataobj)
+        b = np.asanyarray(nib.load(shown[key]).dataobj)
+        assert np.array_equal(a, b), key
+
+
+def _predict_cli(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    flags: list[str],
+    n_images: int = 1,
+    tty: bool = False,
+) -> list[dict]:
+    """``unet3d predict FLAGS`` over ``n_images`` tiny images, with a stand-in checkpoint
+    and a recording ``predict_case``: the keywords of each call."""
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    for i in range(n_images):
+        data = np.random.default_rng(i).random((16, 16, 16)).astype(np.float32)
+        nib.save(nib.Nifti1Image(data, np.eye(4)), images / f"s{i}.nii.gz")
+    trained = unet3d.checkpoint.TrainedModel(
+        model=bayesian(),
+        config={"n_classes": 2},
+        strategy={"name": "normal_prior"},
+        bayesian=True,
+        path=tmp_path / "best.pt",
+        epoch=0,
+    )
+    calls: list[dict] = []
+
+    def record(model, case, folder, n_samples, **kwargs):
+        calls.append(kwargs)
+        return {}
+
+    monkeypatch.setattr(unet3d.checkpoint, "load_model", lambda path: trained)
+    monkeypatch.setattr(unet3d.inference, "predict_case", record)
+    # capsys's stderr is no terminal; a test of the default on one fakes it
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty, raising=False)
+    argv = ["predict", "--checkpoint", str(tmp_path / "best.pt"), "--input", str(images)]
+    status = cli.main([*argv, "--out", str(tmp_path / "out"), "--samples", "2", *flags])
+    assert status == 0
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("flags", "tty", "expected"),
+    [
+        ([], False, False),  # a log or a pipe: no bars
+        ([], True, True),  # a terminal: bars
+        (["--progress"], False, True),
+        (["--no-progress"], True, False),
+    ],
+)
+def test_cli_progress_flag_reaches_predict_case(
+    tmp_path, monkeypatch, capsys, flags, tty, expected
+):
+    calls = _predict_cli(tmp_path, monkeypatch, flags, tty=tty)
+    err = capsys.readouterr().err
+    assert [c["progress"] for c in calls] == [expected]
+    assert calls[0]["window_progress"] is None  # one image: the window bar of a single pass
+    assert (re.search(r"predict:\s+\d+%\|", err) is not None) == expected  # over the images
+
+
+def test_cli_progress_leaves_the_window_bar_out_over_several_images(tmp_path, monkeypatch):
+    calls = _predict_cli(tmp_path, monkeypatch, ["--progress"], n_images=2)
+    assert [(c["progress"], c["window_progress"]) for c in calls] == [(True, False)] * 2

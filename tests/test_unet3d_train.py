@@ -12,17 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from decathlon import write_decathlon
 
 import cohorts
 import dwp
 from dwp.priors import DeepWeightSitePrior
 from unet3d import UNet3D, kernel3_layers
 from unet3d.checkpoint import CheckpointError
-from unet3d.data import load_decathlon
+from unet3d.config import Augmentation
+from unet3d.data import SegmentationDataset, load_decathlon
 from unet3d.strategies import (
     STRATEGIES,
     ModelSpec,
     PretrainedFrozenStrategy,
+    RandomInitStrategy,
     get_strategy,
 )
 from unet3d.train import TrainConfig, train
@@ -599,3 +602,323 @@ def test_learn_scale_trains_and_logs_the_prior_strength(tmp_path, data, prior_fi
     result = train(_config(tmp_path / "plain", name, strategy_options=plain, epochs=1), *data)
     assert not dwp.prior_scales(result.model)
     assert not any(k.startswith("train_prior_scale:") for k in result.history[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation (TrainConfig.augmentation)
+
+
+def test_config_augmentation_round_trips_and_old_configs_default_to_none():
+    config = TrainConfig(augmentation=Augmentation(flip_prob=0.25, max_rotation_deg=5.0))
+    stored = json.loads(json.dumps(config.as_dict()))  # as checkpoints and config.json hold it
+    assert stored["augmentation"] == {
+        "flip_prob": 0.25, "rotate_prob": 0.2, "max_rotation_deg": 5.0,
+        "intensity_prob": 0.5, "scale": 0.1, "shift": 0.1,
+    }  # fmt: skip
+    again = TrainConfig(**stored)
+    assert again.augmentation == config.augmentation and again.as_dict() == stored
+    assert TrainConfig(augmentation=True).augmentation == Augmentation()
+    assert TrainConfig(augmentation=False).augmentation is None
+    assert TrainConfig(augmentation={"scale": 0.3}).augmentation == Augmentation(scale=0.3)
+    del stored["augmentation"]  # a config written before the setting existed
+    assert TrainConfig(**stored).augmentation is None
+    assert TrainConfig().as_dict()["augmentation"] is None
+
+
+@pytest.mark.parametrize(
+    ("augmentation", "message"),
+    [
+        ({"flip_prob": 1.5}, r"Augmentation\.flip_prob must be in \[0, 1\], got 1\.5"),
+        ({"rotate_prob": -0.1}, r"Augmentation\.rotate_prob must be in \[0, 1\]"),
+        ({"intensity_prob": float("nan")}, r"Augmentation\.intensity_prob must be in \[0, 1\]"),
+        ({"max_rotation_deg": -1}, r"Augmentation\.max_rotation_deg must be a finite number >= 0"),
+        ({"scale": float("inf")}, r"Augmentation\.scale must be a finite number >= 0"),
+        ({"shift": "0.1"}, r"Augmentation\.shift must be a number, got '0\.1'"),
+        ({"flip": 0.5}, r"augmentation: no field 'flip' in Augmentation \(fields: flip_prob"),
+        ("yes", r"augmentation must be an Augmentation, a mapping of its fields"),
+    ],
+)
+def test_bad_augmentation_values_name_the_field(augmentation, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(augmentation=augmentation)
+
+
+class _RecordingStrategy(RandomInitStrategy):
+    """random_init whose network records every input batch with its mode (training or
+    validation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[tuple[bool, torch.Tensor]] = []
+
+    def build_model(self, spec):
+        model = super().build_model(spec)
+
+        def record(module: torch.nn.Module, args: tuple) -> None:
+            self.inputs.append((module.training, args[0].clone()))
+
+        model.register_forward_pre_hook(record)
+        return model
+
+    def batches(self, training: bool) -> list[torch.Tensor]:
+        return [x for mode, x in self.inputs if mode == training]
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    """Four 16^3 Decathlon cases: three to train on, one to validate on."""
+    return load_decathlon(write_decathlon(tmp_path_factory.mktemp("decathlon") / "d"), "train")
+
+
+def _inputs(cases, augmentation, seed=0):
+    """The training and validation batches of a 2-epoch run on ``cases`` (one batch each)."""
+    strategy = _RecordingStrategy()
+    config = _config(
+        None, epochs=2, batch_size=3, shuffle=False, augmentation=augmentation, seed=seed
+    )
+    result = train(config, cases[:3], cases[3:], strategy=strategy)
+    return strategy.batches(True), strategy.batches(False), result.model
+
+
+def test_train_augments_the_training_batches_only_each_epoch_anew_and_reproducibly(cases):
+    augmentation = Augmentation(intensity_prob=1.0)  # every volume changes
+    plain_train, plain_val, _ = _inputs(cases, None)
+    aug_train, aug_val, model = _inputs(cases, augmentation)
+    assert len(plain_train) == len(aug_train) == 2 and len(plain_val) == len(aug_val) == 2
+    assert torch.equal(plain_train[0], plain_train[1])  # without augmentation, epochs alike
+    assert all(not torch.equal(a, p) for a, p in zip(aug_train, plain_train, strict=True))
+    assert not torch.equal(aug_train[0], aug_train[1])  # a new draw every epoch
+    # validation volumes are never augmented
+    assert all(torch.equal(a, p) for a, p in zip(aug_val, plain_val, strict=True))
+    # the same seed: the same augmented batches and the same network
+    again_train, again_val, again = _inputs(cases, augmentation)
+    pairs = zip(again_train + again_val, aug_train + aug_val, strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, again.state_dict()[name]), name
+    other_seed, _, _ = _inputs(cases, augmentation, seed=1)
+    assert not torch.equal(other_seed[0], aug_train[0])
+
+
+def test_a_ready_dataset_must_augment_as_the_config_says(cases):
+    augmentation = Augmentation(rotate_prob=0.0)
+    config = _config(None, epochs=2, batch_size=2, augmentation=augmentation)
+    with pytest.raises(ValueError, match=r"the training dataset augments with None, the config"):
+        train(config, SegmentationDataset(cases[:3]))
+    with pytest.raises(ValueError, match=r"the training dataset augments with Augmentation\("):
+        train(_config(None, epochs=1), SegmentationDataset(cases[:3], augment=True))
+    augmented_val = SegmentationDataset(cases[3:], augment=augmentation)
+    with pytest.raises(ValueError, match=r"the validation dataset augments with Augmentation\("):
+        train(config, cases[:3], augmented_val)
+    # a Subset of a dataset that augments alike trains, and each epoch draws anew
+    ready = SegmentationDataset(cases, augment=augmentation, seed=config.seed)
+    train(config, torch.utils.data.Subset(ready, [0, 1]))
+    assert ready.epoch == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices (TrainConfig.device, unet3d.devices)
+
+NOISY = {"beta": 1.0, "init_log_sigma": -3.0}  # normal_prior's weight noise uses the RNG
+
+
+def _without_seconds(history):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+
+@pytest.mark.parametrize(("name", "options"), [("random_init", {}), ("normal_prior", NOISY)])
+def test_an_explicit_cpu_device_trains_bit_for_bit_as_the_default(tmp_path, data, name, options):
+    """device="cpu" (a name or a torch.device) changes nothing: the same weights, history
+    and SWAG moments as a config without the setting."""
+    results = {
+        label: train(
+            _config(
+                tmp_path / label, name, strategy_options=options, epochs=2, swag_rank=2, **given
+            ),
+            *data,
+        )
+        for label, given in [
+            ("default", {}),
+            ("name", {"device": "cpu"}),
+            ("torch", {"device": torch.device("cpu")}),
+        ]
+    }
+    default = results.pop("default")
+    for label, result in results.items():
+        for key, value in default.model.state_dict().items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, result.model.state_dict()[key]), (label, key)
+        assert _without_seconds(result.history) == _without_seconds(default.history), label
+        _assert_same_moments(
+            _swag_state(tmp_path / "default" / "swag.pt"), _swag_state(tmp_path / label / "swag.pt")
+        )
+
+
+def test_the_device_is_not_part_of_the_run_and_old_configs_load():
+    config = TrainConfig(device=torch.device("cpu"))
+    assert config.device == "cpu"  # stored as its name
+    stored = json.loads(json.dumps(config.as_dict()))
+    # checkpoints, resume checks and records never see it: a run may resume elsewhere
+    assert "device" not in stored and stored == TrainConfig().as_dict()
+    assert TrainConfig(**stored).device == "cpu"  # a config written before the setting
+
+
+def test_a_run_started_with_the_default_resumes_with_device_cpu(tmp_path, data):
+    options = {"strategy_options": NOISY, "epochs": 2}
+    full = train(_config(tmp_path / "full", "normal_prior", **options), *data)
+
+    def stop_after_first(epoch, record):
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(
+            _config(tmp_path / "cut", "normal_prior", **options),
+            *data,
+            on_epoch_end=stop_after_first,
+        )
+    config = _config(tmp_path / "cut", "normal_prior", device="cpu", **options)
+    resumed = train(config, *data, resume=True)
+    for key, value in full.model.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, resumed.model.state_dict()[key]), key
+    assert _without_seconds(resumed.history) == _without_seconds(full.history)
+
+
+def _missing_cuda_device() -> str:
+    return f"cuda:{max(torch.cuda.device_count(), 7)}"
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("nonsense", r"^device 'nonsense' is not a torch device"),
+        ("gpu", r"^device 'gpu' is not a torch device"),
+        (None, r"^device 'cuda:\d+' is not available on this machine \(available: cpu"),
+        (0, r"^device must be a str or torch.device, got int"),
+    ],
+)
+def test_a_device_this_machine_lacks_is_refused_naming_device(device, message):
+    with pytest.raises(TypeError if device == 0 else ValueError, match=message):
+        TrainConfig(device=_missing_cuda_device() if device is None else device)
+
+
+def test_train_checks_the_device_before_anything_is_written(tmp_path, data):
+    config = _config(tmp_path / "run", epochs=1)
+    config.device = _missing_cuda_device()  # edited after the config checked it
+    with pytest.raises(ValueError, match=r"^device 'cuda:\d+' is not available"):
+        train(config, *data)
+    assert not (tmp_path / "run").exists()
+
+
+class _FakeDist:
+    """Stands for torch.distributed in unet3d.devices: records the group joined."""
+
+    def __init__(self, initialized: bool = False) -> None:
+        self.backend, self.initialized, self.destroyed = None, initialized, False
+
+    def is_available(self) -> bool:
+        return True
+
+    def is_initialized(self) -> bool:
+        return self.initialized
+
+    def init_process_group(self, backend: str) -> None:
+        self.backend, self.initialized = backend, True
+
+    def destroy_process_group(self) -> None:
+        self.destroyed, self.initialized = True, False
+
+    def get_rank(self) -> int:
+        return 1
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        self.reduced = tensor.clone()
+        tensor.mul_(2)  # the other rank held the same value
+
+    def get_world_size(self) -> int:
+        return 2
+
+
+@pytest.fixture
+def torchrun_rank_1(monkeypatch):
+    """The environment of torchrun's second process of two on one node."""
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_ddp_joins_gloo_on_the_cpu(monkeypatch, torchrun_rank_1):
+    from unet3d import devices
+
+    fake = _FakeDist()
+    monkeypatch.setattr(devices, "dist", fake)
+    with devices.process_group(torch.device("cpu")) as where:
+        assert where == devices.Placement(1, 2, torch.device("cpu")) and fake.backend == "gloo"
+    assert fake.destroyed  # the group train() joined, it leaves
+
+
+def test_ddp_joins_nccl_on_cuda_with_one_gpu_per_rank(monkeypatch, torchrun_rank_1):
+    from unet3d import devices
+
+    fake, current = _FakeDist(), []
+    monkeypatch.setattr(devices, "dist", fake)
+    # this machine may have no GPU: the placement logic is what is checked here
+    monkeypatch.setattr(devices, "resolve_device", lambda device, name="device": device)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    with devices.process_group(torch.device("cuda", 0)) as where:
+        assert where == devices.Placement(1, 2, torch.device("cuda", 1))  # cuda:<LOCAL_RANK>
+        assert fake.backend == "nccl" and current == [torch.device("cuda", 1)]
+    assert fake.destroyed
+
+
+def test_a_process_group_started_by_the_caller_is_used_and_left_open(monkeypatch, torchrun_rank_1):
+    from unet3d import devices
+
+    fake = _FakeDist(initialized=True)
+    monkeypatch.setattr(devices, "dist", fake)
+    with devices.process_group(torch.device("cpu")) as where:
+        assert where.world == 2 and fake.backend is None
+    assert not fake.destroyed
+
+
+def test_one_process_joins_no_group(monkeypatch):
+    from unet3d import devices
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(devices, "dist", _FakeDist())
+    with devices.process_group(torch.device("cpu")) as where:
+        assert where == devices.Placement(0, 1, torch.device("cpu"))
+    assert devices.dist.backend is None
+    assert devices.mean_over_ranks(0.1, 1, torch.device("cpu")) == 0.1  # no reduction
+    assert devices.backend(torch.device("cuda")) == "nccl"
+    assert devices.backend(torch.device("cpu")) == "gloo"
+    assert devices.rank_device(torch.device("cpu"), 3) == torch.device("cpu")
+
+
+def test_the_mean_over_ranks_is_reduced_in_float64_where_the_backend_reduces(monkeypatch):
+    from unet3d import devices
+
+    fake = _FakeDist(initialized=True)
+    monkeypatch.setattr(devices, "dist", fake)
+    assert devices.mean_over_ranks(0.1, 2, torch.device("cpu")) == 0.1
+    assert fake.reduced.dtype == torch.float64 and fake.reduced.device.type == "cpu"
+    # gloo reduces CPU tensors: another accelerator than CUDA reduces there
+    assert devices.mean_over_ranks(0.3, 2, torch.device("meta")) == 0.3
+    assert fake.reduced.device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_trains_on_cuda_and_its_checkpoints_resume_on_the_cpu(tmp_path, data):
+    from unet3d.checkpoint import load_model, read_resume_point
+
+    options = {"strategy_options": NOISY, "swag_rank": 2}
+    config = _config(tmp_path, "normal_prior", epochs=1, device="cuda", **options)
+    result = train(config, *data)
+    assert {p.device.type for p in result.model.parameters()} == {"cuda"}
+    record = result.history[0]
+    assert all(type(record[k]) is float for k in record if k.startswith(("train_", "val_")))
+    point = read_resume_point(tmp_path / "last.pt")
+    assert all(v.device.type == "cpu" for v in point.model.values() if torch.is_tensor(v))
+    assert {p.device.type for p in load_model(tmp_path / "best.pt").model.parameters()} == {"cpu"}
+    resumed = train(_config(tmp_path, "normal_prior", epochs=2, **options), *data, resume=True)
+    assert len(resumed.history) == 2 and resumed.history[1]["step"] == 4
+    assert {p.device.type for p in resumed.model.parameters()} == {"cpu"}

@@ -365,3 +365,42 @@ def test_given_validation_kernels_are_used_as_they_are():
         fit_kernel_vae(train, val_kernels=torch.zeros(0, 3, 3), epochs=1, progress=False)
     with pytest.raises(ValueError, match="val_kernels"):
         fit_kernel_vae(train, val_kernels=torch.zeros(4, 3, 2), epochs=1, progress=False)
+
+
+# -- the device option ----------------------------------------------------------------------
+def test_default_and_explicit_cpu_device_fit_the_same_vae_bitwise():
+    fits = [_small_fit(0, epochs=2), _small_fit(0, epochs=2, device="cpu")]
+    fits.append(_small_fit(0, epochs=2, device=torch.device("cpu")))
+    reference = fits[0].vae.state_dict()
+    for fit in fits[1:]:
+        state = fit.vae.state_dict()
+        assert all(torch.equal(state[k], reference[k]) for k in reference)
+        assert fit.history == fits[0].history and fit.baselines == fits[0].baselines
+    assert all(p.device.type == "cpu" for p in fits[1].vae.parameters())
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("gpu", r"^device 'gpu' is not a torch device"),
+        (f"cuda:{torch.cuda.device_count()}", r"is not available on this machine \(available: cpu"),
+    ],
+)  # fmt: skip
+def test_a_bad_device_is_rejected_before_any_work(monkeypatch, device, message):
+    def no_svi(*args, **kwargs):
+        raise AssertionError("the fit started")
+
+    monkeypatch.setattr(dwp.vae, "SVI", no_svi)
+    kernels, _ = linear_gaussian_bank(20)
+    with pytest.raises(ValueError, match=message):
+        fit_kernel_vae(kernels, epochs=1, progress=False, device=device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_fit_on_cuda_stays_there_with_the_cpu_fit_s_split_and_baselines():
+    cpu = _small_fit(0, epochs=1)
+    cuda = _small_fit(0, epochs=1, device="cuda")
+    assert all(p.device.type == "cuda" for p in cuda.vae.parameters())
+    assert (cuda.n_train, cuda.n_val) == (cpu.n_train, cpu.n_val)
+    assert cuda.baselines == cpu.baselines  # computed on the CPU either way
+    assert math.isfinite(cuda.best_val_elbo)

@@ -1,18 +1,76 @@
-"""The options of a :func:`unet3d.train.train` run: :class:`TrainConfig`.
+"""The options of a :func:`unet3d.train.train` run: :class:`TrainConfig`, and the
+training-set :class:`Augmentation` it may ask for.
 
-The defaults are the MRI paper's recipe.  A run's config is stored in its checkpoints
-(:meth:`TrainConfig.as_dict`, as JSON), from which :func:`unet3d.checkpoint.load_model`
-rebuilds the network and ``unet3d train --resume`` checks that a continued run is the
-same run.
+The defaults are the MRI paper's recipe (no augmentation).  A run's config is stored in
+its checkpoints (:meth:`TrainConfig.as_dict`, as JSON), from which
+:func:`unet3d.checkpoint.load_model` rebuilds the network and ``unet3d train --resume``
+checks that a continued run is the same run (a setting missing from an older run's
+config had its default, ``augmentation=None`` included).  Where a run computes and is
+watched from (``device``, ``tensorboard``) is not part of it: :meth:`TrainConfig.as_dict`
+leaves them out, so a run may resume on another device.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from numbers import Real
 from typing import Any, Literal
 
-__all__ = ["TrainConfig"]
+__all__ = ["Augmentation", "TrainConfig"]
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Random augmentation of training volumes (MONAI transforms,
+    :class:`unet3d.data.SegmentationDataset`); ``SegmentationDataset(augment=True)`` and
+    ``TrainConfig(augmentation=True)`` use these defaults.
+
+    Attributes
+    ----------
+    flip_prob : float
+        Probability of flipping each spatial axis (image and label together), in [0, 1].
+    rotate_prob : float
+        Probability of a small rotation (image bilinear, label nearest neighbour), in
+        [0, 1].
+    max_rotation_deg : float
+        Rotation angles are uniform in ``[-max, max]`` degrees about each axis (>= 0).
+    intensity_prob : float
+        Probability of each of the intensity scaling and shift (image only), in [0, 1].
+    scale : float
+        Intensities are multiplied by ``1 + u``, ``u`` uniform in ``[-scale, scale]``
+        (>= 0).
+    shift : float
+        Then shifted by ``u`` uniform in ``[-shift, shift]`` (>= 0; images are in [0, 1]
+        after min-max scaling).
+
+    Raises
+    ------
+    ValueError
+        A probability outside [0, 1], or a negative or non-finite range, naming the field.
+    """
+
+    flip_prob: float = 0.5
+    rotate_prob: float = 0.2
+    max_rotation_deg: float = 10.0
+    intensity_prob: float = 0.5
+    scale: float = 0.1
+    shift: float = 0.1
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, bool) or not isinstance(value, Real):
+                raise ValueError(f"Augmentation.{item.name} must be a number, got {value!r}")
+            if item.name.endswith("_prob"):
+                if not 0 <= value <= 1:
+                    raise ValueError(f"Augmentation.{item.name} must be in [0, 1], got {value}")
+            elif not (value >= 0 and math.isfinite(value)):
+                raise ValueError(
+                    f"Augmentation.{item.name} must be a finite number >= 0, got {value}"
+                )
 
 
 @dataclass
@@ -68,6 +126,15 @@ class TrainConfig:
     size, binarise, modality, normalise
         :class:`unet3d.data.SegmentationDataset` options for :class:`~unet3d.data.Case`
         lists (ignored for ready datasets).
+    augmentation : Augmentation, optional
+        Random flips, rotations and intensity changes of the training volumes, drawn anew
+        every epoch from ``(seed, epoch, volume)`` only (so a resumed run sees the same
+        draws); validation volumes are never augmented.  ``None`` (default, the paper):
+        none.  ``True`` stands for ``Augmentation()`` and a mapping for
+        ``Augmentation(**mapping)`` (what :meth:`as_dict` stores).  :func:`train` applies
+        it to the :class:`~unet3d.data.Case` lists it loads; a ready training dataset
+        must augment alike itself (``SegmentationDataset(augment=augmentation,
+        seed=seed)``), a ready validation dataset not at all, else ``ValueError``.
     shuffle : bool
         Reshuffle the training set every epoch (seeded by ``(seed, epoch)``).
     progress : bool
@@ -80,6 +147,13 @@ class TrainConfig:
         :class:`unet3d.run_files.RunLog`).  Where a run is watched from is not part of
         the run: :meth:`as_dict` leaves it out, so checkpoints, resume checks and
         benchmark records never see it.
+    device : str
+        Where the run computes: ``"cpu"`` (default), ``"cuda"``, ``"cuda:N"`` or ``"mps"``
+        (a :class:`torch.device` is taken as its name).  Checked to exist on this machine
+        when the config is made (``ValueError`` naming ``device``); under torchrun each
+        process of a CUDA run uses ``cuda:<LOCAL_RANK>`` (:mod:`unet3d.devices`).  Not
+        part of the run either, as ``tensorboard``: a run may resume on another device,
+        and CPU results are bit for bit those of a config without it.
     """
 
     strategy: str = "random_init"
@@ -108,10 +182,12 @@ class TrainConfig:
     binarise: bool = True
     modality: int | None = None
     normalise: Literal["minmax", "zscore"] | None = "minmax"
+    augmentation: Augmentation | None = None
     shuffle: bool = True
     progress: bool = True
     num_workers: int = 0
     tensorboard: str | os.PathLike | None = None
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.val_every < 1 or self.restarts < 0:
@@ -132,12 +208,22 @@ class TrainConfig:
             raise ValueError(f"scale_rate must be in (0, 1], got {self.scale_rate}")
         if not 0 < self.lr_factor < 1:
             raise ValueError(f"lr_factor must be in (0, 1), got {self.lr_factor}")
+        self.augmentation = _as_augmentation(self.augmentation)
+        if not (isinstance(self.device, str) and self.device == "cpu"):
+            # imported here: the default needs no torch (the CLI parser imports this module)
+            from .devices import resolve_device
+
+            self.device = str(resolve_device(self.device, "device"))
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly copy (strategy options shown with ``repr`` where not plain),
-        without ``tensorboard`` (a run is the same run whoever watches it)."""
+        """JSON-friendly copy (strategy options shown with ``repr`` where not plain,
+        ``augmentation`` a dict of its fields or ``None``), without ``tensorboard`` and
+        ``device`` (a run is the same run whoever watches it, wherever it computes: its
+        records and fingerprints do not change with the device).  With plain strategy
+        options, ``TrainConfig(**config.as_dict())`` is the config again (tuples as lists;
+        ``device`` and ``tensorboard`` back at their defaults)."""
         out = asdict(self)
-        del out["tensorboard"]
+        del out["tensorboard"], out["device"]
         out["out_dir"] = None if self.out_dir is None else str(self.out_dir)
         out["strategy_options"] = {k: _plain(v) for k, v in self.strategy_options.items()}
         out["widths"] = list(self.widths)
@@ -150,3 +236,30 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return repr(value) if not isinstance(value, os.PathLike) else str(value)
+
+
+def _as_augmentation(
+    value: Augmentation | Mapping[str, float] | bool | None,
+) -> Augmentation | None:
+    """``TrainConfig.augmentation`` as given: ``True`` is the defaults, ``False`` / ``None``
+    no augmentation, a mapping its fields (as :meth:`TrainConfig.as_dict` stores them;
+    missing ones take the defaults)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return Augmentation()
+    if isinstance(value, Augmentation):
+        return value
+    if isinstance(value, Mapping):
+        known = {item.name for item in fields(Augmentation)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(
+                f"augmentation: no field {', '.join(map(repr, unknown))} in Augmentation "
+                f"(fields: {', '.join(item.name for item in fields(Augmentation))})"
+            )
+        return Augmentation(**value)
+    raise ValueError(
+        "augmentation must be an Augmentation, a mapping of its fields, a bool or None, "
+        f"got {value!r}"
+    )

@@ -24,16 +24,16 @@ torch.Size([1, 56, 64, 48])
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from nifti_io import save_nifti
 
 from .cases import Case, DataError, cases_from_patterns, decathlon_labels, load_csv, load_decathlon
+from .config import Augmentation
 from .preprocess import AFFINE_ATOL, CropPad, Normalise, preprocess, target_size, uncrop
 
 __all__ = [
@@ -44,7 +44,9 @@ __all__ = [
     "DataError",
     "Normalise",
     "SegmentationDataset",
+    "base_dataset",
     "cases_from_patterns",
+    "check_augmentation",
     "collate",
     "decathlon_labels",
     "load_csv",
@@ -52,36 +54,6 @@ __all__ = [
     "save_nifti",
     "uncrop",
 ]
-
-
-@dataclass(frozen=True)
-class Augmentation:
-    """Random augmentation (MONAI transforms); ``SegmentationDataset(augment=True)`` uses
-    these defaults.
-
-    Attributes
-    ----------
-    flip_prob : float
-        Probability of flipping each spatial axis (image and label together).
-    rotate_prob : float
-        Probability of a small rotation (image bilinear, label nearest neighbour).
-    max_rotation_deg : float
-        Rotation angles are uniform in ``[-max, max]`` degrees about each axis.
-    intensity_prob : float
-        Probability of each of the intensity scaling and shift (image only).
-    scale : float
-        Intensities are multiplied by ``1 + u``, ``u`` uniform in ``[-scale, scale]``.
-    shift : float
-        Then shifted by ``u`` uniform in ``[-shift, shift]`` (images are in [0, 1] after
-        min-max scaling).
-    """
-
-    flip_prob: float = 0.5
-    rotate_prob: float = 0.2
-    max_rotation_deg: float = 10.0
-    intensity_prob: float = 0.5
-    scale: float = 0.1
-    shift: float = 0.1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +110,8 @@ class SegmentationDataset(Dataset):
         different shapes.
     augment : bool or Augmentation
         Random flips, small rotations and intensity changes (MONAI); off by default, as in the
-        paper. ``True`` uses :class:`Augmentation`'s defaults.
+        paper. ``True`` uses :class:`Augmentation`'s defaults (the class is
+        :class:`unet3d.config.Augmentation`, exported here too).
     seed : int
         Augmentation seed. Item ``i`` of epoch ``e`` (see :meth:`set_epoch`) is drawn from
         ``(seed, e, i)`` only, so it does not depend on the order of loading or on
@@ -249,6 +222,47 @@ class SegmentationDataset(Dataset):
         if label is not None:
             label = out["label"][0].as_subclass(torch.Tensor).round().long().contiguous()
         return image, label
+
+
+def base_dataset(dataset: Dataset) -> Dataset:
+    """``dataset`` without its :class:`~torch.utils.data.Subset` wrappers: the dataset that
+    loads (and maybe augments) the items, whose :meth:`SegmentationDataset.set_epoch` a
+    training loop calls."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
+def check_augmentation(dataset: Dataset, augmentation: Augmentation | None, name: str) -> None:
+    """Check that a ready ``dataset`` augments with ``augmentation`` (``None``: not at all).
+
+    Only a :class:`SegmentationDataset` (maybe in :class:`~torch.utils.data.Subset`
+    wrappers) augments; any other dataset counts as not augmenting.  A training loop that
+    records ``augmentation`` as its setting calls this before using a dataset it did not
+    build, so that the record cannot differ from what the data do.
+
+    Parameters
+    ----------
+    dataset
+        The dataset to check.
+    augmentation
+        What it must do: :class:`Augmentation`, or ``None`` (validation data).
+    name
+        What the dataset is, for the message (``"training"``, ``"validation"``).
+
+    Raises
+    ------
+    ValueError
+        The dataset augments otherwise, naming both augmentations.
+    """
+    own = getattr(base_dataset(dataset), "augmentation", None)
+    if own != augmentation:
+        raise ValueError(
+            f"the {name} dataset augments with {own}, the config asks for {augmentation}: "
+            "a ready dataset is used as it is (validation data never augmented); build it "
+            "with SegmentationDataset(augment=config.augmentation, seed=config.seed) for "
+            "training, without augment= for validation, or pass Case lists"
+        )
 
 
 def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:

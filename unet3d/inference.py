@@ -31,12 +31,22 @@ another thread during a call.
 Statistics are streamed (:class:`dwp.PredictiveStatistics`): the running sums of the
 probabilities and of the per-sample entropies are the only volumes kept, so memory does not
 grow with ``n_samples``.
+
+Progress
+--------
+``progress=True`` shows tqdm bars on stderr (:mod:`tqdm.auto`: widgets in a notebook):
+one over the passes (posterior samples, or the flips of :func:`predict_volume_tta`) with
+their ETA when there are several, and MONAI's bar over the windows when there is a single
+pass (a deterministic model, ``sample=False``, ``flips=()``).  ``window_progress=True``
+adds the window bar to every pass, ``False`` leaves it out.  The bars draw no random numbers
+and touch no tensor: the predictions are the same with and without them.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,6 +56,7 @@ from typing import Any
 import nibabel as nib
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 import dwp
 from dwp.io import clean_stale_temporaries
@@ -131,10 +142,12 @@ def _sliding_window(
     overlap: float,
     sw_batch_size: int,
     n_classes: int | None,
+    progress: bool = False,
 ) -> tuple[Callable[[Tensor], Tensor], Tensor]:
     """Check the arguments of a whole-volume prediction; return ``one_pass`` and the image
     on the model's device.  ``one_pass(x)``: a ``(C, D, H, W)`` volume on that device ->
-    its class probabilities ``(K, D, H, W)``, float64, Gaussian-blended windows."""
+    its class probabilities ``(K, D, H, W)``, float64, Gaussian-blended windows (with
+    MONAI's tqdm bar over the windows when ``progress``)."""
     from monai.inferers import sliding_window_inference
 
     roi = _roi(roi_size)
@@ -180,7 +193,13 @@ def _sliding_window(
 
     def one_pass(x: Tensor) -> Tensor:
         out = sliding_window_inference(
-            x[None], window, sw_batch_size, predictor, overlap=overlap, mode="gaussian"
+            x[None],
+            window,
+            sw_batch_size,
+            predictor,
+            overlap=overlap,
+            mode="gaussian",
+            progress=progress,
         )
         # plain tensor (MONAI may return a MetaTensor), double for the running sums
         probs = out.as_subclass(Tensor)[0].double()
@@ -200,6 +219,33 @@ def _evaluating(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.train(was_training)
+
+
+def _show_windows(progress: bool, window_progress: bool | None, passes: int) -> bool:
+    """Whether the passes show MONAI's window bar: as asked, else with ``progress`` when
+    there is one pass.  MONAI's bar cannot be told to clear itself, so over several passes
+    it would leave one finished line per pass under the bar over the passes."""
+    if window_progress is not None:
+        return bool(window_progress)
+    return progress and passes == 1
+
+
+def _passes_bar(passes: int, progress: bool, desc: str, unit: str) -> tqdm:
+    """The tqdm bar over ``passes`` full sliding-window passes (stderr, with their ETA);
+    disabled without ``progress`` or for one pass, which the window bar shows better.
+
+    ``leave=None`` keeps the finished bar when it is the outermost one and clears it when
+    nested (under ``unet3d predict``'s bar over the files), so a run over many files does not
+    leave one line per file.
+    """
+    return tqdm(
+        total=passes,
+        desc=desc,
+        unit=unit,
+        disable=not progress or passes < 2,
+        leave=None,
+        file=sys.stderr,
+    )
 
 
 def _statistics() -> dwp.PredictiveStatistics:
@@ -230,6 +276,8 @@ def predict_volume(
     n_classes: int | None = None,
     seed: int | None = None,
     sample: bool = True,
+    progress: bool = False,
+    window_progress: bool | None = None,
 ) -> VolumePrediction:
     """Predict one volume of any size with Gaussian-weighted sliding windows.
 
@@ -261,6 +309,13 @@ def predict_volume(
     sample
         ``False`` makes one pass with a Bayesian model's posterior means (mutual
         information 0), as ``dwp.predict(..., sample=False)``.
+    progress
+        Show a tqdm bar (stderr) over the posterior samples, with their ETA, when there
+        are several, else MONAI's bar over the windows of the one pass.  The prediction is
+        the same either way.
+    window_progress
+        MONAI's bar over the windows: ``None`` (default) with ``progress`` and one pass,
+        ``True`` in every pass (one finished line per sample), ``False`` never.
 
     Returns
     -------
@@ -276,21 +331,33 @@ def predict_volume(
         window output of the wrong spatial size.
     """
     _positive_int(n_samples, "n_samples")
-    one_pass, x = _sliding_window(model, image, roi_size, overlap, sw_batch_size, n_classes)
     bayesian = sample and bool(dwp.bayesian_layers(model))
+    passes = n_samples if bayesian else 1
+    one_pass, x = _sliding_window(
+        model,
+        image,
+        roi_size,
+        overlap,
+        sw_batch_size,
+        n_classes,
+        progress=_show_windows(progress, window_progress, passes),
+    )
     generator = None
     if bayesian and seed is not None:
         generator = torch.Generator(device=x.device)
         generator.manual_seed(int(seed))
     stats = _statistics()
-    with _evaluating(model):
-        for _ in range(n_samples if bayesian else 1):
+    # a context manager, not an iterator: the bar is closed (its line finished) on errors
+    # and Ctrl-C too, before the CLI prints its message
+    with _evaluating(model), _passes_bar(passes, progress, "samples", "sample") as bar:
+        for _ in range(passes):
             if bayesian:
                 with dwp.fixed_sample(model, generator):
                     stats.update(one_pass(x))
             else:  # a Bayesian model's layers use their posterior means in eval()
                 with dwp.sampling(False, model):
                     stats.update(one_pass(x))
+            bar.update()
     return _volume_prediction(stats)
 
 
@@ -317,6 +384,8 @@ def predict_volume_tta(
     overlap: float = 0.5,
     sw_batch_size: int = 1,
     n_classes: int | None = None,
+    progress: bool = False,
+    window_progress: bool | None = None,
 ) -> VolumePrediction:
     """Test-time augmentation: the softmax averaged over flipped copies of the volume.
 
@@ -331,6 +400,8 @@ def predict_volume_tta(
     ----------
     model, image, roi_size, overlap, sw_batch_size, n_classes
         As in :func:`predict_volume`.
+    progress, window_progress
+        As in :func:`predict_volume`, the bar going over the augmentations.
     flips
         Spatial axes of the ``(C, D, H, W)`` image to flip: 0 = D, 1 = H, 2 = W.  ``()``
         gives :func:`predict_volume`'s one pass.
@@ -351,16 +422,30 @@ def predict_volume_tta(
     from monai.transforms import Flip
 
     combinations = flip_combinations(flips)
-    one_pass, x = _sliding_window(model, image, roi_size, overlap, sw_batch_size, n_classes)
+    passes = len(combinations)
+    one_pass, x = _sliding_window(
+        model,
+        image,
+        roi_size,
+        overlap,
+        sw_batch_size,
+        n_classes,
+        progress=_show_windows(progress, window_progress, passes),
+    )
     stats = _statistics()
-    with _evaluating(model), dwp.sampling(False, model):
+    with (
+        _evaluating(model),
+        dwp.sampling(False, model),
+        _passes_bar(passes, progress, "flips", "flip") as bar,
+    ):
         for axes in combinations:
             if not axes:
                 stats.update(one_pass(x))
-                continue
-            flip = Flip(spatial_axis=axes)  # its own inverse
-            flipped = one_pass(flip(x).as_subclass(Tensor))
-            stats.update(flip(flipped).as_subclass(Tensor))
+            else:
+                flip = Flip(spatial_axis=axes)  # its own inverse
+                flipped = one_pass(flip(x).as_subclass(Tensor))
+                stats.update(flip(flipped).as_subclass(Tensor))
+            bar.update()
     return _volume_prediction(stats)
 
 
@@ -390,6 +475,8 @@ def predict_case(
     sw_batch_size: int = 1,
     n_classes: int | None = None,
     seed: int | None = None,
+    progress: bool = False,
+    window_progress: bool | None = None,
 ) -> dict[str, Path]:
     """Predict one case and write its maps as NIfTI on the input image's grid.
 
@@ -408,6 +495,8 @@ def predict_case(
     ----------
     model, n_samples, roi_size, overlap, sw_batch_size, n_classes, seed
         As in :func:`predict_volume`.
+    progress, window_progress
+        As in :func:`predict_volume`: the bar over the posterior samples (or the windows).
     case
         The case (its label, if any, is checked but not used).
     out_dir
@@ -440,6 +529,8 @@ def predict_case(
         sw_batch_size=sw_batch_size,
         n_classes=n_classes,
         seed=seed,
+        progress=progress,
+        window_progress=window_progress,
     )
     if int(prediction.mask.max()) > 255:
         raise ValueError(f"{prediction.probabilities.shape[0]} classes do not fit in uint8")

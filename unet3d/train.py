@@ -24,13 +24,22 @@ run refuses a folder holding another run's files unless told to replace them
 (``overwrite=True``; :mod:`unet3d.run_files`).  Only rank 0 writes or logs under DDP.
 
 ``resume=True`` continues from ``last.pt`` and reaches bit for bit the same parameters as
-an uninterrupted run: the data order of epoch ``e`` depends on ``(seed, e)`` only
-(:class:`~torch.utils.data.DistributedSampler` semantics, one replica without DDP), and the
+an uninterrupted run: the data order and augmentation of epoch ``e`` depend on ``(seed, e)``
+only (:class:`~torch.utils.data.DistributedSampler` semantics, one replica without DDP); the
 torch RNG state (weight noise of the Bayesian strategies) and the SWAG collector are
 checkpointed.
 
+Devices: ``config.device`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``) holds the model (built on
+the CPU, so that its initial weights are the same everywhere, then moved with its priors
+and buffers), every batch and the optimiser state; the metrics are Python floats and the
+checkpoints load on the CPU (:func:`dwp.io.load_torch_file`), so a run resumes on another
+device.  The device is not part of the run (:meth:`TrainConfig.as_dict` leaves it out).
+Bit for bit holds on the CPU: ``last.pt`` keeps the CPU's RNG only, so a resumed GPU run
+draws its weight noise from ``(seed, step)`` (:func:`unet3d.devices.reseed_device`).
+
 Data parallelism: launched under ``torchrun`` (``RANK`` / ``WORLD_SIZE`` set, world size
-> 1) it joins a ``gloo`` process group, wraps the model in
+> 1) it joins a process group (:func:`unet3d.devices.process_group`: ``nccl`` on CUDA, each
+rank on ``cuda:<LOCAL_RANK>``, ``gloo`` otherwise), wraps the model in
 :class:`~torch.nn.parallel.DistributedDataParallel` and shards each epoch with a
 ``DistributedSampler``; ``batch_size`` is then per process (global batch ``R * B``),
 the strategy gets the local batch size and the full KL (counted once per global step, see
@@ -43,7 +52,6 @@ scheduled and selected on the same scale.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -61,10 +69,10 @@ from dwp.elbo import LossGuard
 from dwp.io import clean_stale_temporaries
 from dwp.swag import SWAGMoments
 
-from . import checkpoint, run_files
+from . import checkpoint, devices, run_files
 from .checkpoint import RunDescription, TrainingState
 from .config import TrainConfig
-from .data import Case, SegmentationDataset, collate
+from .data import Case, SegmentationDataset, base_dataset, check_augmentation, collate
 from .losses import paper_loss
 from .strategies import ModelSpec, Strategy, get_strategy
 
@@ -106,19 +114,6 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Distributed helpers
-
-
-def _distributed_env() -> tuple[int, int]:
-    """``(rank, world_size)`` from torchrun's environment, ``(0, 1)`` without it."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    return (rank, world) if world > 1 else (0, 1)
-
-
-# ---------------------------------------------------------------------------------------------
 # Data
 
 
@@ -134,12 +129,17 @@ class _Data:
 
     def start_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
-        if hasattr(self.train_set, "set_epoch"):  # a new augmentation draw
-            self.train_set.set_epoch(epoch)
+        loading = base_dataset(self.train_set)  # a Subset's too: a new augmentation draw
+        if hasattr(loading, "set_epoch"):
+            loading.set_epoch(epoch)
 
 
-def _as_dataset(data: Sequence[Case] | Dataset, config: TrainConfig) -> Dataset:
+def _as_dataset(data: Sequence[Case] | Dataset, config: TrainConfig, training: bool) -> Dataset:
+    """Case lists loaded as the config says (augmented only if ``training``); a ready
+    dataset as it is, once checked to augment alike."""
+    augmentation = config.augmentation if training else None
     if isinstance(data, Dataset):
+        check_augmentation(data, augmentation, "training" if training else "validation")
         return data
     cases = list(data)
     if cases and not all(isinstance(c, Case) for c in cases):
@@ -150,6 +150,8 @@ def _as_dataset(data: Sequence[Case] | Dataset, config: TrainConfig) -> Dataset:
         modality=config.modality,
         binarise=config.binarise,
         size=config.size,
+        augment=augmentation or False,
+        seed=config.seed,
         cache=True,
     )
 
@@ -158,11 +160,11 @@ def _data(
     config: TrainConfig,
     train_cases: Sequence[Case] | Dataset,
     val_cases: Sequence[Case] | Dataset | None,
-    rank: int,
-    world: int,
+    where: devices.Placement,
 ) -> _Data:
-    train_set = _as_dataset(train_cases, config)
-    val_set = None if val_cases is None else _as_dataset(val_cases, config)
+    train_set = _as_dataset(train_cases, config, training=True)
+    val_set = None if val_cases is None else _as_dataset(val_cases, config, training=False)
+    world = where.world
     if config.batch_size * world > len(train_set):
         raise ValueError(
             f"global batch {config.batch_size * world} exceeds the {len(train_set)} "
@@ -170,19 +172,21 @@ def _data(
         )
     # One replica without DDP: the order of epoch e depends on (seed, e) only, in both cases.
     sampler = DistributedSampler(
-        train_set, num_replicas=world, rank=rank, shuffle=config.shuffle, seed=config.seed
+        train_set, num_replicas=world, rank=where.rank, shuffle=config.shuffle, seed=config.seed
     )
+    pin = where.device.type == "cuda"  # page-locked batches copy to the GPU asynchronously
     loader = DataLoader(
         train_set,
         batch_size=config.batch_size,
         sampler=sampler,
         collate_fn=collate,
         num_workers=config.num_workers,
+        pin_memory=pin,
     )
     val_loader = (
         None
         if val_set is None
-        else DataLoader(val_set, batch_size=config.batch_size, collate_fn=collate)
+        else DataLoader(val_set, batch_size=config.batch_size, collate_fn=collate, pin_memory=pin)
     )
     return _Data(train_set, sampler, loader, val_loader)
 
@@ -203,12 +207,23 @@ def _at_floor(optimizer: torch.optim.Optimizer, config: TrainConfig) -> bool:
     return optimizer.param_groups[0]["lr"] <= config.min_lr * (1 + 1e-9)
 
 
-def _build(config: TrainConfig, strategy: Strategy) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """The strategy's network (seeded by ``config.seed``) and its optimiser."""
+def _build(
+    config: TrainConfig, strategy: Strategy, device: torch.device
+) -> tuple[nn.Module, torch.optim.Optimizer, SWAGMoments | None]:
+    """The strategy's network (seeded by ``config.seed``) on ``device``, its optimiser and
+    its SWAG collector."""
     torch.manual_seed(config.seed)
     spec = ModelSpec(config.in_channels, config.n_classes, tuple(config.widths))
     model = strategy.build_model(spec)
     model.train()
+    # SWAG moments are float64, which MPS lacks: there they stay on the CPU (snapshots are
+    # copied over); elsewhere they live beside the weights
+    moments = _moments(config, model) if device.type == "mps" else None
+    # built on the CPU, so that the initial weights are the same on every device, and moved
+    # (priors and buffers too) before the optimiser creates its state beside the parameters
+    model.to(device)
+    if moments is None:
+        moments = _moments(config, model)
     optimizer = strategy.make_optimizer(
         model,
         config.optimizer,
@@ -219,7 +234,7 @@ def _build(config: TrainConfig, strategy: Strategy) -> tuple[nn.Module, torch.op
     )
     for group in optimizer.param_groups:  # what a restart resets the learning rates to
         group["initial_lr"] = group["lr"]
-    return model, optimizer
+    return model, optimizer, moments
 
 
 def _start(
@@ -231,7 +246,8 @@ def _start(
     scheduler: Scheduler,
     moments: SWAGMoments | None,
 ) -> TrainingState:
-    """A fresh state, or the one of ``out_dir/last.pt`` with the states it restores."""
+    """A fresh state, or the one of ``out_dir/last.pt`` with the states it restores (on
+    the model's device, whichever device the run was on before)."""
     last = None if out_dir is None else out_dir / "last.pt"
     if not (resume and last is not None and last.exists()):
         torch.manual_seed(config.seed + 1)  # weight-noise stream, independent of the init
@@ -241,6 +257,8 @@ def _start(
     optimizer.load_state_dict(point.optimizer)
     scheduler.load_state_dict(point.scheduler)
     torch.set_rng_state(point.torch_rng)
+    device = next(model.parameters()).device
+    devices.reseed_device(device, config.seed, point.state.step)  # last.pt holds the CPU's RNG only
     if moments is not None:
         _restore_moments(moments, point.swag, last)
     return point.state
@@ -279,6 +297,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: Scheduler
     world: int
+    device: torch.device  # this process's (cuda:<LOCAL_RANK> under DDP on CUDA)
     out_dir: Path | None
     writer: bool  # rank 0 with an out_dir: the process that writes files
     moments: SWAGMoments | None  # the SWAG collector (swag_rank > 0)
@@ -293,7 +312,7 @@ def _train_epoch(run: _Run, state: TrainingState) -> dict[str, Any]:
     sums: dict[str, float] = {}
     batches = 0
     for batch in run.data.loader:
-        image, label = batch["image"], batch["label"]
+        image, label = devices.batch_to(batch, run.device)
         run.optimizer.zero_grad(set_to_none=True)
         logits = run.net(image)
         loss, terms = run.strategy.loss(
@@ -322,13 +341,9 @@ def _train_epoch(run: _Run, state: TrainingState) -> dict[str, Any]:
 def _check_loss(run: _Run, state: TrainingState, terms: dict[str, float]) -> None:
     """Stop before the step on a non-finite or diverged data term (``dwp.LossGuard``; the
     data term, not the loss, since an annealed KL weight legitimately raises the loss)."""
-    value = terms.get("data_term", terms["loss"])
-    if run.world > 1:
-        # the ranks' mean: one rank raising alone would leave the others waiting in DDP's
-        # gradient all-reduce, and NaN / inf / a blow-up on any rank reaches the mean
-        mean = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(mean)
-        value = float(mean) / run.world
+    # the ranks' mean: one rank raising alone would leave the others waiting in DDP's
+    # gradient all-reduce, and NaN / inf / a blow-up on any rank reaches the mean
+    value = devices.mean_over_ranks(terms.get("data_term", terms["loss"]), run.world, run.device)
     run.guard.check(value, step=state.step, name="data term")
 
 
@@ -344,9 +359,9 @@ def _collect_moments(run: _Run, state: TrainingState) -> None:
 
 
 @torch.no_grad()
-def _validate(model: nn.Module, loader: DataLoader) -> dict[str, float]:
+def _validate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
     """Paper loss (mean over batches, weighted by volumes) and mean foreground Dice of the
-    posterior-mean prediction (eval mode)."""
+    posterior-mean prediction (eval mode), computed on ``device``, scored on the CPU."""
     from .metrics import evaluate  # imports MONAI metrics; only needed with validation
 
     loss_fn = paper_loss()
@@ -354,10 +369,11 @@ def _validate(model: nn.Module, loader: DataLoader) -> dict[str, float]:
     model.eval()
     total, count, predictions, labels = 0.0, 0, [], []
     for batch in loader:
-        logits = model(batch["image"])
-        total += float(loss_fn(logits, batch["label"])) * logits.shape[0]
+        image, label = devices.batch_to(batch, device)
+        logits = model(image)
+        total += float(loss_fn(logits, label)) * logits.shape[0]
         count += logits.shape[0]
-        predictions.append(logits.argmax(1))
+        predictions.append(logits.argmax(1).cpu())  # the metrics are MONAI's / SciPy's, on CPU
         labels.append(batch["label"])
     model.train(was_training)
     scores = evaluate(torch.cat(predictions), torch.cat(labels))
@@ -368,16 +384,11 @@ def _monitor(run: _Run, state: TrainingState, record: dict[str, Any]) -> tuple[f
     """The loss the scheduler sees this epoch (``None``: no validation this epoch), and
     whether it is a validation loss; validation metrics go into ``record``."""
     config, val_loader = run.config, run.data.val_loader
-    if val_loader is None:
-        monitored = record["train_loss"]
-        if run.world > 1:  # every rank must step its scheduler alike
-            value = torch.tensor([monitored], dtype=torch.float64)
-            dist.all_reduce(value)
-            monitored = float(value) / run.world
-        return monitored, False
+    if val_loader is None:  # every rank must step its scheduler alike: the ranks' mean
+        return devices.mean_over_ranks(record["train_loss"], run.world, run.device), False
     last_of_cycle = state.cycle_epoch + 1 >= config.epochs
     if (state.cycle_epoch + 1) % config.val_every == 0 or last_of_cycle:
-        record.update(_validate(run.model, val_loader))
+        record.update(_validate(run.model, val_loader, run.device))
         return record["val_loss"], True
     return None, False
 
@@ -480,10 +491,12 @@ def train(
     config
         Options (:class:`TrainConfig`).
     train_cases, val_cases
-        :class:`~unet3d.data.Case` lists (loaded with the config's data options) or
-        datasets whose items are dicts with ``image`` ``(C, D, H, W)`` and ``label``
-        ``(D, H, W)`` of one common size.  Without validation data the scheduler sees the
-        training loss and no best checkpoint is chosen on validation.
+        :class:`~unet3d.data.Case` lists (loaded with the config's data options, the
+        training ones augmented with ``config.augmentation``) or datasets whose items are
+        dicts with ``image`` ``(C, D, H, W)`` and ``label`` ``(D, H, W)`` of one common
+        size, used as they are (:func:`~unet3d.data.check_augmentation`: they must augment
+        as the config says).  Without validation data the scheduler sees the training loss
+        and no best checkpoint is chosen on validation.
     resume
         Continue from ``out_dir/last.pt`` when it exists (a finished run returns at once,
         its metrics files rewritten from ``last.pt``); without it, start afresh, removing
@@ -506,19 +519,16 @@ def train(
     ------
     unet3d.run_files.RunFolderError
         ``out_dir`` holds a previous run's files, neither ``resume`` nor ``overwrite``.
+    ValueError
+        A ready dataset that augments otherwise than the config says, or a
+        ``config.device`` this machine lacks (checked before anything is written).
     """
-    rank, world = _distributed_env()
-    own_group = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
-        own_group = True
-    try:
+    # TrainConfig checked it when made; checked again since a config may be edited after
+    device = devices.resolve_device(config.device, "device")
+    with devices.process_group(device) as where:
         return _train(
-            config, train_cases, val_cases, (resume, overwrite), strategy, on_epoch_end, rank, world
+            config, train_cases, val_cases, (resume, overwrite), strategy, on_epoch_end, where
         )
-    finally:
-        if own_group:
-            dist.destroy_process_group()
 
 
 def _train(
@@ -528,9 +538,9 @@ def _train(
     start: tuple[bool, bool],  # (resume, overwrite)
     strategy: Strategy | None,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None,
-    rank: int,
-    world: int,
+    where: devices.Placement,
 ) -> TrainResult:
+    rank, world, device = where
     strategy = strategy or get_strategy(config.strategy, **config.strategy_options)
     out_dir = None if config.out_dir is None else Path(config.out_dir)
     writer = rank == 0 and out_dir is not None
@@ -540,20 +550,20 @@ def _train(
     if writer:
         out_dir.mkdir(parents=True, exist_ok=True)
         clean_stale_temporaries(out_dir)  # what a killed run's interrupted writes left
-    data = _data(config, train_cases, val_cases, rank, world)
-    model, optimizer = _build(config, strategy)
+    data = _data(config, train_cases, val_cases, where)
+    model, optimizer, moments = _build(config, strategy, device)
     scheduler = _make_scheduler(config, optimizer)
-    moments = _moments(config, model)
     state = _start(config, out_dir, resume, model, optimizer, scheduler, moments)
     if writer and state.history:
         # a resume: the metrics files may lag last.pt by an epoch (a kill between the two
         # writes); last.pt's history is the record, the files are rewritten from it
         run_files.write_metrics(state.history, out_dir)
-    net = DistributedDataParallel(model) if world > 1 else model
+    ids = [device.index] if device.type == "cuda" else None  # one GPU per process
+    net = DistributedDataParallel(model, device_ids=ids) if world > 1 else model
     log = run_files.RunLog.open(out_dir, config.tensorboard, state.step, rank)
     run = _Run(
-        config, strategy, data, model, net, optimizer, scheduler, world, out_dir, writer, moments,
-        log=log,
+        config, strategy, data, model, net, optimizer, scheduler, world, device, out_dir, writer,
+        moments, log=log,
     )  # fmt: skip
     # what rebuilds the network (checkpoint.load_model), in best.pt and last.pt
     described = RunDescription(config.as_dict(), strategy.describe())

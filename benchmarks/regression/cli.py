@@ -22,13 +22,14 @@ from ..report import DEFAULT_OUT_DIR, write_results
 
 # the package's docstring describes the whole benchmark; its first line is the command's help
 from . import __doc__ as _package_doc
+from .ablations import ablation_runs, render_ablations
 from .bagnets import bagnet_runs, collect_bagnets
 from .cohort import age_cohorts
 from .config import PRESETS, RESOLUTION
 from .figures import plot_hydranet, plot_importance, plot_local_maps
 from .hydranet import PriorRun, collect_hydranet, hydranet_runs
 from .importance import collect_importance, importance_run
-from .report import keep_ablations, render_markdown
+from .report import ABLATIONS_HEADING, keep_ablations, render_markdown
 from .runs import Runner, log, work_folder
 
 __all__ = ["main", "parse_args"]
@@ -63,6 +64,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--jobs", type=int, default=None,
         help="runs at a time, with --threads // --jobs torch threads each (default 1: one "
         "run at a time in this process; on SLURM, no cap)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ablations", action="store_true",
+        help="also run section (d), Hydranet's ablations (about 4x (b)'s smallest size); "
+        "without it the report keeps the previous (d)",
     )  # fmt: skip
     add_engine_arguments(parser)
     return parser.parse_args(argv)
@@ -109,13 +115,20 @@ def _run(args: argparse.Namespace, command: str, runner: Runner) -> int:
     tensorboard = args.tensorboard and args.tensorboard.absolute()
     log(f"runs in {folder}")
 
-    # wave 1: the BagNets and the source prior; wave 2: what reads their files
+    # wave 1: the BagNets, the source prior and every run that reads neither; wave 2: the
+    # runs that read their files (the deep-prior regressors, the noise model)
     bagnets = bagnet_runs(preset, args.seed, folder, tensorboard)
     prior = PriorRun(folder=folder, preset=preset, seed=args.seed, tensorboard=tensorboard)
-    runner.wave([*bagnets, prior])
     hydra = hydranet_runs(preset, args.seed, folder, prior.tensors, tensorboard)
+    ablations = ablation_runs(preset, args.seed, folder) if args.ablations else []
+    # longest first (Hydranet's sets cost ~4x a base run), so that the wave ends on short
+    # runs and no worker idles long while the last long one finishes
+    independent = sorted(
+        [r for r in hydra if r.prior is None] + ablations, key=lambda r: r.method != "hydranet"
+    )
+    runner.wave([*bagnets, prior, *independent])
     # a run whose input failed is not started (it would fail too)
-    ready = [r for r in hydra if r.prior is None or prior.finished()]
+    ready = [r for r in hydra if r.prior is not None and prior.finished()]
     noise = [importance_run(bagnets)] if all(r.finished() for r in bagnets) else []
     runner.wave([*ready, *noise])
     runner.check()
@@ -131,7 +144,9 @@ def _run(args: argparse.Namespace, command: str, runner: Runner) -> int:
     timings["bagnet"] = sum(r.record()["seconds"] for r in bagnets)
     timings["hydranet"] = sum(r.record()["seconds"] for r in [prior, *hydra])
     timings["importance"] = noise[0].record()["seconds"]
-    for section in ("bagnet", "hydranet", "importance"):
+    ablation_rows = collect_hydranet(ablations)
+    timings["ablations"] = sum(r.record()["seconds"] for r in ablations)
+    for section in ("bagnet", "hydranet", "importance", "ablations"):
         print(f"{section} {timings[section]:.0f} s", flush=True)
 
     suffix = "" if args.preset == "quick" else f"_{args.preset}"
@@ -142,8 +157,11 @@ def _run(args: argparse.Namespace, command: str, runner: Runner) -> int:
     timings["total"] = wall
     markdown = render_markdown(args.preset, bag, hydra_rows, prior_info, imp, wall)
     previous = out / f"regression{suffix}.md"
-    markdown = keep_ablations(previous.read_text() if previous.exists() else None, markdown)
-    rows = bag["rows"] + [bag["baseline"]] + hydra_rows + imp["rows"]
+    if ablations:
+        markdown += f"\n\n{ABLATIONS_HEADING}\n\n{render_ablations(ablation_rows, hydra_rows)}"
+    else:  # the previous run's (d), if any
+        markdown = keep_ablations(previous.read_text() if previous.exists() else None, markdown)
+    rows = bag["rows"] + [bag["baseline"]] + hydra_rows + imp["rows"] + ablation_rows
     config = {
         "preset": args.preset,
         **asdict(preset),

@@ -7,6 +7,7 @@ training size x repetition another (:class:`HydraRun`, reading the prior file)."
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,10 @@ def fit_source_prior(
     )
     y = _lesion_targets(source)
     config = r3d.TrainConfig(
-        steps=preset.regressor_steps, batch_size=preset.batch_size, lr=preset.lr, seed=seed
+        steps=preset.regressor_steps,
+        batch_size=preset.batch_size,
+        lr=preset.regressor_lr,
+        seed=seed,
     )
     nets = []
     for k in range(preset.source_nets):
@@ -95,6 +99,27 @@ class HydraRun(Run):
     def stem(self) -> str:
         return f"hydranet_n{self.n_train}_seed{self.seed + self.rep}_{self.method}"
 
+    def train_config(self, run_seed: int) -> r3d.TrainConfig:
+        """The fit's settings: the preset's, Hydranet's sets for ``hydranet``."""
+        preset = self.preset
+        config = r3d.TrainConfig(
+            steps=preset.regressor_steps, batch_size=preset.batch_size, lr=preset.regressor_lr,
+            seed=run_seed, beta=preset.beta, kl_warmup=preset.regressor_steps // 2,
+        )  # fmt: skip
+        if self.method == "hydranet":
+            hydra = r3d.HydraConfig(4, 0.1, sets_per_step=preset.hydranet_sets_per_step)
+            config = replace(config, hydranet=hydra)
+        return config
+
+    def augmentation(self, run_seed: int) -> Callable[[Tensor], Tensor] | None:
+        """The training batches' augmentation (none: the benchmark's methods train on the
+        images as they are)."""
+        return None
+
+    def row_labels(self) -> dict[str, Any]:
+        """What the result rows say they are."""
+        return {"section": "hydranet"}
+
     def compute(self) -> None:
         started = time.perf_counter()
         pool, test = lesion_cohorts(self.preset, self.seed)
@@ -116,30 +141,32 @@ class HydraRun(Run):
         start = time.perf_counter()
         torch.manual_seed(run_seed)
         net = r3d.BaseRegressor(1, 2, preset.regressor_widths, preset.feature_scale)
-        config = r3d.TrainConfig(
-            steps=preset.regressor_steps, batch_size=preset.batch_size, lr=preset.lr,
-            seed=run_seed, beta=preset.beta, kl_warmup=preset.regressor_steps // 2,
-        )  # fmt: skip
-        if method == "hydranet":
-            config = replace(config, hydranet=r3d.HydraConfig(4, 0.1))
-        elif method == "base_normal_prior":
+        if method == "base_normal_prior":
             net = r3d.make_bayesian(net, dwp.NormalPrior())
         elif method == "base_dwp":
             net = r3d.make_bayesian(net, kernel_prior=prior, init="prior")
+        config, augment = self.train_config(run_seed), self.augmentation(run_seed)
         run = f"n{n_train}_seed{run_seed}"
         with optional_tensorboard(tensorboard, "hydranet", run, method, purge_step=0) as logger:
-            fitted = r3d.fit(net, x, y, config, logger=logger)
+            fitted = r3d.fit(net, x, y, config, augment=augment, logger=logger)
         mean, variance = fitted.predict(test.x, n_samples=8)
+        train_mean, _ = fitted.predict(x, n_samples=8)
+        # the paper's inference: the other branches see zero images, f(x) + 3 f(0)
+        zero, _ = fitted.predict(torch.zeros_like(test.x[:1]), n_samples=8)
+        paper = mean + 3 * (zero - fitted.shift)
         for j, target in enumerate(("count", "volume_mm3")):
             rows.append(
                 {
-                    "section": "hydranet",
+                    **self.row_labels(),
                     "method": method,
                     "target": target,
                     "n_train": n_train,
                     "seed": run_seed,
                     "mse": r3d.mse(y_test[:, j], mean[:, j]),
                     "icc": r3d.icc_agreement(y_test[:, j], mean[:, j]),
+                    "train_icc": r3d.icc_agreement(y[:, j].numpy(), train_mean[:, j]),
+                    "icc_paper_inference": r3d.icc_agreement(y_test[:, j], paper[:, j]),
+                    "zero_image": float(zero[0, j]),
                     "mae": r3d.mae(y_test[:, j], mean[:, j]),
                     "epistemic_sd": float(variance[:, j].sqrt().mean()),
                     "seconds": time.perf_counter() - start,
@@ -151,8 +178,9 @@ class HydraRun(Run):
 def hydranet_runs(
     preset: Preset, seed: int, folder: Path, prior: Path, tensorboard: Path | None = None
 ) -> list[HydraRun]:
-    """Every method x training size x repetition, in the report's order; ``prior``: the
-    :class:`PriorRun`'s file."""
+    """Every method x training size x repetition, in the report's order (the Bayesian
+    methods at ``preset.bayesian_sizes`` only); ``prior``: the :class:`PriorRun`'s file."""
+    bayesian_sizes = preset.bayesian_sizes or preset.lesion_sizes
     return [
         HydraRun(
             folder=folder,
@@ -167,6 +195,7 @@ def hydranet_runs(
         for n_train in preset.lesion_sizes
         for rep in range(preset.seeds)
         for method in METHODS
+        if method in ("base", "hydranet") or n_train in bayesian_sizes
     ]
 
 

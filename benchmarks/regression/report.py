@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 
 from ..report import markdown_table
-from .config import METHODS
+from .config import METHODS, PRESETS
 
-__all__ = ["ABLATIONS_HEADING", "keep_ablations", "mean_ci", "render_markdown"]
+__all__ = ["ABLATIONS_HEADING", "keep_ablations", "mean_ci", "mean_ci_text", "render_markdown"]
 
 #: the section of ``regression.md`` measured outside the runs (Hydranet's ablations, by
 #: hand): :func:`keep_ablations` carries it over when the report is rewritten
@@ -33,7 +33,8 @@ def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, flo
     return mean, mean - half, mean + half
 
 
-def _ci(values: list[float], fmt: str = ".2f") -> str:
+def mean_ci_text(values: list[float], fmt: str = ".2f") -> str:
+    """``mean [low, high]`` of :func:`mean_ci`."""
     mean, low, high = mean_ci(values)
     return f"{mean:{fmt}} [{low:{fmt}}, {high:{fmt}}]"
 
@@ -52,6 +53,8 @@ def render_markdown(
     imp: dict[str, Any], wall: float,
 ) -> str:  # fmt: skip
     """The report's body; :func:`benchmarks.report.write_results` adds title and command."""
+    preset = PRESETS[preset_name]
+    hydra_sets, batch = preset.hydranet_sets_per_step, preset.batch_size
     rows = bag["rows"]
     parts = [
         f"Preset `{preset_name}`, wall time {wall / 60:.1f} min.",
@@ -104,6 +107,8 @@ def render_markdown(
                     for x in hydra
                     if x["method"] == method and x["target"] == target and x["n_train"] == n
                 ]
+                if not sel:  # a method not run at this size (``Preset.bayesian_sizes``)
+                    continue
                 mse_v, icc_v = [x["mse"] for x in sel], [x["icc"] for x in sel]
                 # paired by seed (the same training subjects): method minus base
                 base = {
@@ -118,9 +123,13 @@ def render_markdown(
                         n,
                         method,
                         len(sel),
-                        _ci(mse_v, ".4g"),
-                        _ci(icc_v),
-                        "-" if method == "base" else _ci(diff),
+                        mean_ci_text(mse_v, ".4g"),
+                        mean_ci_text(icc_v),
+                        "-" if method == "base" else mean_ci_text(diff),
+                        mean_ci_text([x["train_icc"] for x in sel]),
+                        mean_ci_text([x["icc_paper_inference"] for x in sel])
+                        if method == "hydranet"
+                        else "-",
                         _f(np.mean([x["epistemic_sd"] for x in sel]), 3),
                     ]
                 )
@@ -134,6 +143,8 @@ def render_markdown(
                 "test MSE",
                 "ICC(2,1)",
                 "ICC minus base (paired)",
+                "train ICC",
+                "ICC, f(x) + 3 f(0)",
                 "epistemic sd",
             ],
             table,
@@ -143,8 +154,10 @@ def render_markdown(
         f"ICC(2,1): two-way random, absolute agreement (Shrout & Fleiss); 95% Student-t "
         f"intervals over seeds (each seed its own training subjects, the same for every "
         f"method). One network predicts both targets; images scaled to a zero background, "
-        f"`feature_scale` 100; Hydranet as in the paper (sets of 4, p = 0.1, one set per step, "
-        f"label sums not centred). DWP: one kernel VAE on {prior_info['kernels']} 3x3x3 kernels of "
+        f"`feature_scale` 100; Hydranet as in the paper (sets of 4, p = 0.1, label sums not "
+        f"centred, the paper's epochs: {hydra_sets} sets per step where the base takes "
+        f"{batch} images); it predicts f(x) alone, the paper f(x) + 3 f(0) (its other "
+        f"branches fed zero images). Train ICC: on the run's own training subjects. DWP: one kernel VAE on {prior_info['kernels']} 3x3x3 kernels of "
         f"regressors trained on `ms_source`; on its test kernels {prior_info['vae_test_iwae']:.1f} "
         f"nats per kernel vs {prior_info['gaussian_full']:.1f} (full-covariance Gaussian) and "
         f"{prior_info['gaussian_diagonal']:.1f} (diagonal)."

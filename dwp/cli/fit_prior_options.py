@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..devices import resolve_device
 from ..priors import (
     DeepWeightPrior,
     KernelGaussianPrior,
@@ -325,6 +326,14 @@ def add_parser(
     )
     option(
         vae,
+        "--device",
+        dwp_only,
+        metavar="DEVICE",
+        help="where the VAEs are fitted and scored: cpu, cuda, cuda:N or mps, checked "
+        f"before any work (default {api_default(dwp_fit, 'device')}); the file loads on a CPU",
+    )
+    option(
+        vae,
         "--samples-figure",
         dwp_only,
         type=Path,
@@ -475,6 +484,13 @@ def check(args: argparse.Namespace, kind: Kind) -> None:
         error("--figure draws the held-out scores, and --test-fraction 0 holds out nothing")
     if kind.name == "kernel-gaussian" and args.diagonal and args.shrinkage is not None:
         error("--shrinkage does not apply to --diagonal (a diagonal Gaussian is not shrunk)")
+    if args.device is not None:
+        # the library's own check, here so a missing GPU is a usage error before the sources
+        # are read; the string itself goes on to DeepWeightPrior.fit (and into the report)
+        try:
+            resolve_device(args.device, name="--device")
+        except ValueError as problem:
+            error(str(problem))
 
 
 def library_options(args: argparse.Namespace, kind: Kind) -> dict[str, Any]:

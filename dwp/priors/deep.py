@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..devices import resolve_device
 from ..io import FileFormat
 from ..kernel_bank import KernelBank
 from ..normal import normal_entropy, normal_nll_sum, standard_normal_kl
@@ -70,6 +71,16 @@ def _freeze_as_buffers(module: nn.Module) -> None:
         for name, param in list(sub.named_parameters(recurse=False)):
             delattr(sub, name)
             sub.register_buffer(name, param.detach().clone())
+
+
+def _cpu_state_dict(module: nn.Module) -> dict[str, Any]:
+    """``module.state_dict()`` with every tensor on the CPU: the same ordered dict (its
+    ``_metadata`` kept), entries replaced in place; a CPU tensor's ``cpu()`` is itself, so a
+    CPU prior's file is byte for byte what it was."""
+    state = module.state_dict()
+    for key, value in state.items():
+        state[key] = value.cpu()
+    return state
 
 
 class DeepWeightSitePrior(Prior):
@@ -364,6 +375,7 @@ class DeepWeightPrior(KernelGroups, Prior):
         kernel_fraction: float = 1.0,
         train_encoder: bool = True,
         share_forward_sample: bool = True,
+        device: str | torch.device = "cpu",
         **fit_options: Any,
     ) -> DeepWeightPrior:
         """Fit one :class:`~dwp.vae.KernelVAE` per group of a kernel bank.
@@ -388,6 +400,13 @@ class DeepWeightPrior(KernelGroups, Prior):
             K of the VAE's importance-weighted bound in the test scores.
         n_samples, chunk_size, kernel_fraction, train_encoder, share_forward_sample
             Options of the resulting prior.
+        device
+            Where the VAEs are fitted and scored (``"cpu"``, ``"cuda"``, ``"cuda:1"``,
+            ``"mps"``), checked before any work (:func:`dwp.devices.resolve_device`).
+            The returned prior is on this device, like a module trained there: pass it to
+            :func:`dwp.bayesianize` for a network on the same device (or ``.to()`` it).
+            :meth:`save` writes CPU tensors, so the file loads anywhere; :meth:`load`
+            gives a CPU prior.
         fit_options
             Passed to :func:`~dwp.vae.fit_kernel_vae` (``epochs``, ``batch_size``, ``lr``...).
 
@@ -401,14 +420,21 @@ class DeepWeightPrior(KernelGroups, Prior):
             the same training kernels (:func:`~dwp.priors.report.held_out_scores`, in nats
             per kernel); ``metadata["split"]`` how to redo the split.  See
             :meth:`fit_report`.
+
+        Raises
+        ------
+        ValueError
+            A group too small to split, a bad fraction or option, or a ``device`` this
+            machine lacks (before anything is fitted).
         """
+        device = resolve_device(device)
         splits = split_bank(bank, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
         fits: dict[str, VAEFit] = {}
         for i, (group, parts) in enumerate(splits.items()):
             fits[group] = fit_kernel_vae(
                 parts["train"], val_kernels=parts["val"], latent_dim=latent_dim,
                 architecture=architecture, hidden=hidden, seed=seed + i, progress=progress,
-                desc=f"VAE {group}", **fit_options,
+                desc=f"VAE {group}", device=device, **fit_options,
             )  # fmt: skip
         metadata = {
             "bank": dict(bank.metadata),
@@ -427,15 +453,18 @@ class DeepWeightPrior(KernelGroups, Prior):
             train_encoder=train_encoder, share_forward_sample=share_forward_sample,
             metadata=metadata,
         )  # fmt: skip
+        prior.to(device)  # the VAEs are there already; whatever else the constructor made
         if test_fraction > 0:
             train = {g: parts["train"] for g, parts in splits.items()}
+            # the Gaussians are fitted on the CPU (float64 covariances, as ever) and scored
+            # where the VAE is: every prior of the comparison on the test kernels' device
             compared = {
                 "VAE": prior,
-                "kernel Gaussian": KernelGaussianPrior.fit(train),
-                "diagonal Gaussian": KernelGaussianPrior.fit(train, diagonal=True),
+                "kernel Gaussian": KernelGaussianPrior.fit(train).to(device),
+                "diagonal Gaussian": KernelGaussianPrior.fit(train, diagonal=True).to(device),
             }
             prior.metadata["held_out"] = held_out_scores(
-                compared, {g: parts["test"] for g, parts in splits.items()},
+                compared, {g: parts["test"].to(device) for g, parts in splits.items()},
                 reference="kernel Gaussian", iwae_samples=iwae_samples, seed=seed,
             )  # fmt: skip
         return prior
@@ -492,11 +521,15 @@ class DeepWeightPrior(KernelGroups, Prior):
 
     # -- saving ---------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write the prior (VAEs, groups, options, provenance) to one file, atomically."""
+        """Write the prior (VAEs, groups, options, provenance) to one file, atomically.
+
+        The weights are written as CPU tensors whatever device the prior is on, so the file
+        loads on a machine without that device (:meth:`load` gives a CPU prior).
+        """
         layer_groups = layer_groups_config(self.layer_groups)
         entries = {
             "groups": {
-                g: {"config": vae.config(), "state_dict": vae.state_dict()}
+                g: {"config": vae.config(), "state_dict": _cpu_state_dict(vae)}
                 for g, vae in self.vaes.items()
             },
             "layer_groups": layer_groups,

@@ -156,7 +156,10 @@ def held_out_scores(
     if reference is not None and reference not in priors:
         raise ValueError(f"reference {reference!r} is not one of the priors {list(priors)}")
     per_group: dict[str, dict[str, Tensor]] = {}
-    with torch.random.fork_rng(devices=[]):
+    # the bound's draws come from the kernels' device: fork its random state too when it
+    # is a GPU (DeepWeightPrior.fit(device=...)), so that state is left as it was
+    cuda = sorted({k.device.index for k in test_kernels_by_group.values() if k.is_cuda})
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         for group, kernels in test_kernels_by_group.items():
             per_group[group] = {

@@ -1,5 +1,5 @@
-"""Argument types shared by the ``unet3d`` subcommands (argparse ``type=`` callables), and
-the options of a data folder searched by pattern.
+"""Argument types shared by the ``unet3d`` subcommands (argparse ``type=`` callables), the
+options of a data folder searched by pattern, and the training-set augmentation options.
 
 The types check what the Python layer would otherwise refuse later under its own argument
 names (``size must be ...``): argparse names the flag, with the usage line and status 2.
@@ -25,9 +25,16 @@ from dwp.argparse_types import (
 if TYPE_CHECKING:  # torch is imported when a command runs, not when the parser is built
     import torch
 
+    from ..config import Augmentation
+
 __all__ = [
+    "AUGMENTATION_FLAGS",
     "PATTERN_FLAGS",
+    "add_augmentation_options",
+    "add_device_option",
     "add_pattern_options",
+    "augmentation_of",
+    "augmentation_problem",
     "case_pattern",
     "check_output_folder",
     "class_count",
@@ -40,6 +47,7 @@ __all__ = [
     "pattern_problem",
     "positive_float",
     "positive_int",
+    "probability",
     "rate",
     "size_side",
     "torch_device",
@@ -56,6 +64,39 @@ PATTERN_FLAGS = ("--image-pattern", "--label-pattern")
 fraction = types.fraction(low_open=True, high_open=True)
 #: argparse type: a number in (0, 1].
 rate = types.fraction(low_open=True, high_open=False)
+#: argparse type: a number in [0, 1].
+probability = types.fraction(low_open=False, high_open=False)
+
+#: ``unet3d train``'s augmentation options: ``--flag`` -> (argparse dest, field of
+#: :class:`unet3d.config.Augmentation`, argparse type, help).
+AUGMENTATION_FLAGS: dict[str, tuple[str, str, Any, str]] = {
+    "--flip-prob": ("flip_prob", "flip_prob", probability, "probability of flipping each axis"),
+    "--rotate-prob": ("rotate_prob", "rotate_prob", probability, "probability of a rotation"),
+    "--max-rotation-deg": (
+        "max_rotation_deg",
+        "max_rotation_deg",
+        non_negative_float,
+        "rotation angles uniform in [-DEG, DEG] about each axis",
+    ),
+    "--intensity-prob": (
+        "intensity_prob",
+        "intensity_prob",
+        probability,
+        "probability of each of the intensity scaling and shift",
+    ),
+    "--intensity-scale": (
+        "intensity_scale",
+        "scale",
+        non_negative_float,
+        "intensities multiplied by 1 + u, u uniform in [-S, S]",
+    ),
+    "--intensity-shift": (
+        "intensity_shift",
+        "shift",
+        non_negative_float,
+        "then shifted by u uniform in [-S, S] (min-max images are in [0, 1])",
+    ),
+}
 
 
 def class_count(text: str) -> int:
@@ -156,25 +197,22 @@ def torch_device(text: str) -> torch.device:
         Not a device name, or a device this machine does not have (the message lists the
         ones it has).
     """
-    import torch
+    from ..devices import resolve_device  # the check TrainConfig.device gets too
 
-    try:
-        device = torch.device(text)
-    except RuntimeError as error:
-        raise ValueError(f"--device {text}: not a torch device ({error})") from None
-    available = ["cpu"]
-    if torch.cuda.is_available():
-        available += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if torch.backends.mps.is_available():
-        available.append("mps")
-    if device.type == "cpu":
-        return device
-    index = 0 if device.index is None else device.index
-    if f"{device.type}:{index}" not in available and device.type not in available:
-        raise ValueError(
-            f"--device {text} is not available on this machine (available: {', '.join(available)})"
-        )
-    return device
+    return resolve_device(text, "--device")
+
+
+def add_device_option(group: Any) -> None:
+    """Add ``unet3d train``'s ``--device`` to ``group``, an argparse parser or argument
+    group; the command checks it with :func:`torch_device` when it runs (torch is not
+    imported to build the parser)."""
+    group.add_argument(
+        "--device",
+        default="cpu",
+        help="where to train: cpu (default), cuda, cuda:N or mps; under torchrun each "
+        "process of a cuda run uses cuda:LOCAL_RANK.  Not part of the run: --resume may "
+        "continue it on another device",
+    )
 
 
 def check_output_folder(path: Path, flag: str = "--out") -> None:
@@ -253,3 +291,50 @@ def trainable_problem(blocks: Sequence[str]) -> str | None:
         f"--trainable {' '.join(unknown)}: no such block of the U-Net (blocks: "
         f"{' '.join(block_names(model))})"
     )
+
+
+def add_augmentation_options(parser: Any) -> None:
+    """Add ``--augment`` and the :data:`AUGMENTATION_FLAGS` (``unet3d train``) to ``parser``
+    as an argument group of their own."""
+    from ..config import Augmentation
+
+    defaults = Augmentation()
+    group = parser.add_argument_group("augmentation (of the training volumes only)")
+    group.add_argument(
+        "--augment",
+        action="store_true",
+        help="random flips, small rotations and intensity changes of the training volumes "
+        "(MONAI), drawn anew each epoch from --seed; validation volumes are never augmented "
+        "(default: off, as the paper).  The options below tune it and are an error without "
+        "--augment",
+    )
+    metavars = {"--max-rotation-deg": "DEG", "--intensity-scale": "S", "--intensity-shift": "S"}
+    for flag, (dest, field, kind, text) in AUGMENTATION_FLAGS.items():
+        group.add_argument(
+            flag,
+            dest=dest,
+            type=kind,
+            metavar=metavars.get(flag, "P"),
+            help=f"with --augment: {text} (default {getattr(defaults, field):g})",
+        )
+
+
+def augmentation_problem(args: argparse.Namespace) -> str | None:
+    """The usage error of augmentation options given without ``--augment``, or ``None``."""
+    given = [
+        flag for flag, (dest, *_) in AUGMENTATION_FLAGS.items() if getattr(args, dest) is not None
+    ]
+    if given and not args.augment:
+        return f"{' '.join(given)} need{'s' if len(given) == 1 else ''} --augment"
+    return None
+
+
+def augmentation_of(args: argparse.Namespace) -> Augmentation | None:
+    """The :class:`unet3d.config.Augmentation` of ``--augment`` and the options given (the
+    others at their defaults), ``None`` without ``--augment``."""
+    from ..config import Augmentation
+
+    if not args.augment:
+        return None
+    given = {field: getattr(args, dest) for dest, field, *_ in AUGMENTATION_FLAGS.values()}
+    return Augmentation(**{k: v for k, v in given.items() if v is not None})

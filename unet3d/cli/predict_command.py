@@ -16,6 +16,10 @@ subfolders do not collide; those of a file or a Decathlon test split go to ``--o
 Before any work the device, ``--out`` and every image's header are checked, so a missing
 GPU, an unwritable folder or a mismatched image fails in seconds, not after the first
 prediction.  ``--modality K`` keeps one channel of 4D images (default: the training one).
+
+``--progress`` / ``--no-progress``: tqdm bars on stderr over the images and over each
+image's posterior samples (:func:`unet3d.inference.predict_volume`'s ``progress``); by
+default only when stderr is a terminal, so that logs and pipes get none.
 """
 
 from __future__ import annotations
@@ -116,7 +120,14 @@ def add_parser(commands: Any) -> None:
         "else all channels)",
     )
     predict.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    predict.add_argument("--no-progress", dest="progress", action="store_false")
+    predict.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="tqdm bars on stderr: over the images, and over each image's posterior "
+        "samples (for one image and one pass, over its windows); default: when stderr is a "
+        "terminal",
+    )
     predict.set_defaults(handler=run, check=_check_args, usage_error=predict.error)
 
 
@@ -215,7 +226,12 @@ def run(args: argparse.Namespace) -> int:
         f"{len(cases)} image(s){skipped}, window {roi}",
         file=sys.stderr,
     )
-    progress = tqdm(cases, disable=not args.progress, desc="predict", unit="image")
+    # Unset, bars only for a person watching: in a log file or a pipe they are noise.
+    show = sys.stderr.isatty() if args.progress is None else args.progress
+    # MONAI's window bar stays on screen when done: over several images the bar over the
+    # images paces the run, and one finished window line per image would only clutter it.
+    windows = None if len(cases) == 1 else False
+    progress = tqdm(cases, disable=not show, desc="predict", unit="image")
     for case, folder in zip(progress, folders, strict=True):
         written = predict_case(
             model,
@@ -229,6 +245,8 @@ def run(args: argparse.Namespace) -> int:
             sw_batch_size=args.sw_batch_size,
             n_classes=trained.config.get("n_classes"),
             seed=args.seed,
+            progress=show,
+            window_progress=windows,
         )
         tqdm.write(" ".join(str(p) for p in written.values()), file=sys.stdout)
     return 0

@@ -6,7 +6,9 @@ patterns (``--data`` with ``--image-pattern`` / ``--label-pattern``,
 :func:`unet3d.cases.cases_from_patterns`) or listed in a CSV (``--csv``), through
 :func:`unet3d.train.train`.  Validation data come from a second folder / table
 (``--val-data`` / ``--val-csv``) or a seeded share of the training cases
-(``--val-fraction``).  ``--out`` receives what :func:`~unet3d.train.train` writes
+(``--val-fraction``).  ``--augment`` (tuned by ``--flip-prob`` ... ``--intensity-shift``)
+augments the training volumes, never the validation ones (``TrainConfig.augmentation``).
+``--out`` receives what :func:`~unet3d.train.train` writes
 (``metrics.csv``, ``metrics.json``, ``best.pt``, ``last.pt``) and ``config.json``: the
 command, the training config, the strategy, the cases used and a fingerprint of their
 files (:mod:`unet3d.fingerprint`).  ``--resume`` continues an interrupted run with the same
@@ -14,7 +16,7 @@ result as an uninterrupted one; it refuses other settings, data, split or cases 
 run's (naming what changed).  A new run refuses an ``--out`` holding another run's files
 unless ``--overwrite`` replaces them (:mod:`unet3d.run_files`).  Every step is logged to
 ``steps.csv`` and drawn in ``curves.png`` in ``--out``, and with ``--tensorboard DIR`` to
-TensorBoard (:class:`unet3d.run_files.RunLog`).
+TensorBoard (:class:`unet3d.run_files.RunLog`).  ``--device`` is where it computes.
 
 The heavy modules (torch, MONAI) are imported when the command runs, not when the parser
 is built, so that ``--help`` stays quick.
@@ -33,7 +35,11 @@ from typing import Any
 
 from .arguments import (
     PATTERN_FLAGS,
+    add_augmentation_options,
+    add_device_option,
     add_pattern_options,
+    augmentation_of,
+    augmentation_problem,
     class_count,
     fraction,
     init_log_sigma,
@@ -44,6 +50,7 @@ from .arguments import (
     positive_int,
     rate,
     size_side,
+    torch_device,
     trainable_problem,
     triple,
 )
@@ -151,6 +158,7 @@ def add_parser(commands: Any) -> None:
         default="minmax",
         help="intensity normalisation (default minmax, as the paper)",
     )
+    add_augmentation_options(train)
 
     strategy = train.add_argument_group("strategy (options apply to the strategies named)")
     strategy.add_argument("--strategy", choices=STRATEGY_NAMES, default="random_init")
@@ -310,6 +318,7 @@ def add_parser(commands: Any) -> None:
         help="with --swag-rank: a snapshot every N optimisation steps (default 1)",
     )
     optim.add_argument("--seed", type=non_negative_int, default=0, help="(default 0)")
+    add_device_option(optim)
     optim.add_argument(
         "--widths",
         type=positive_int,
@@ -369,7 +378,8 @@ def _check_args(args: argparse.Namespace) -> None:
         error(f"--size takes 1 or 3 values, got {len(args.size)}")
     if args.size is not None and max(args.size) == 8:  # else the first forward pass fails
         error("--size 8 leaves the U-Net one voxel at 1/8 resolution; make a side >= 16")
-    for problem in (pattern_problem(args), args.trainable and trainable_problem(args.trainable)):
+    trainable = args.trainable and trainable_problem(args.trainable)
+    for problem in (pattern_problem(args), augmentation_problem(args), trainable):
         if problem:
             error(problem)
     if args.binarise and args.n_classes not in (None, 2):
@@ -471,12 +481,13 @@ def run(args: argparse.Namespace) -> int:
 
     # unet3d.train.train is looked up now, not at import: tests replace it
     from .. import train as training
-    from ..config import TrainConfig
+    from ..config import Augmentation, TrainConfig
     from ..data import SegmentationDataset
     from ..fingerprint import data_fingerprint
     from ..preprocess import check_cases
     from ..strategies import get_strategy
 
+    device = torch_device(args.device)  # a missing GPU: one line, before any data is read
     for flag, path in (("--source", args.source), ("--prior", args.prior)):
         if path is not None and not path.is_file():  # before any data is read
             raise ValueError(f"{path}: file not found ({flag})")
@@ -498,7 +509,9 @@ def run(args: argparse.Namespace) -> int:
     # epochs otherwise): a missing or mismatched file fails in seconds, named
     check_cases(cases + (val_cases or []), args.modality, normalise)
 
-    def dataset(items: list) -> SegmentationDataset:
+    augmentation = augmentation_of(args)  # the training set's only
+
+    def dataset(items: list, augment: Augmentation | None = None) -> SegmentationDataset:
         return SegmentationDataset(
             items,
             normalise=normalise,
@@ -506,10 +519,12 @@ def run(args: argparse.Namespace) -> int:
             binarise=args.binarise,
             classes=classes,
             size=size,
+            augment=augment or False,
+            seed=args.seed,
             cache=True,
         )
 
-    train_set = dataset(cases)
+    train_set = dataset(cases, augmentation)
     val_set = None if val_cases is None else dataset(val_cases)
     # Reading the first case checks it early and gives the channel count of 4D images.
     in_channels = int(train_set[0]["image"].shape[0])
@@ -539,8 +554,10 @@ def run(args: argparse.Namespace) -> int:
         binarise=args.binarise,
         modality=args.modality,
         normalise=normalise,
+        augmentation=augmentation,
         progress=args.progress,
         tensorboard=args.tensorboard,
+        device=str(device),
     )
     strategy = get_strategy(args.strategy, **options)
     if args.source is not None:
