@@ -177,6 +177,59 @@ def test_ablations_change_only_what_they_name(ci_run) -> None:
     assert run.augmentation(1) is not None and one.augmentation(1) is None
 
 
+def test_named_ablations_run_alone_and_keep_the_other_rows(ci_run, capsys) -> None:
+    from benchmarks.regression.report import mean_ci_text
+
+    out = ci_run.root / "named_ablations"
+    out.mkdir()
+    previous = _payload(ci_run.out)
+    kept = {**previous["rows"][0], "section": "ablation", "ablation": "sets of 2"}
+    kept.update(target="count", n_train=12, seed=1, icc=0.123, train_icc=0.5, seconds=1.0)
+    stale = {**kept, "ablation": "Hydranet, lr 3e-4", "icc": 0.987}  # rerun now: replaced
+    previous["rows"] += [kept, stale]
+    (out / "regression_ci.json").write_text(json.dumps(previous))
+    assert _main(out, ci_run.work, "--ablations", "hydranet_lr_3e_4") == 0
+    rows = [r for r in _payload(out)["rows"] if r.get("section") == "ablation"]
+    assert {(r["ablation"], r["target"]) for r in rows} == {
+        ("sets of 2", "count"),
+        ("Hydranet, lr 3e-4", "count"),
+        ("Hydranet, lr 3e-4", "volume_mm3"),
+    }
+    assert 0.987 not in [r["icc"] for r in rows]
+    section = (out / "regression_ci.md").read_text().split("## (d)")[1]
+    # one seed: the value without an interval
+    assert f"| sets of 2 | set size 2 (pairs) | 1 | {mean_ci_text([0.123])} |" in section
+    assert mean_ci_text([0.123]) == "0.12"
+    assert section.index("sets of 2") < section.index("Hydranet, lr 3e-4")  # ABLATIONS' order
+
+    assert _main(out, ci_run.work, "--ablations", "no_such_variant") == 2
+    assert "--ablations: unknown no_such_variant; choose from" in capsys.readouterr().err
+
+
+def test_the_2_mm_ablation_sees_the_same_subjects_on_a_finer_grid(ci_run) -> None:
+    from benchmarks.regression.ablations import ABLATIONS, AblationRun, ablation_runs
+    from benchmarks.regression.cohort import scale_crop
+    from benchmarks.regression.config import LESION_CROP, PRESETS
+
+    preset = PRESETS["ci"]
+    fine = next(a for a in ABLATIONS if a.resolution == 2 and a.method == "base")
+    run = AblationRun(
+        folder=ci_run.work, preset=preset, seed=1, n_train=12, rep=0, method="base",
+        ablation=fine,
+    )  # fmt: skip
+    (pool, test), (pool4, test4) = run.cohorts(), regression.lesion_cohorts(preset, 1)
+    assert pool.x.shape[2:] == tuple(2 * n for n in pool4.x.shape[2:])
+    assert (pool.targets["count"] == pool4.targets["count"]).all()
+    assert (test.targets["count"] == test4.targets["count"]).all()
+    assert scale_crop(LESION_CROP, 2)[0] == slice(16, 80)
+    with pytest.raises(ValueError, match="resolution must divide 4 mm"):
+        scale_crop(LESION_CROP, 3)
+    # the costliest first: 8x the voxels, and Hydranet's sets 4x a base run
+    quick = ablation_runs(PRESETS["quick"], 0, ci_run.work)
+    assert max(quick, key=lambda r: r.cost()).ablation.name == "Hydranet at 2 mm"
+    assert sum(r.ablation.resolution == 2 for r in quick) == 2  # one seed each
+
+
 @pytest.fixture(scope="module")
 def submitted(ci_run) -> SimpleNamespace:
     pytest.importorskip("submitit")

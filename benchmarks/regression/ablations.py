@@ -11,7 +11,7 @@ changes), resumable and sent wherever ``--engine`` sends the others.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,11 +21,19 @@ from torch import Tensor
 import regression3d as r3d
 
 from ..report import markdown_table
-from .config import Preset
+from .cohort import Cohort, lesion_cohorts
+from .config import RESOLUTION, Preset
 from .hydranet import HydraRun
 from .report import mean_ci_text
 
-__all__ = ["ABLATIONS", "Ablation", "AblationRun", "ablation_runs", "render_ablations"]
+__all__ = [
+    "ABLATIONS",
+    "Ablation",
+    "AblationRun",
+    "ablation_runs",
+    "render_ablations",
+    "select_ablations",
+]
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,11 @@ class Ablation:
     augment
         Train on :class:`regression3d.RigidAugmentation` batches (the paper's flips,
         rotations and translations).
+    resolution
+        Voxel size in mm of the images (the same subjects and lesion counts; 2 mm costs
+        8x the voxels).
+    seeds
+        Repetitions (``None``: the preset's); fewer for the costliest variants.
     """
 
     name: str
@@ -60,6 +73,8 @@ class Ablation:
     centre: bool = False
     sets_per_step: int | None = None
     augment: bool = False
+    resolution: int = RESOLUTION
+    seeds: int | None = None
 
     @property
     def slug(self) -> str:
@@ -89,6 +104,16 @@ ABLATIONS: tuple[Ablation, ...] = (
     Ablation(
         "Hydranet, Adadelta + augmentation", "the paper's optimiser and augmentation",
         optimizer="adadelta", lr=1.0, augment=True,
+    ),
+    Ablation("Hydranet, lr 3e-4", "a smaller learning rate (b: 1e-3)", lr=3e-4),
+    Ablation("Hydranet, lr 3e-3", "a larger learning rate (b: 1e-3)", lr=3e-3),
+    Ablation(
+        "base at 2 mm", "do lesions need a finer grid? (one seed: 8x the voxels)",
+        method="base", resolution=2, seeds=1,
+    ),
+    Ablation(
+        "Hydranet at 2 mm", "do lesions need a finer grid? (one seed: 8x the voxels)",
+        resolution=2, seeds=1,
     ),
 )  # fmt: skip
 
@@ -122,12 +147,39 @@ class AblationRun(HydraRun):
     def augmentation(self, run_seed: int) -> Callable[[Tensor], Tensor] | None:
         return r3d.RigidAugmentation(seed=run_seed) if self.ablation.augment else None
 
+    def cohorts(self) -> tuple[Cohort, Cohort]:
+        return lesion_cohorts(self.preset, self.seed, self.ablation.resolution)
+
+    def cost(self) -> float:
+        return super().cost() * (RESOLUTION / self.ablation.resolution) ** 3
+
     def row_labels(self) -> dict[str, Any]:
         return {"section": "ablation", "ablation": self.ablation.name}
 
 
-def ablation_runs(preset: Preset, seed: int, folder: Path) -> list[AblationRun]:
-    """Every ablation x repetition at the preset's smallest training size."""
+def select_ablations(names: Sequence[str] | None = None) -> tuple[Ablation, ...]:
+    """The ablations whose :attr:`Ablation.slug` is in ``names`` (all when empty or
+    ``None``), in :data:`ABLATIONS`' order.
+
+    Raises
+    ------
+    ValueError
+        If a name is not an ablation's slug (the message lists them).
+    """
+    slugs = [a.slug for a in ABLATIONS]
+    unknown = sorted(set(names or ()) - set(slugs))
+    if unknown:
+        raise ValueError(
+            f"--ablations: unknown {', '.join(unknown)}; choose from {', '.join(slugs)}"
+        )
+    return tuple(a for a in ABLATIONS if not names or a.slug in names)
+
+
+def ablation_runs(
+    preset: Preset, seed: int, folder: Path, ablations: Sequence[Ablation] = ABLATIONS
+) -> list[AblationRun]:
+    """Each of ``ablations`` x repetition (the preset's, at most :attr:`Ablation.seeds`)
+    at the preset's smallest training size."""
     return [
         AblationRun(
             folder=folder,
@@ -138,8 +190,8 @@ def ablation_runs(preset: Preset, seed: int, folder: Path) -> list[AblationRun]:
             method=a.method,
             ablation=a,
         )
-        for a in ABLATIONS
-        for rep in range(preset.seeds)
+        for a in ablations
+        for rep in range(min(preset.seeds, a.seeds or preset.seeds))
     ]
 
 
@@ -156,9 +208,11 @@ def render_ablations(rows: list[dict[str, Any]], reference: list[dict[str, Any]]
         if r["target"] == "count" and r["n_train"] == n
     }
     table = []
-    for name in dict.fromkeys(r["ablation"] for r in count):
+    questions = {a.name: a.question for a in ABLATIONS}
+    # in ABLATIONS' order; a row of a variant no longer defined is dropped
+    for name in (a.name for a in ABLATIONS if any(r["ablation"] == a.name for r in count)):
         sel = [r for r in count if r["ablation"] == name]
-        question = next(a.question for a in ABLATIONS if a.name == name)
+        question = questions[name]
 
         def paired(method: str, sel: list[dict[str, Any]] = sel) -> str:
             diff = [

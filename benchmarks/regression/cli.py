@@ -5,12 +5,14 @@ run that trains the three sections' runs (:mod:`.runs`: one result file each und
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,7 +24,7 @@ from ..report import DEFAULT_OUT_DIR, write_results
 
 # the package's docstring describes the whole benchmark; its first line is the command's help
 from . import __doc__ as _package_doc
-from .ablations import ablation_runs, render_ablations
+from .ablations import ablation_runs, render_ablations, select_ablations
 from .bagnets import bagnet_runs, collect_bagnets
 from .cohort import age_cohorts
 from .config import PRESETS, RESOLUTION
@@ -66,9 +68,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "run at a time in this process; on SLURM, no cap)",
     )  # fmt: skip
     parser.add_argument(
-        "--ablations", action="store_true",
-        help="also run section (d), Hydranet's ablations (about 4x (b)'s smallest size); "
-        "without it the report keeps the previous (d)",
+        "--ablations", nargs="*", metavar="NAME",
+        help="also run section (d), Hydranet's ablations (all: about 5x (b)'s smallest "
+        "size), or only those NAMEd (e.g. hydranet_lr_3e_4; the other variants' rows are "
+        "kept from the previous results of the same preset and seed); without it the "
+        "report keeps the previous (d)",
     )  # fmt: skip
     add_engine_arguments(parser)
     return parser.parse_args(argv)
@@ -86,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if any(n is not None and n < 1 for n in (args.jobs, args.threads)):
             raise ValueError("--jobs and --threads must be >= 1")
         jobs = args.jobs or (None if engine.remote else 1)
+        if args.ablations is not None:
+            args.ablations = select_ablations(args.ablations)
         # submitit's executor starts here: an option it rejects fails before any run
         runner = Runner(engine, args.work_dir.absolute(), jobs, args.threads or threads)
     except (ImportError, ValueError) as error:  # ImportError: one line naming the extra
@@ -104,6 +110,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(threads)
 
 
+def _previous_ablation_rows(path: Path, seed: int, now: set[str]) -> list[dict[str, Any]]:
+    """The section (d) rows of the results file ``path`` of a run with ``seed`` whose
+    ablation is not in ``now`` (empty when there is no such file)."""
+    if not path.exists():
+        return []
+    payload = json.loads(path.read_text())
+    if payload.get("config", {}).get("seed") != seed:
+        return []
+    return [
+        r
+        for r in payload.get("rows", [])
+        if r.get("section") == "ablation" and r.get("ablation") not in now
+    ]
+
+
 def _run(args: argparse.Namespace, command: str, runner: Runner) -> int:
     preset = PRESETS[args.preset]
     torch.manual_seed(args.seed)
@@ -120,12 +141,12 @@ def _run(args: argparse.Namespace, command: str, runner: Runner) -> int:
     bagnets = bagnet_runs(preset, args.seed, folder, tensorboard)
     prior = PriorRun(folder=folder, preset=preset, seed=args.seed, tensorboard=tensorboard)
     hydra = hydranet_runs(preset, args.seed, folder, prior.tensors, tensorboard)
-    ablations = ablation_runs(preset, args.seed, folder) if args.ablations else []
-    # longest first (Hydranet's sets cost ~4x a base run), so that the wave ends on short
-    # runs and no worker idles long while the last long one finishes
-    independent = sorted(
-        [r for r in hydra if r.prior is None] + ablations, key=lambda r: r.method != "hydranet"
+    ablations = (
+        [] if args.ablations is None else ablation_runs(preset, args.seed, folder, args.ablations)
     )
+    # longest first, so that the wave ends on short runs and no worker idles long while
+    # the last long one finishes
+    independent = sorted([r for r in hydra if r.prior is None] + ablations, key=lambda r: -r.cost())
     runner.wave([*bagnets, prior, *independent])
     # a run whose input failed is not started (it would fail too)
     ready = [r for r in hydra if r.prior is not None and prior.finished()]
@@ -150,6 +171,10 @@ def _run(args: argparse.Namespace, command: str, runner: Runner) -> int:
         print(f"{section} {timings[section]:.0f} s", flush=True)
 
     suffix = "" if args.preset == "quick" else f"_{args.preset}"
+    if ablations:  # the variants not run now: their rows of the previous run, if any
+        ablation_rows += _previous_ablation_rows(
+            out / f"regression{suffix}.json", args.seed, {r.ablation.name for r in ablations}
+        )
     plot_local_maps(age_test, bag, out / f"regression{suffix}_local_maps.png")
     plot_hydranet(hydra_rows, out / f"regression{suffix}_hydranet.png")
     plot_importance(age_test, imp, out / f"regression{suffix}_importance.png")

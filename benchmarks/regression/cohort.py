@@ -1,5 +1,5 @@
 """The benchmark's data: subjects of the synthetic :mod:`cohorts`, generated in memory at
-4 mm, cropped to the region a section needs and intensity-normalised."""
+4 mm (2 mm for one ablation), cropped to the region a section needs and intensity-normalised."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import regression3d as r3d
 
 from .config import AGE_CROP, LESION_CROP, LESION_SCALING, RESOLUTION, Preset
 
-__all__ = ["Cohort", "age_cohorts", "lesion_cohorts", "load_cohort"]
+__all__ = ["Cohort", "age_cohorts", "lesion_cohorts", "load_cohort", "scale_crop"]
 
 
 @dataclass
@@ -35,19 +35,33 @@ def _crop_affine(affine: np.ndarray, crop: tuple[slice, ...]) -> np.ndarray:
     return affine @ shift
 
 
+def scale_crop(crop: tuple[slice, ...], resolution: int) -> tuple[slice, ...]:
+    """``crop``, given on the :data:`~benchmarks.regression.config.RESOLUTION` grid, on the
+    grid of ``resolution`` mm (the same region of the template)."""
+    factor = RESOLUTION // resolution
+    if factor * resolution != RESOLUTION:
+        raise ValueError(f"resolution must divide {RESOLUTION} mm, got {resolution}")
+    return tuple(slice(s.start * factor, s.stop * factor) for s in crop)
+
+
 def load_cohort(
-    name: str, n: int, split: str, seed: int, crop: tuple[slice, ...], scaling: str
-) -> Cohort:
+    name: str, n: int, split: str, seed: int, crop: tuple[slice, ...], scaling: str,
+    resolution: int = RESOLUTION,
+) -> Cohort:  # fmt: skip
     """``n`` subjects of a cohort in memory, cropped and intensity-normalised.
+
+    ``crop`` is given on the :data:`~benchmarks.regression.config.RESOLUTION` grid and
+    scaled to ``resolution`` (:func:`scale_crop`).
 
     ``scaling``: ``"zscore"`` inside the brain (brain age), ``"minmax"`` to [0, 1], or
     ``"background"`` (lesion count): ``(x - median) / (q99 - median)`` per image, clipped at
     0, so the white-matter background is 0 and only brighter structures (the FLAIR-like
     lesions) are non-zero; Hydranet's zero images are then background images.
     """
+    crop = scale_crop(crop, resolution)
     images, masks, labels, targets = [], [], [], {}
     for i in range(n):
-        s = cohorts.subject(name, i, resolution=RESOLUTION, seed=seed, split=split)
+        s = cohorts.subject(name, i, resolution=resolution, seed=seed, split=split)
         brain = sum(s["tissues"].values()) > 0.5
         images.append(s["image"][crop])
         masks.append(brain[crop])
@@ -90,11 +104,14 @@ def age_cohorts(preset: Preset, seed: int) -> tuple[Cohort, Cohort]:
 
 
 @lru_cache(maxsize=2)
-def lesion_cohorts(preset: Preset, seed: int) -> tuple[Cohort, Cohort]:
-    """The ``lesion_count`` training pool and test subjects of section (b)."""
-    return (
+def lesion_cohorts(
+    preset: Preset, seed: int, resolution: int = RESOLUTION
+) -> tuple[Cohort, Cohort]:
+    """The ``lesion_count`` training pool and test subjects of section (b) (at
+    ``resolution`` mm: the same subjects and lesion counts, rendered on a finer grid)."""
+    return tuple(
         load_cohort(
-            "lesion_count", max(preset.lesion_sizes), "train", seed, LESION_CROP, LESION_SCALING
-        ),
-        load_cohort("lesion_count", preset.lesion_test, "test", seed, LESION_CROP, LESION_SCALING),
-    )
+            "lesion_count", n, split, seed, LESION_CROP, LESION_SCALING, resolution=resolution
+        )
+        for n, split in ((max(preset.lesion_sizes), "train"), (preset.lesion_test, "test"))
+    )  # type: ignore[return-value]

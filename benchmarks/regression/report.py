@@ -34,8 +34,11 @@ def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, flo
 
 
 def mean_ci_text(values: list[float], fmt: str = ".2f") -> str:
-    """``mean [low, high]`` of :func:`mean_ci`."""
+    """``mean [low, high]`` of :func:`mean_ci` (the value alone for one seed: no
+    interval)."""
     mean, low, high = mean_ci(values)
+    if len(values) < 2:
+        return f"{mean:{fmt}}"
     return f"{mean:{fmt}} [{low:{fmt}}, {high:{fmt}}]"
 
 
