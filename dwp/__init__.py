@@ -14,6 +14,7 @@ The public API, re-exported here::
     dwp.TrainingLogger, dwp.TensorBoardLogger, dwp.CSVLogger, dwp.MultiLogger (dwp.train_log:
         per-step scalars of a training loop, training curves)
     dwp.io (atomic writes, torch files with named errors, versioned file formats)
+    dwp.amp (mixed precision: autocast the forward pass, keep the KL and ELBO float32)
     dwp.pyro (Pyro interop, imported on first use)
 
 The command line (``dwp fit-prior``, also ``python -m dwp``) is :mod:`dwp.cli`, which
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import importlib
 
-from . import likelihoods, optim, priors, train_log
+from . import amp, likelihoods, optim, priors, train_log
 from ._version import __version__
 from .controls import estimator, fixed_sample, sampling, set_estimator, set_mode
 from .convert import bayesianize, init_from_prior_, name_sites, to_deterministic
@@ -122,6 +123,7 @@ __all__ = [
     "TrainingLogger",
     "VAEFit",
     "__version__",
+    "amp",
     "bayesian_layers",
     "bayesianize",
     "brier_score",

@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .amp import float32_only
 from .convert import name_sites
 from .posterior import MeanFieldNormal
 from .priors import Prior
@@ -56,10 +57,17 @@ class DivergedLossError(FloatingPointError):
     """The loss stayed finite but grew by orders of magnitude: the optimisation diverged."""
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return torch.device("cpu") if p is None else p.device
+
+
 def kl_per_site(model: nn.Module) -> dict[str, Tensor]:
-    """KL(q || p) of every Bayesian layer, keyed by qualified layer name (for logging)."""
+    """KL(q || p) of every Bayesian layer, keyed by qualified layer name (for logging);
+    float32 even inside autocast, as :func:`kl`."""
     name_sites(model)
-    return {name: layer.kl() for name, layer in bayesian_layers(model)}
+    with float32_only(_device_of(model)):
+        return {name: layer.kl() for name, layer in bayesian_layers(model)}
 
 
 def kl(model: nn.Module) -> Tensor:
@@ -69,7 +77,15 @@ def kl(model: nn.Module) -> Tensor:
     is exact, an upper bound when some prior's KL is a bound.  Sites whose priors share a
     :meth:`~dwp.priors.Prior.batch_key` (e.g. every layer of one deep-weight-prior group)
     are evaluated in one :meth:`~dwp.priors.Prior.kl_batch` call.
+
+    Autocast is off inside (:func:`dwp.amp.float32_only`): a deep weight prior's bound runs
+    its kernel VAE, whose layers mixed precision would otherwise lower to 16 bits.
     """
+    with float32_only(_device_of(model)):
+        return _kl(model)
+
+
+def _kl(model: nn.Module) -> Tensor:
     name_sites(model)
     terms: list[Tensor] = []
     batches: dict[Hashable, tuple[Prior, list[MeanFieldNormal]]] = {}
@@ -82,8 +98,7 @@ def kl(model: nn.Module) -> Tensor:
                 batches.setdefault(key, (prior, []))[1].append(posterior)
     terms += [prior.kl_batch(posteriors) for prior, posteriors in batches.values()]
     if not terms:
-        p = next(model.parameters(), None)
-        return torch.zeros((), device=None if p is None else p.device)
+        return torch.zeros((), device=_device_of(model))
     return torch.stack(terms).sum()
 
 

@@ -41,7 +41,11 @@ VARIANTS = {
         "infer_deterministic",
         *(f"infer_bayesian_{n}" for n in speed.QUICK.inference_samples),
     ],
-}
+    "precision": [
+        "random_init off", "random_init bf16", "normal_prior off", "normal_prior bf16",
+        "normal_prior kl", "dwp off", "dwp bf16", "dwp kl",
+    ],
+}  # fmt: skip
 HEADINGS = {s: f"## {speed.TITLES[s]}" for s in speed.SECTIONS}
 
 
@@ -267,9 +271,28 @@ def test_parse_args_sections() -> None:
     assert args.fit_epochs == speed.QUICK.fit_epochs and args.widths == speed.QUICK.widths
 
 
+def test_precision_rows(quick_run: tuple[Path, dict]) -> None:
+    _, result = quick_run
+    rows = _rows(result, "precision")
+    for name in ("random_init", "normal_prior", "dwp"):
+        full, mixed = rows[f"{name} off"], rows[f"{name} bf16"]
+        assert full["baseline"] == "random_init off" and mixed["baseline"] == "random_init bf16"
+        # bf16 activations: the tensors kept for backward shrink (the weights stay float32)
+        assert mixed["saved_for_backward_mib"] < full["saved_for_backward_mib"]
+        assert full["device"] == "cpu" and full["peak_device_mib"] is None  # CUDA's only
+        assert full["target_ratio"] is None  # the GPU's targets are not judged on the CPU
+    for name in ("normal_prior", "dwp"):  # the KL bound's share of the bf16 step
+        assert rows[f"{name} kl"]["baseline"] == f"{name} bf16"
+    config = result["config"]["precision"]
+    assert config["amp"] == "bf16" and config["input_shape"] == [2, 1, *[speed.QUICK.amp_size] * 3]
+    markdown = (quick_run[0] / "speed_quick.md").read_text()
+    assert "bf16 speed-up" in markdown and "the ratios are reported, not judged" in markdown
+
+
 @pytest.mark.parametrize(
     "argv",
     [
+        ["--device", "cuda:99"],
         ["--steps", "5"],
         ["--quick", "--steps", "1"],
         ["--quick", "--size", "20"],

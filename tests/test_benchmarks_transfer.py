@@ -404,11 +404,39 @@ def test_changing_a_field_changes_the_keys_of_its_stages_and_of_no_other(
     before = _keys(base)
     assert len(set(before.values())) == len(transfer.STAGES)
     for f in dataclasses.fields(transfer.Preset):
+        if f.name in WHERE:  # their own test below
+            continue
         changed = base.replace(**{f.name: _other_value(base, f.name)})
         declared = set(f.metadata["stages"])
         expected = _downstream(base, declared) | _downstream(changed, declared)
         after = _keys(changed)
         assert {s for s in transfer.STAGES if after[s] != before[s]} == expected, f.name
+
+
+WHERE = ("device", "amp")
+
+
+def test_device_is_in_no_key_and_mixed_precision_in_every_training_stage(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    before = _keys(CI)
+    assert _keys(CI.replace(device="cpu")) == before
+    mixed = _keys(CI.replace(amp="bf16"))
+    assert {s for s in transfer.STAGES if mixed[s] != before[s]} == set(transfer.STAGES) - {
+        "prior"  # the kernel VAE's fit does not autocast...
+    } | _downstream(CI, {"source"})  # ...but reads the source nets, which do
+    from benchmarks.transfer.sources import train_config
+
+    config = train_config(CI.replace(amp="bf16"))
+    assert (config.device, config.amp) == ("cpu", "bf16")
+    # the float32 keys hold no "amp": caches made before the option stay valid
+    assert "amp" not in transfer.stage_key(CI, "source", 0, DATA)
+    for argv, message in (
+        (["--device", "gpu"], "error: device 'gpu' is not a torch device"),
+        (["--amp", "fp16"], "error: amp fp16 needs a CUDA device (device cpu)"),
+    ):
+        assert transfer.main(["--preset", "ci", *argv]) == 2
+        assert capsys.readouterr().err.startswith(message)
 
 
 def test_a_changed_source_invalidates_the_prior_and_the_runs_that_read_it() -> None:

@@ -206,6 +206,22 @@ def test_named_ablations_run_alone_and_keep_the_other_rows(ci_run, capsys) -> No
     assert "--ablations: unknown no_such_variant; choose from" in capsys.readouterr().err
 
 
+def test_device_is_checked_first_and_is_no_part_of_a_run(ci_run, capsys) -> None:
+    from benchmarks.regression.hydranet import HydraRun
+
+    out = ci_run.root / "device"
+    assert _main(out, ci_run.work / "none", "--device", "gpu") == 2
+    assert capsys.readouterr().err.startswith("error: --device 'gpu' is not a torch device")
+    assert not (ci_run.work / "none").exists() and not out.exists()
+    run = HydraRun(folder=ci_run.work, preset=regression.PRESETS["ci"], seed=1, n_train=12,
+                   rep=0, method="hydranet", device="cpu")  # fmt: skip
+    assert run.train_config(1).device == "cpu" and "device" not in run.stem()
+    # a rerun on a named device reads every finished run back
+    stamps = _results(ci_run.work)
+    assert _main(ci_run.root / "device_cpu", ci_run.work, "--device", "cpu") == 0
+    assert _results(ci_run.work) == stamps
+
+
 def test_the_2_mm_ablation_sees_the_same_subjects_on_a_finer_grid(ci_run) -> None:
     from benchmarks.regression.ablations import ABLATIONS, AblationRun, ablation_runs
     from benchmarks.regression.cohort import scale_crop

@@ -911,10 +911,20 @@ def test_trains_on_cuda_and_its_checkpoints_resume_on_the_cpu(tmp_path, data):
     from unet3d.checkpoint import load_model, read_resume_point
 
     options = {"strategy_options": NOISY, "swag_rank": 2}
-    config = _config(tmp_path, "normal_prior", epochs=1, device="cuda", **options)
-    result = train(config, *data)
-    assert {p.device.type for p in result.model.parameters()} == {"cuda"}
-    record = result.history[0]
+    whole = train(
+        _config(tmp_path / "whole", "normal_prior", epochs=1, device="cuda", **options), *data
+    )
+    assert {p.device.type for p in whole.model.parameters()} == {"cuda"}
+    seen = []
+
+    def stop_after_one(epoch, record):  # a finished run resumes to itself: cut this one
+        seen.append(record)
+        raise Interrupt
+
+    config = _config(tmp_path, "normal_prior", epochs=2, device="cuda", **options)
+    with pytest.raises(Interrupt):
+        train(config, *data, on_epoch_end=stop_after_one)
+    record = seen[0]
     assert all(type(record[k]) is float for k in record if k.startswith(("train_", "val_")))
     point = read_resume_point(tmp_path / "last.pt")
     assert all(v.device.type == "cpu" for v in point.model.values() if torch.is_tensor(v))

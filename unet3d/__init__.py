@@ -6,7 +6,9 @@ Modules (import the ones you need; ``losses`` and ``metrics`` import MONAI):
 * :mod:`unet3d.cases`: which files make up a data set (Decathlon folder, CSV, any folder
   paired by file name patterns, NIfTI files to predict); :mod:`unet3d.patterns`: the
   patterns (``{id}``, glob).
-* :mod:`unet3d.preprocess`: one case read, checked, normalised and cropped / padded.
+* :mod:`unet3d.preprocess`: one case read, checked, normalised and cropped / padded;
+  :mod:`unet3d.spatial`: full-resolution geometry (orientation, foreground crop, spacing)
+  and the one resampling back onto the file's grid.
 * :mod:`unet3d.data`: ``SegmentationDataset`` (cached, augmented) and ``collate``; the data
   API (it also exports the case lists, ``uncrop`` and ``save_nifti``).
 * :mod:`unet3d.losses`: the paper's loss (MONAI ``DiceCELoss``) and the summed ELBO data term.

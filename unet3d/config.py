@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from numbers import Real
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-__all__ = ["Augmentation", "TrainConfig"]
+if TYPE_CHECKING:
+    from .spatial import Spatial
+
+__all__ = ["Augmentation", "TrainConfig", "check_label_map", "check_modality", "check_patch"]
 
 
 @dataclass(frozen=True)
@@ -123,9 +126,29 @@ class TrainConfig:
         Seeds model initialisation, data order and weight noise.
     in_channels, n_classes, widths
         The U-Net (:class:`unet3d.model.UNet3D`).
-    size, binarise, modality, normalise
+    size, binarise, modality, normalise, label_map
         :class:`unet3d.data.SegmentationDataset` options for :class:`~unet3d.data.Case`
-        lists (ignored for ready datasets).
+        lists (ignored for ready datasets).  ``modality`` is one channel of 4D images
+        (an int) or several (a sequence, kept as a tuple; one element is that int);
+        ``label_map`` a table of label values (``{1: 1, 2: 1, 4: 1}``: BraTS whole
+        tumour), the values it leaves out become 0 (:func:`check_label_map`).
+    spacing, orientation, crop_foreground
+        Resample every volume to ``spacing`` mm (one number or 3, along the array axes
+        after reorientation), reorient it to ``orientation`` (``"RAS"``...) and crop it to
+        its foreground box on load (:class:`unet3d.spatial.Spatial`, :attr:`spatial`);
+        ``None`` / ``False`` (default): the file's grid, as the paper.
+    patch_size : int or 3 ints, optional
+        Train on random patches of this size (each side a multiple of 8, at least 16)
+        cut from the cached whole volumes, drawn anew every epoch from ``(seed, epoch,
+        item)``, and validate with sliding windows of this size.  ``None`` (default):
+        whole volumes, as the paper.
+    pos_fraction : float
+        With ``patch_size``: the share of patches centred on a foreground voxel (MONAI's
+        ``RandCropByPosNegLabeld`` with ``pos = pos_fraction``, ``neg = 1 - pos_fraction``),
+        in [0, 1]; the others are centred on a background voxel.
+    patches_per_volume : int
+        With ``patch_size``: patches drawn from each training volume per epoch (an epoch
+        has ``patches_per_volume`` times as many items).
     augmentation : Augmentation, optional
         Random flips, rotations and intensity changes of the training volumes, drawn anew
         every epoch from ``(seed, epoch, volume)`` only (so a resumed run sees the same
@@ -154,6 +177,13 @@ class TrainConfig:
         process of a CUDA run uses ``cuda:<LOCAL_RANK>`` (:mod:`unet3d.devices`).  Not
         part of the run either, as ``tensorboard``: a run may resume on another device,
         and CPU results are bit for bit those of a config without it.
+    amp : {"off", "bf16", "fp16"}
+        Mixed precision (:mod:`dwp.amp`): the network's forward pass under autocast to
+        bfloat16 (CPU, Ampere+ GPUs) or float16 (CUDA, with a loss scale), the KL, the
+        posterior's log-scales and the ELBO in float32; validation runs in float32.
+        ``"off"`` (default): float32 throughout.  Checked against ``device`` when the
+        config is made (``ValueError`` naming ``amp``).  Part of the run (it changes the
+        numbers): a run resumes with the precision it started with.
     """
 
     strategy: str = "random_init"
@@ -180,14 +210,22 @@ class TrainConfig:
     widths: tuple[int, ...] = (16, 32, 32, 64)
     size: int | tuple[int, int, int] | None = None
     binarise: bool = True
-    modality: int | None = None
+    modality: int | tuple[int, ...] | None = None
     normalise: Literal["minmax", "zscore"] | None = "minmax"
+    label_map: dict[int, int] | None = None
+    spacing: float | tuple[float, float, float] | None = None
+    orientation: str | None = None
+    crop_foreground: bool = False
+    patch_size: int | tuple[int, int, int] | None = None
+    pos_fraction: float = 0.5
+    patches_per_volume: int = 1
     augmentation: Augmentation | None = None
     shuffle: bool = True
     progress: bool = True
     num_workers: int = 0
     tensorboard: str | os.PathLike | None = None
     device: str = "cpu"
+    amp: Literal["off", "bf16", "fp16"] = "off"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.val_every < 1 or self.restarts < 0:
@@ -209,11 +247,48 @@ class TrainConfig:
         if not 0 < self.lr_factor < 1:
             raise ValueError(f"lr_factor must be in (0, 1), got {self.lr_factor}")
         self.augmentation = _as_augmentation(self.augmentation)
+        self.modality = _as_modality(self.modality)
+        self.label_map = check_label_map(self.label_map)
+        if self.label_map and not self.binarise and max(self.label_map.values()) >= self.n_classes:
+            raise ValueError(
+                f"label_map maps to {max(self.label_map.values())}, outside the "
+                f"{self.n_classes} classes (n_classes)"
+            )
+        if self.spacing is not None or self.orientation is not None:
+            spatial = self.spatial  # checks them, naming the field; imported only then
+            self.spacing, self.orientation = spatial.spacing, spatial.orientation
+        self.patch_size = check_patch(self.patch_size, "patch_size")
+        if not (isinstance(self.pos_fraction, Real) and 0 <= self.pos_fraction <= 1):
+            raise ValueError(f"pos_fraction must be in [0, 1], got {self.pos_fraction!r}")
+        if isinstance(self.patches_per_volume, bool) or self.patches_per_volume < 1:
+            raise ValueError(
+                f"patches_per_volume must be an int >= 1, got {self.patches_per_volume!r}"
+            )
+        if self.patch_size is None and self.patches_per_volume != 1:
+            raise ValueError("patches_per_volume needs patch_size (whole volumes: one each)")
+        if self.patch_size is not None and self.size is not None:
+            sizes = (self.size,) * 3 if isinstance(self.size, int) else tuple(self.size)
+            if any(p > s for p, s in zip(self.patch_size, sizes, strict=True)):
+                raise ValueError(
+                    f"patch_size {self.patch_size} exceeds the volumes' size {self.size}"
+                )
         if not (isinstance(self.device, str) and self.device == "cpu"):
             # imported here: the default needs no torch (the CLI parser imports this module)
             from .devices import resolve_device
 
             self.device = str(resolve_device(self.device, "device"))
+        if self.amp != "off":  # also rejects unknown values
+            from dwp.amp import check_precision
+
+            check_precision(self.amp, self.device, "amp")
+
+    @property
+    def spatial(self) -> Spatial:
+        """``spacing``, ``orientation`` and ``crop_foreground`` as a
+        :class:`unet3d.spatial.Spatial`."""
+        from .spatial import Spatial
+
+        return Spatial(self.spacing, self.orientation, self.crop_foreground)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly copy (strategy options shown with ``repr`` where not plain,
@@ -227,7 +302,89 @@ class TrainConfig:
         out["out_dir"] = None if self.out_dir is None else str(self.out_dir)
         out["strategy_options"] = {k: _plain(v) for k, v in self.strategy_options.items()}
         out["widths"] = list(self.widths)
+        # JSON keys are strings: stored so, read back by check_label_map
+        if self.label_map is not None:
+            out["label_map"] = {str(k): v for k, v in self.label_map.items()}
         return out
+
+
+def check_modality(value: Any, name: str = "modality") -> tuple[int, ...] | None:
+    """The channels of a ``modality=`` argument as a tuple (``3`` -> ``(3,)``), or ``None``.
+
+    Raises
+    ------
+    ValueError
+        Not ``None``, a non-negative int or a non-empty sequence of distinct ones, naming
+        ``name``.
+    """
+    if value is None:
+        return None
+    values = (
+        tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else (value,)
+    )
+    if (
+        not values
+        or len(set(values)) != len(values)
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values)
+    ):
+        raise ValueError(
+            f"{name} must be a non-negative int, a sequence of distinct ones or None, got {value!r}"
+        )
+    return values
+
+
+def _as_modality(value: Any) -> int | tuple[int, ...] | None:
+    """``TrainConfig.modality``: one channel as an int (what runs of earlier releases
+    stored), several as a tuple."""
+    channels = check_modality(value)
+    return channels if channels is None or len(channels) > 1 else channels[0]
+
+
+def check_label_map(value: Any, name: str = "label_map") -> dict[int, int] | None:
+    """A label table as ``{int: int}`` (string keys, as JSON stores them, read as ints).
+
+    Raises
+    ------
+    ValueError
+        Not ``None`` or a non-empty mapping of non-negative ints to non-negative ints,
+        naming ``name``.
+    """
+    if value is None:
+        return None
+    try:
+        table = {int(k) if isinstance(k, str) else k: v for k, v in dict(value).items()}
+    except (TypeError, ValueError):
+        table = None
+    if not table or any(
+        isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in (*table, *table.values())
+    ):
+        raise ValueError(
+            f"{name} must map label values to label values (non-negative ints, e.g. "
+            f"{{1: 1, 2: 1, 4: 1}}), got {value!r}"
+        )
+    return table
+
+
+def check_patch(value: Any, name: str = "patch_size") -> tuple[int, int, int] | None:
+    """A patch or window size as 3 ints (a cube for one int), or ``None``.
+
+    Raises
+    ------
+    ValueError
+        Not ``None``, one or 3 ints, each a multiple of 8 and at least 16 (the U-Net's three
+        stride-2 levels leave 2 voxels, the least its instance norms take), naming ``name``.
+    """
+    if value is None:
+        return None
+    sides = tuple(value) if isinstance(value, Sequence) else (value,) * 3
+    # 16 and 8: unet3d.inference.MIN_ROI and unet3d.model.SIZE_DIVISOR (they import torch)
+    if len(sides) != 3 or any(
+        isinstance(s, bool) or not isinstance(s, int) or s < 16 or s % 8 for s in sides
+    ):
+        raise ValueError(
+            f"{name} must be an int or 3 ints, each a multiple of 8 and at least 16, got {value!r}"
+        )
+    return sides  # type: ignore[return-value]
 
 
 def _plain(value: Any) -> Any:

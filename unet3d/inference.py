@@ -7,7 +7,8 @@
   over flipped copies of the volume), a baseline of uncertainty that needs no posterior.
 * :func:`predict_case`: a :class:`unet3d.data.Case` -> ``<id>_prob.nii.gz`` (foreground
   probability, float32), ``<id>_mask.nii.gz`` (uint8) and ``<id>_mi.nii.gz`` (float32) on
-  the input file's grid, with its affine and header.
+  the input file's grid, with its affine and header, whatever spatial steps
+  (:mod:`unet3d.spatial`: orientation, spacing, foreground crop) the network's input took.
 
 A trained network is rebuilt from its checkpoint by :func:`unet3d.checkpoint.load_model`.
 
@@ -62,8 +63,10 @@ import dwp
 from dwp.io import clean_stale_temporaries
 from nifti_io import save_nifti
 
+from .config import check_patch
 from .data import Case, DataError, Normalise, SegmentationDataset, uncrop
 from .model import SIZE_DIVISOR
+from .spatial import Spatial, SpatialRecord
 
 __all__ = [
     "MIN_ROI",
@@ -113,16 +116,10 @@ class VolumePrediction:
 
 
 def _roi(roi_size: int | Sequence[int]) -> tuple[int, int, int]:
-    roi = (roi_size,) * 3 if isinstance(roi_size, int) else tuple(roi_size)
-    if len(roi) != 3 or any(
-        isinstance(r, bool) or not isinstance(r, int) or r < MIN_ROI or r % SIZE_DIVISOR
-        for r in roi
-    ):
-        raise ValueError(
-            f"roi_size must be an int or 3 ints, each a multiple of {SIZE_DIVISOR} and at "
-            f"least {MIN_ROI} (the U-Net's three stride-2 levels), got {roi_size!r}"
-        )
-    return roi  # type: ignore[return-value]
+    roi = check_patch(roi_size, "roi_size")
+    if roi is None:
+        raise ValueError("roi_size must be an int or 3 ints, got None")
+    return roi
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -449,7 +446,32 @@ def predict_volume_tta(
     return _volume_prediction(stats)
 
 
-def _check_channels(model: nn.Module, image: Tensor, path: Path, modality: int | None) -> None:
+def _on_file_grid(
+    prediction: VolumePrediction, record: SpatialRecord
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Foreground probability, mask and mutual information of a prediction on the
+    network's grid, resampled onto the file's grid (one resampling inverts every spatial
+    step and the crop / pad).
+
+    The class probabilities are resampled trilinearly, minus the background's one-hot
+    vector: what lies outside the network's grid (cropped away) comes back as background,
+    and the probabilities still sum to 1, interpolation being linear.  The mask is their
+    argmax, so it agrees with them."""
+    shifted = prediction.probabilities.double().clone()
+    shifted[0] -= 1.0
+    probabilities = torch.from_numpy(record.to_file_grid(shifted, "bilinear"))
+    probabilities[0] += 1.0
+    information = record.to_file_grid(prediction.mutual_information, "bilinear")
+    return (
+        (1.0 - probabilities[0]).clamp_(0.0, 1.0).float(),
+        probabilities.argmax(0),
+        torch.from_numpy(information).clamp_(min=0.0),
+    )
+
+
+def _check_channels(
+    model: nn.Module, image: Tensor, path: Path, modality: int | Sequence[int] | None
+) -> None:
     """A DataError naming the file when its channels are not the ones the model takes."""
     expected = getattr(model, "in_channels", None)
     channels = image.shape[0]
@@ -469,7 +491,8 @@ def predict_case(
     n_samples: int = 8,
     *,
     normalise: Normalise | None = "minmax",
-    modality: int | None = None,
+    modality: int | Sequence[int] | None = None,
+    spatial: Spatial | None = None,
     roi_size: int | Sequence[int] = 64,
     overlap: float = 0.5,
     sw_batch_size: int = 1,
@@ -481,10 +504,13 @@ def predict_case(
     """Predict one case and write its maps as NIfTI on the input image's grid.
 
     The image is loaded by :class:`unet3d.data.SegmentationDataset` (give the
-    ``normalise`` and ``modality`` used in training), predicted with
-    :func:`predict_volume`, mapped back to the file's shape with
-    :func:`unet3d.data.uncrop` (voxels outside the network's grid get 0) and written
-    atomically with :func:`nifti_io.save_nifti`, with the input's affine and header:
+    ``normalise``, ``modality`` and ``spatial`` steps used in training), predicted with
+    :func:`predict_volume`, mapped back to the file's grid with :func:`unet3d.data.uncrop`
+    (voxels outside the network's grid get 0), or, after spatial steps, resampled onto it
+    (:meth:`unet3d.spatial.SpatialRecord.to_file_grid`: class probabilities trilinear,
+    the mask their argmax, voxels cropped away background), and written atomically with
+    :func:`nifti_io.save_nifti`, with the input's affine and header (every map is
+    computed before the first is written):
 
     * ``<id>_prob.nii.gz``: foreground probability ``1 - p(class 0)``, float32;
     * ``<id>_mask.nii.gz``: the most probable class, uint8;
@@ -501,7 +527,7 @@ def predict_case(
         The case (its label, if any, is checked but not used).
     out_dir
         Folder for the three files (created if needed).
-    normalise, modality
+    normalise, modality, spatial
         As in :class:`SegmentationDataset`.
 
     Returns
@@ -517,7 +543,7 @@ def predict_case(
     ValueError
         As :func:`predict_volume`.
     """
-    dataset = SegmentationDataset([case], normalise=normalise, modality=modality)
+    dataset = SegmentationDataset([case], normalise=normalise, modality=modality, spatial=spatial)
     item: dict[str, Any] = dataset[0]
     _check_channels(model, item["image"], case.image, modality)
     prediction = predict_volume(
@@ -534,17 +560,25 @@ def predict_case(
     )
     if int(prediction.mask.max()) > 255:
         raise ValueError(f"{prediction.probabilities.shape[0]} classes do not fit in uint8")
-    record = item["crop"]
+    if item["spatial"] is None:
+        record = item["crop"]
+        maps = {
+            "prob": uncrop(prediction.foreground.numpy().astype("float32"), record),
+            "mask": uncrop(prediction.mask.numpy().astype("uint8"), record),
+            "mi": uncrop(prediction.mutual_information.numpy().astype("float32"), record),
+        }
+    else:
+        foreground, mask, information = _on_file_grid(prediction, item["spatial"])
+        maps = {
+            "prob": foreground.numpy().astype("float32"),
+            "mask": mask.numpy().astype("uint8"),
+            "mi": information.numpy().astype("float32"),
+        }
     affine = item["affine"]
     header = nib.load(case.image).header
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(out)  # an interrupted prediction's orphan writes
-    maps = {
-        "prob": uncrop(prediction.foreground.numpy().astype("float32"), record),
-        "mask": uncrop(prediction.mask.numpy().astype("uint8"), record),
-        "mi": uncrop(prediction.mutual_information.numpy().astype("float32"), record),
-    }
     return {
         key: save_nifti(array, out / f"{case.id}_{key}.nii.gz", affine, header)
         for key, array in maps.items()

@@ -1,13 +1,15 @@
 """Preprocessing one segmentation case: read, check, normalise, crop / pad, and back.
 
 :func:`preprocess` turns a :class:`~unet3d.cases.Case` into the arrays the U-Net takes:
-``image`` ``(C, D, H, W)`` float32 and ``label`` ``(D, H, W)`` int64, in the voxel order of
-the file (no reorientation: the affine is returned unchanged).  It checks the files (shapes,
-affines, finite voxels, integer labels inside the declared classes), selects one modality
-of a 4D image, binarises labels (the MRI paper's whole tumour), normalises intensities
-(min-max to [0, 1] as in the paper, or z-score inside the brain) and crops / pads to a size
-the U-Net accepts (divisible by 8).  :func:`uncrop` maps a prediction back to the file's
-grid.
+``image`` ``(C, D, H, W)`` float32 and ``label`` ``(D, H, W)`` int64.  It checks the files
+(shapes, voxel spacings, affines, finite voxels, integer labels inside the declared
+classes), selects modalities of a 4D image, maps labels by a table and / or binarises them
+(the MRI paper's whole tumour), optionally reorients, crops to the foreground and resamples
+to a common spacing (:mod:`unet3d.spatial`), normalises intensities (min-max to [0, 1] as in
+the paper, or z-score inside the brain) and crops / pads to a size the U-Net accepts
+(divisible by 8).  Without spatial options the voxel order is the file's and :func:`uncrop`
+maps a prediction back to the file's grid; with them,
+:meth:`unet3d.spatial.SpatialRecord.to_file_grid` does (one resampling).
 
 Bad input raises :class:`~unet3d.cases.DataError` naming the file.
 """
@@ -24,7 +26,9 @@ import numpy as np
 import torch
 
 from .cases import Case, DataError
+from .config import check_label_map, check_modality
 from .model import SIZE_DIVISOR
+from .spatial import Spatial, SpatialRecord, apply_spatial, voxel_spacing
 
 __all__ = [
     "AFFINE_ATOL",
@@ -166,7 +170,14 @@ def _check_grid(
     ref_affine: np.ndarray,
     what: str,
 ) -> None:
-    """A DataError naming ``path`` unless its grid (shape, affine) is the image's ``ref``."""
+    """A DataError naming ``path`` unless its grid (voxel spacing, shape, affine) is the
+    image's ``ref``; the spacing first, the usual cause of the other two differing."""
+    spacing, ref_spacing = voxel_spacing(affine), voxel_spacing(ref_affine)
+    if not np.allclose(spacing, ref_spacing, rtol=0, atol=AFFINE_ATOL):
+        raise DataError(
+            f"{path}: {what} voxel spacing {_mm(spacing)} mm differs from the image's "
+            f"{_mm(ref_spacing)} mm ({ref}); resample the {what} onto the image's grid"
+        )
     if shape != ref_shape:
         raise DataError(
             f"{path}: {what} shape {shape} differs from the image's {ref_shape} ({ref})"
@@ -176,6 +187,10 @@ def _check_grid(
             f"{path}: {what} affine differs from the image's ({ref}), by up to "
             f"{np.abs(affine - ref_affine).max():.3g} mm:\n{affine}\nvs\n{ref_affine}"
         )
+
+
+def _mm(spacing: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in spacing) + ")"
 
 
 def _check_labels(path: Path, label: np.ndarray, classes: int | None) -> np.ndarray:
@@ -194,6 +209,24 @@ def _check_labels(path: Path, label: np.ndarray, classes: int | None) -> np.ndar
         declared = "non-negative" if classes is None else f"in [0, {classes})"
         raise DataError(f"{path}: labels {bad.tolist()} outside the declared classes ({declared})")
     return label
+
+
+def _map_labels(label: np.ndarray, label_map: dict[int, int]) -> np.ndarray:
+    """Labels through the table ``label_map``; values it does not list become 0."""
+    out = np.zeros_like(label)
+    for source, target in label_map.items():
+        out[label == source] = target
+    return out
+
+
+def _check_modality(path: Path, modality: tuple[int, ...], channels: int, shape: Any) -> None:
+    """A DataError naming the file unless its ``channels`` hold every one of ``modality``."""
+    bad = [m for m in modality if m >= channels]
+    if bad:
+        raise DataError(
+            f"{path}: modality {bad[0]} out of range (--modality / --modalities, modality=), "
+            f"the image has {channels} channel(s) (shape {shape})"
+        )
 
 
 def _read_on_grid(
@@ -272,7 +305,7 @@ def check_cases(
         The cases of one data set (training and validation together: the network takes
         one number of channels).
     modality
-        The channel kept of 4D images (as in :func:`preprocess`), or ``None`` for all.
+        The channel(s) kept of 4D images (as in :func:`preprocess`), or ``None`` for all.
     normalise
         As in :func:`preprocess`: brain masks are read (and checked) for ``"zscore"`` only.
 
@@ -288,6 +321,7 @@ def check_cases(
         range, a label or mask on another grid; or naming one file of each channel count
         when images differ (3D and 4D images mixed), with the way out.
     """
+    channels_kept = check_modality(modality)
     first: dict[int, Path] = {}
     for case in cases:
         shape, affine = _header(case.image)
@@ -295,13 +329,9 @@ def check_cases(
         if len(shape) not in (3, 4):
             raise DataError(f"{case.image}: expected a 3D or 4D image, got shape {shape}")
         channels = 1 if len(shape) == 3 else shape[3]
-        if modality is not None:
-            if modality >= channels:
-                raise DataError(
-                    f"{case.image}: modality {modality} out of range (--modality, "
-                    f"modality=), the image has {channels} channel(s) (shape {shape})"
-                )
-            channels = 1
+        if channels_kept is not None:
+            _check_modality(case.image, channels_kept, channels, shape)
+            channels = len(channels_kept)
         mask = case.mask if normalise == "zscore" else None
         for path, what in ((case.label, "label"), (mask, "mask")):
             if path is not None:
@@ -323,73 +353,102 @@ def preprocess(
     case: Case,
     *,
     normalise: Normalise | None = "minmax",
-    modality: int | None = None,
+    modality: int | Sequence[int] | None = None,
     binarise: bool = False,
     classes: int | None = None,
     size: tuple[int, int, int] | None = None,
+    label_map: dict[int, int] | None = None,
+    spatial: Spatial | None = None,
+    min_size: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """Read, check, select, binarise, normalise and crop / pad one case (see the module).
+    """Read, check, select, map labels, resample, normalise and crop / pad one case (see
+    the module).
 
     Parameters
     ----------
     case
         Its files.
-    normalise, modality, binarise, classes
+    normalise, modality, binarise, classes, label_map, spatial
         As in :class:`unet3d.data.SegmentationDataset`.
     size
         Spatial size after a centred crop / pad (:func:`target_size`); ``None`` pads each
         axis to the next multiple of 8.
+    min_size
+        With ``size=None``: pad each axis to at least this (e.g. a training patch, which
+        must fit in the volume); sides divisible by 8.
 
     Returns
     -------
     dict
         ``image`` float32 ``(C, *shape)`` and ``label`` int64 ``(*shape)`` (or ``None``)
-        numpy arrays, the file's ``affine`` and the :class:`CropPad` record ``crop``.
+        numpy arrays, the file's ``affine`` and ``original_shape``, the :class:`CropPad`
+        record ``crop`` (of the grid after the spatial steps) and ``spatial``: ``None``
+        without spatial steps, else the :class:`~unet3d.spatial.SpatialRecord` that maps a
+        prediction back onto the file's grid.
 
     Raises
     ------
     DataError
-        Naming the file: unreadable, image / label / mask shape or affine mismatch,
-        non-finite image voxels, non-integer labels or labels outside the classes, a
-        modality out of range.
+        Naming the file: unreadable, image / label / mask spacing, shape or affine
+        mismatch, non-finite image voxels, non-integer labels or labels outside the
+        classes, a modality out of range, nothing to crop to.
     """
     data, affine = _load(case.image)
     data = _squeeze_trailing(data) if data.ndim > 4 else data
     if data.ndim not in (3, 4):
         raise DataError(f"{case.image}: expected a 3D or 4D image, got shape {data.shape}")
     image = data[None] if data.ndim == 3 else np.moveaxis(data, -1, 0)  # (C, D, H, W)
-    if modality is not None:
-        if modality >= image.shape[0]:
-            raise DataError(
-                f"{case.image}: modality {modality} out of range (--modality, modality=), "
-                f"the image has {image.shape[0]} channel(s) (shape {data.shape})"
-            )
-        image = image[modality : modality + 1]
+    channels = check_modality(modality)
+    if channels is not None:
+        _check_modality(case.image, channels, image.shape[0], data.shape)
+        image = image[list(channels)]
     image = np.asarray(image, dtype=np.float32)
     if not np.isfinite(image).all():
         count = int((~np.isfinite(image)).sum())
         raise DataError(f"{case.image}: {count} non-finite (NaN or inf) voxels")
-    spatial = image.shape[1:]
+    file_shape = image.shape[1:]
 
     label = None
     if case.label is not None:
-        raw = _read_on_grid(case.label, "label", case.image, spatial, affine)
+        raw = _read_on_grid(case.label, "label", case.image, file_shape, affine)
         label = _check_labels(case.label, raw, classes)
+        if label_map is not None:
+            label = _map_labels(label, check_label_map(label_map))
         if binarise:
             label = (label > 0).astype(np.int64)
 
     mask = None
     if case.mask is not None and normalise == "zscore":
-        mask = _read_on_grid(case.mask, "mask", case.image, spatial, affine) != 0
+        mask = _read_on_grid(case.mask, "mask", case.image, file_shape, affine) != 0
+
+    grid, steps = affine, spatial or Spatial()
+    if steps.active:
+        image, label, mask, grid = apply_spatial(steps, image, affine, label, mask, path=case.image)
 
     if normalise == "minmax":
         image = _minmax(image)
     elif normalise == "zscore":
         image = _zscore(case.image, image, mask)
 
-    target = size or tuple(-(-n // SIZE_DIVISOR) * SIZE_DIVISOR for n in spatial)
-    record = _crop_pad(spatial, target)
+    shape = image.shape[1:]
+    target = size or tuple(
+        max(-(-n // SIZE_DIVISOR) * SIZE_DIVISOR, low)
+        for n, low in zip(shape, min_size or (0, 0, 0), strict=True)
+    )
+    record = _crop_pad(shape, target)
     image = _place(image, record.shape, record.offset)
     if label is not None:
         label = _place(label, record.shape, record.offset)
-    return {"image": image, "label": label, "affine": affine, "crop": record}
+    inverse = None
+    if steps.active:  # voxel j of the network's grid is voxel j - offset of the resampled one
+        shift = np.eye(4)
+        shift[:3, 3] = [-o for o in record.offset]
+        inverse = SpatialRecord(file_shape, affine, record.shape, grid @ shift)
+    return {
+        "image": image,
+        "label": label,
+        "affine": affine,
+        "original_shape": tuple(file_shape),
+        "crop": record,
+        "spatial": inverse,
+    }

@@ -45,6 +45,12 @@ rank on ``cuda:<LOCAL_RANK>``, ``gloo`` otherwise), wraps the model in
 the strategy gets the local batch size and the full KL (counted once per global step, see
 :mod:`dwp.elbo`), every rank computes the same validation loss, and only rank 0 writes.
 
+Mixed precision (``config.amp``, :mod:`dwp.amp`): the network's forward pass runs under
+autocast (bf16, or fp16 with a loss scale on CUDA); the strategy's loss gets float32
+logits, the KL runs with autocast off and the parameters (the posterior's log-scales among
+them) stay float32, so the ELBO is float32; validation runs in float32.  An fp16 run's loss
+scale is not checkpointed: a resumed run starts it afresh (it adapts within a few steps).
+
 The validation loss is the paper's loss (:func:`unet3d.losses.paper_loss`) of the
 posterior-mean prediction for every strategy, so that runs of different strategies are
 scheduled and selected on the same scale.
@@ -62,9 +68,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from dwp import amp
 from dwp.elbo import LossGuard
 from dwp.io import clean_stale_temporaries
 from dwp.swag import SWAGMoments
@@ -72,9 +79,9 @@ from dwp.swag import SWAGMoments
 from . import checkpoint, devices, run_files
 from .checkpoint import RunDescription, TrainingState
 from .config import TrainConfig
-from .data import Case, SegmentationDataset, base_dataset, check_augmentation, collate
-from .losses import paper_loss
+from .data import Case
 from .strategies import ModelSpec, Strategy, get_strategy
+from .train_data import TrainData, load_data, validate
 
 __all__ = ["TrainConfig", "TrainResult", "train"]
 
@@ -111,84 +118,6 @@ class TrainResult:
     restart_checkpoints: list[Path]
     out_dir: Path | None
     moments: SWAGMoments | None = None
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-
-
-@dataclass
-class _Data:
-    """The data loaders of a run; the training order of epoch ``e`` depends on
-    ``(seed, e)`` only (:meth:`start_epoch`)."""
-
-    train_set: Dataset
-    sampler: DistributedSampler
-    loader: DataLoader
-    val_loader: DataLoader | None
-
-    def start_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-        loading = base_dataset(self.train_set)  # a Subset's too: a new augmentation draw
-        if hasattr(loading, "set_epoch"):
-            loading.set_epoch(epoch)
-
-
-def _as_dataset(data: Sequence[Case] | Dataset, config: TrainConfig, training: bool) -> Dataset:
-    """Case lists loaded as the config says (augmented only if ``training``); a ready
-    dataset as it is, once checked to augment alike."""
-    augmentation = config.augmentation if training else None
-    if isinstance(data, Dataset):
-        check_augmentation(data, augmentation, "training" if training else "validation")
-        return data
-    cases = list(data)
-    if cases and not all(isinstance(c, Case) for c in cases):
-        raise TypeError("pass a Dataset or a sequence of unet3d.data.Case")
-    return SegmentationDataset(
-        cases,
-        normalise=config.normalise,
-        modality=config.modality,
-        binarise=config.binarise,
-        size=config.size,
-        augment=augmentation or False,
-        seed=config.seed,
-        cache=True,
-    )
-
-
-def _data(
-    config: TrainConfig,
-    train_cases: Sequence[Case] | Dataset,
-    val_cases: Sequence[Case] | Dataset | None,
-    where: devices.Placement,
-) -> _Data:
-    train_set = _as_dataset(train_cases, config, training=True)
-    val_set = None if val_cases is None else _as_dataset(val_cases, config, training=False)
-    world = where.world
-    if config.batch_size * world > len(train_set):
-        raise ValueError(
-            f"global batch {config.batch_size * world} exceeds the {len(train_set)} "
-            "training volumes"
-        )
-    # One replica without DDP: the order of epoch e depends on (seed, e) only, in both cases.
-    sampler = DistributedSampler(
-        train_set, num_replicas=world, rank=where.rank, shuffle=config.shuffle, seed=config.seed
-    )
-    pin = where.device.type == "cuda"  # page-locked batches copy to the GPU asynchronously
-    loader = DataLoader(
-        train_set,
-        batch_size=config.batch_size,
-        sampler=sampler,
-        collate_fn=collate,
-        num_workers=config.num_workers,
-        pin_memory=pin,
-    )
-    val_loader = (
-        None
-        if val_set is None
-        else DataLoader(val_set, batch_size=config.batch_size, collate_fn=collate, pin_memory=pin)
-    )
-    return _Data(train_set, sampler, loader, val_loader)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +220,7 @@ class _Run:
 
     config: TrainConfig
     strategy: Strategy
-    data: _Data
+    data: TrainData
     model: nn.Module
     net: nn.Module  # the DDP wrapper of model, or model itself
     optimizer: torch.optim.Optimizer
@@ -302,6 +231,8 @@ class _Run:
     writer: bool  # rank 0 with an out_dir: the process that writes files
     moments: SWAGMoments | None  # the SWAG collector (swag_rank > 0)
     guard: LossGuard = field(default_factory=LossGuard)  # stops a diverged run before its step
+    # fp16's loss scale; a pass-through otherwise
+    scaler: torch.amp.GradScaler = field(default_factory=lambda: amp.grad_scaler("off", "cpu"))
     log: run_files.RunLog | None = None  # what rank 0 logs to be watched (steps.csv, TensorBoard)
 
 
@@ -314,15 +245,19 @@ def _train_epoch(run: _Run, state: TrainingState) -> dict[str, Any]:
     for batch in run.data.loader:
         image, label = devices.batch_to(batch, run.device)
         run.optimizer.zero_grad(set_to_none=True)
-        logits = run.net(image)
+        with amp.autocast(run.config.amp, run.device):  # the network alone (dwp.amp)
+            logits = run.net(image)
+        # the data term, the KL (float32 whatever the autocast) and the ELBO in float32;
+        # a no-op without mixed precision
         loss, terms = run.strategy.loss(
-            run.model, logits, label, n_data, image.shape[0], state.step
+            run.model, logits.float(), label, n_data, image.shape[0], state.step
         )
         if run.log is not None:  # before the check: a diverging step is worth seeing
             run.log.step(state.step, terms, run.model, run.optimizer)
         _check_loss(run, state, terms)
-        loss.backward()
-        run.optimizer.step()
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)  # skipped when fp16 gradients overflowed
+        run.scaler.update()
         state.step += 1
         _collect_moments(run, state)
         batches += 1
@@ -358,28 +293,6 @@ def _collect_moments(run: _Run, state: TrainingState) -> None:
         run.moments.update(run.model)
 
 
-@torch.no_grad()
-def _validate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
-    """Paper loss (mean over batches, weighted by volumes) and mean foreground Dice of the
-    posterior-mean prediction (eval mode), computed on ``device``, scored on the CPU."""
-    from .metrics import evaluate  # imports MONAI metrics; only needed with validation
-
-    loss_fn = paper_loss()
-    was_training = model.training
-    model.eval()
-    total, count, predictions, labels = 0.0, 0, [], []
-    for batch in loader:
-        image, label = devices.batch_to(batch, device)
-        logits = model(image)
-        total += float(loss_fn(logits, label)) * logits.shape[0]
-        count += logits.shape[0]
-        predictions.append(logits.argmax(1).cpu())  # the metrics are MONAI's / SciPy's, on CPU
-        labels.append(batch["label"])
-    model.train(was_training)
-    scores = evaluate(torch.cat(predictions), torch.cat(labels))
-    return {"val_loss": total / count, "val_dice": float(scores["dice_mean"])}
-
-
 def _monitor(run: _Run, state: TrainingState, record: dict[str, Any]) -> tuple[float | None, bool]:
     """The loss the scheduler sees this epoch (``None``: no validation this epoch), and
     whether it is a validation loss; validation metrics go into ``record``."""
@@ -388,7 +301,7 @@ def _monitor(run: _Run, state: TrainingState, record: dict[str, Any]) -> tuple[f
         return devices.mean_over_ranks(record["train_loss"], run.world, run.device), False
     last_of_cycle = state.cycle_epoch + 1 >= config.epochs
     if (state.cycle_epoch + 1) % config.val_every == 0 or last_of_cycle:
-        record.update(_validate(run.model, val_loader, run.device))
+        record.update(validate(run.model, val_loader, run.device))
         return record["val_loss"], True
     return None, False
 
@@ -550,7 +463,7 @@ def _train(
     if writer:
         out_dir.mkdir(parents=True, exist_ok=True)
         clean_stale_temporaries(out_dir)  # what a killed run's interrupted writes left
-    data = _data(config, train_cases, val_cases, where)
+    data = load_data(config, train_cases, val_cases, where)
     model, optimizer, moments = _build(config, strategy, device)
     scheduler = _make_scheduler(config, optimizer)
     state = _start(config, out_dir, resume, model, optimizer, scheduler, moments)
@@ -558,12 +471,14 @@ def _train(
         # a resume: the metrics files may lag last.pt by an epoch (a kill between the two
         # writes); last.pt's history is the record, the files are rewritten from it
         run_files.write_metrics(state.history, out_dir)
+    if config.amp == "bf16" and device.type == "cpu":  # a torch defect, refused (dwp.amp)
+        amp.guard_cpu_bf16_conv3d(model)
     ids = [device.index] if device.type == "cuda" else None  # one GPU per process
     net = DistributedDataParallel(model, device_ids=ids) if world > 1 else model
     log = run_files.RunLog.open(out_dir, config.tensorboard, state.step, rank)
     run = _Run(
         config, strategy, data, model, net, optimizer, scheduler, world, device, out_dir, writer,
-        moments, log=log,
+        moments, log=log, scaler=amp.grad_scaler(config.amp, device),
     )  # fmt: skip
     # what rebuilds the network (checkpoint.load_model), in best.pt and last.pt
     described = RunDescription(config.as_dict(), strategy.describe())

@@ -41,8 +41,9 @@ class BagnetRun(Run):
         age_tr, age_te = torch.tensor(train.targets["age"]).float(), test.targets["age"]
         sex_tr, sex_te = torch.tensor(train.targets["sex"]).long(), test.targets["sex"]
         config = r3d.TrainConfig(
-            steps=preset.bagnet_steps, batch_size=preset.batch_size, lr=preset.lr, seed=seed
-        )
+            steps=preset.bagnet_steps, batch_size=preset.batch_size, lr=preset.lr, seed=seed,
+            device=self.device,
+        )  # fmt: skip
         start = time.perf_counter()
         torch.manual_seed(seed)
         net = r3d.bagnet3d(rf, width=preset.bagnet_width)
@@ -58,7 +59,8 @@ class BagnetRun(Run):
         sex_pred = sex_net.predict(test.x)[0].argmax(1).numpy()
         with torch.no_grad():
             # local age maps in years: the head at every location, then the target scaling
-            local = age_net.model.local_map(test.x)[:, 0] * age_net.scale + age_net.shift
+            local = age_net.model.local_map(test.x.to(self.device))[:, 0].cpu()
+            local = local * age_net.scale + age_net.shift
         row = {
             "section": "bagnet",
             "receptive_field": rf,
@@ -77,7 +79,7 @@ class BagnetRun(Run):
         }
         tensors = {
             "local_map": local,
-            "age_net": age_net.model.state_dict(),
+            "age_net": {k: v.cpu() for k, v in age_net.model.state_dict().items()},
             "shift": age_net.shift,
             "scale": age_net.scale,
         }

@@ -10,12 +10,13 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dwp.devices import resolve_device
 from dwp.extras import add_version_argument
 from dwp.train_log import check_tensorboard
 
@@ -74,6 +75,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "kept from the previous results of the same preset and seed); without it the "
         "report keeps the previous (d)",
     )  # fmt: skip
+    parser.add_argument(
+        "--device", default="cpu",
+        help="where the networks train: cpu (default), cuda, cuda:N, mps; no part of a "
+        "run's result (a finished run is read back on any device); the noise model stays "
+        "on the CPU",
+    )  # fmt: skip
     add_engine_arguments(parser)
     return parser.parse_args(argv)
 
@@ -90,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if any(n is not None and n < 1 for n in (args.jobs, args.threads)):
             raise ValueError("--jobs and --threads must be >= 1")
         jobs = args.jobs or (None if engine.remote else 1)
+        args.device = str(resolve_device(args.device, "--device"))
         if args.ablations is not None:
             args.ablations = select_ablations(args.ablations)
         # submitit's executor starts here: an option it rejects fails before any run
@@ -147,6 +155,10 @@ def _run(args: argparse.Namespace, command: str, runner: Runner) -> int:
     # longest first, so that the wave ends on short runs and no worker idles long while
     # the last long one finishes
     independent = sorted([r for r in hydra if r.prior is None] + ablations, key=lambda r: -r.cost())
+    bagnets, independent, hydra = (
+        [replace(r, device=args.device) for r in runs] for runs in (bagnets, independent, hydra)
+    )
+    prior = replace(prior, device=args.device)
     runner.wave([*bagnets, prior, *independent])
     # a run whose input failed is not started (it would fail too)
     ready = [r for r in hydra if r.prior is not None and prior.finished()]

@@ -32,7 +32,7 @@ def _lesion_targets(c: Cohort) -> Tensor:
 
 
 def fit_source_prior(
-    preset: Preset, seed: int, tensorboard: Path | None = None
+    preset: Preset, seed: int, tensorboard: Path | None = None, device: str = "cpu"
 ) -> tuple[dwp.DeepWeightPrior, dict[str, Any]]:
     """Deep weight prior on the 3x3x3 kernels of base regressors trained on ``ms_source``
     (MS-like lesions: their count and volume), one VAE for all layers; with
@@ -46,6 +46,7 @@ def fit_source_prior(
         batch_size=preset.batch_size,
         lr=preset.regressor_lr,
         seed=seed,
+        device=device,
     )
     nets = []
     for k in range(preset.source_nets):
@@ -53,10 +54,10 @@ def fit_source_prior(
         net = r3d.BaseRegressor(1, 2, preset.regressor_widths, preset.feature_scale)
         with optional_tensorboard(tensorboard, "source", f"net{k}", purge_step=0) as logger:
             fitted = r3d.fit(net, source.x, y, replace(config, seed=seed + k), logger=logger)
-        nets.append(fitted.model)
+        nets.append(fitted.model.cpu())  # the kernel bank is collected on the CPU
     bank = dwp.collect_kernels(nets, group_by="all", kernel_shape=(3, 3, 3))
     prior = dwp.DeepWeightPrior.fit(
-        bank, epochs=preset.vae_epochs, progress=False, seed=seed, latent_dim=4
+        bank, epochs=preset.vae_epochs, progress=False, seed=seed, latent_dim=4, device=device
     )
     held_out = prior.held_out("all")  # the test kernels, used for no choice of the fit
     info = {
@@ -79,7 +80,7 @@ class PriorRun(Run):
 
     def compute(self) -> None:
         started = time.perf_counter()
-        prior, info = fit_source_prior(self.preset, self.seed, self.tensorboard)
+        prior, info = fit_source_prior(self.preset, self.seed, self.tensorboard, self.device)
         prior.save(self.tensors)
         self.finish({"info": info}, started=started)
 
@@ -105,6 +106,7 @@ class HydraRun(Run):
         config = r3d.TrainConfig(
             steps=preset.regressor_steps, batch_size=preset.batch_size, lr=preset.regressor_lr,
             seed=run_seed, beta=preset.beta, kl_warmup=preset.regressor_steps // 2,
+            device=self.device,
         )  # fmt: skip
         if self.method == "hydranet":
             hydra = r3d.HydraConfig(4, 0.1, sets_per_step=preset.hydranet_sets_per_step)

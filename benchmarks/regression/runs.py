@@ -61,6 +61,9 @@ class Run(ABC):
     preset: Preset
     seed: int
     tensorboard: Path | None = None
+    #: where its networks train (``--device``); no part of its name or result either: a
+    #: finished run is read back whichever device a rerun asks for
+    device: str = "cpu"
 
     @abstractmethod
     def stem(self) -> str:

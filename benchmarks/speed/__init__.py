@@ -1,7 +1,7 @@
 """Speed of Bayesian 3D U-Net training: layer estimators, the deep weight prior, VAE fitting,
-the unet3d application's strategies and inference.
+the unet3d application's strategies and inference, float32 against mixed precision.
 
-Four sections, each run by default and selectable with ``--sections``:
+Five sections, each run by default and selectable with ``--sections``:
 
 ``layers``
     One training step (forward, loss + KL, backward, SGD step) of the reference
@@ -27,10 +27,17 @@ Four sections, each run by default and selectable with ``--sections``:
     Each inference case runs once, in a fresh interpreter, which reports its wall time and
     its peak RSS above the RSS after building the model and the input (``VmHWM`` reset
     through ``/proc/self/clear_refs``).
+``precision``
+    On ``--device`` (CPU by default; a GPU at 128^3, the issue's setting): one training
+    step of ``random_init``, ``normal_prior`` and ``dwp`` in float32 and under mixed
+    precision (:mod:`dwp.amp`, as ``unet3d train --amp`` runs it), and the KL bound alone:
+    the Bayesian / deterministic ratio, the KL's share of a step, the mixed-precision
+    speed-up and peak CUDA memory (:mod:`~benchmarks.speed.precision`).
 
 Usage::
 
     python -m benchmarks.speed --seed 0            # full run, writes benchmarks/results/speed.*
+    python -m benchmarks.speed --sections precision --device cuda  # the GPU section
     python -m benchmarks.speed --sections kl       # one section; the other sections' results
                                                    # in speed.json / speed.md are kept
     python -m benchmarks.speed --quick --out /tmp  # smoke run (tiny everything): speed_quick.*

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 import dwp
+from dwp.devices import resolve_device
 from dwp.extras import add_version_argument
 
 from ..report import DEFAULT_OUT_DIR, write_results
@@ -20,13 +21,20 @@ from .fit import run_fit
 from .kl import run_kl
 from .layers import run_layers
 from .machine import OtherLoad, tune_glibc_malloc
+from .precision import run_precision
 from .results import markdown, merge_previous, run_record
 from .settings import FULL, MIN_REPORT_STEPS, MIN_SIZE, QUICK, SECTIONS
 from .unet3d import run_unet3d
 
 __all__ = ["RUNNERS", "main", "parse_args"]
 
-RUNNERS = {"layers": run_layers, "kl": run_kl, "fit": run_fit, "unet3d": run_unet3d}
+RUNNERS = {
+    "layers": run_layers,
+    "kl": run_kl,
+    "fit": run_fit,
+    "unet3d": run_unet3d,
+    "precision": run_precision,
+}
 
 
 def _sections(text: str) -> list[str]:
@@ -71,6 +79,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
+    )
+    parser.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="let cuDNN time its convolution algorithms for each shape and keep the fastest "
+        "(torch.backends.cudnn.benchmark; GPU only)",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the precision section runs: cpu (default), cuda, cuda:N; on a GPU at "
+        "the paper's 128^3 patches (the other sections run on the CPU)",
     )
     parser.add_argument(
         "--out",
@@ -133,6 +153,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--batch must be positive")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be positive")
+    try:
+        args.device = str(resolve_device(args.device, "--device"))
+    except ValueError as error:
+        parser.error(str(error))
     args.heavy = min(args.steps, preset.heavy_reps)
     args.widths = preset.widths
     args.wide_widths = preset.wide_widths
@@ -143,6 +167,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.inference_volume = preset.inference_volume
     args.inference_roi = preset.inference_roi
     args.inference_samples = preset.inference_samples
+    args.amp_size = preset.amp_size
     return args
 
 
@@ -167,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     allocator = "system default" if args.system_allocator else tune_glibc_malloc()
     command = shlex.join(["python", "-m", "benchmarks.speed", *argv])
     start = time.perf_counter()
@@ -194,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "quick": args.quick,
         "size": args.size,
         "batch": args.batch,
+        "cudnn_benchmark": args.cudnn_benchmark,
         "steps": args.steps,
         "threads": torch.get_num_threads(),
         "allocator": allocator,

@@ -17,6 +17,7 @@ from .fit import render_fit
 from .kl import render_kl
 from .layers import render_layers
 from .machine import busy_note
+from .precision import render_precision
 from .settings import SECTIONS
 from .unet3d import render_unet3d
 
@@ -28,12 +29,14 @@ RENDERERS: dict[str, Callable[[Sequence[dict[str, Any]]], str]] = {
     "kl": render_kl,
     "fit": render_fit,
     "unet3d": render_unet3d,
+    "precision": render_precision,
 }
 TITLES = {
     "layers": "layers: training step, Bayesian 3x3x3 convs vs deterministic UNet3D",
     "kl": "kl: deep weight prior bound (forward + backward) vs deterministic training step",
     "fit": "fit: dwp.fit_kernel_vae wall time",
     "unet3d": "unet3d: training step per strategy vs random_init; sliding-window inference",
+    "precision": "precision: float32 vs mixed-precision training steps on --device; KL share",
 }
 #: The settings of a run that :func:`run_record` records besides the command and commit.
 _RUN_SETTINGS = ("seed", "size", "batch", "steps", "threads", "allocator")

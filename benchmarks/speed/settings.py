@@ -15,6 +15,10 @@ __all__ = [
     "FIT_SOURCES",
     "FIT_TARGET_S",
     "FULL",
+    "GPU_AMP_SIZE",
+    "GPU_AMP_TARGET",
+    "GPU_BAYES_TARGET",
+    "GPU_KL_SHARE_TARGET",
     "HEAVY_WARMUP_STEPS",
     "INFERENCE_OVERLAP",
     "KL_TARGET",
@@ -29,7 +33,7 @@ __all__ = [
     "Settings",
 ]
 
-SECTIONS = ("layers", "kl", "fit", "unet3d")
+SECTIONS = ("layers", "kl", "fit", "unet3d", "precision")
 
 # -- targets --------------------------------------------------------------------------------
 #: Largest acceptable ratio of median step times, Bayesian / deterministic, per estimator.
@@ -38,6 +42,12 @@ LAYER_TARGETS: dict[str, float] = {"reparam": 1.25, "local_reparam": 2.3, "flipo
 KL_TARGET = 0.10
 #: Largest acceptable wall time of the VAE fit (seconds).
 FIT_TARGET_S = 120.0
+#: The precision section's targets, judged on a GPU only: Bayesian / deterministic step,
+#: KL bound / step, float32 step / mixed-precision step (paper U-Net, GPU_AMP_SIZE^3, batch 2)
+GPU_BAYES_TARGET = 1.10
+GPU_KL_SHARE_TARGET = 0.05
+GPU_AMP_TARGET = 1.8
+GPU_AMP_SIZE = 128
 
 # -- the same in every run ------------------------------------------------------------------
 #: Fewer timed rounds give a median and IQR too noisy to compare against the targets.
@@ -81,6 +91,8 @@ class Settings:
     inference_roi: int
     #: Posterior samples of the Bayesian inference cases (the deterministic case makes 1 pass).
     inference_samples: tuple[int, ...]
+    #: Edge of the precision section's input on the CPU (GPU_AMP_SIZE on a GPU).
+    amp_size: int
 
 
 FULL = Settings(
@@ -96,6 +108,7 @@ FULL = Settings(
     inference_volume=(240, 240, 155),
     inference_roi=64,
     inference_samples=(1, 8),
+    amp_size=64,
 )
 
 QUICK = Settings(
@@ -111,4 +124,5 @@ QUICK = Settings(
     inference_roi=16,
     # one Bayesian case: every case costs a fresh interpreter (seconds of imports)
     inference_samples=(2,),
+    amp_size=24,  # not 16: 2-voxel-deep feature maps hit a torch bf16 defect (dwp.amp)
 )

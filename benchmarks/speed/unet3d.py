@@ -30,6 +30,7 @@ __all__ = [
     "BASELINE_STRATEGY",
     "render_unet3d",
     "run_unet3d",
+    "strategy_models",
     "strategy_step",
     "strategy_variants",
 ]
@@ -37,7 +38,7 @@ __all__ = [
 BASELINE_STRATEGY = "random_init"
 
 
-def _strategy_models(
+def strategy_models(
     seed: int, widths: Sequence[int], source_dir: Path
 ) -> list[tuple[str, Strategy, nn.Module]]:
     """Every registered strategy's network, built the way :func:`unet3d.train.train` does."""
@@ -102,7 +103,7 @@ def strategy_variants(
     generator = torch.Generator().manual_seed(seed)
     target = torch.randint(0, 2, (x.shape[0], *x.shape[2:]), generator=generator)
     variants = []
-    for name, strategy, model in _strategy_models(seed, widths, source_dir):
+    for name, strategy, model in strategy_models(seed, widths, source_dir):
         info = {
             "kind": "train_step",
             "strategy": name,

@@ -54,6 +54,16 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help="override a preset setting (repeatable), e.g. dwp_beta=1e-4",
     )
+    parser.add_argument(
+        "--device",
+        help="where to train and fit: cpu (default), cuda, cuda:N, mps (--set device=...); "
+        "not part of any cache key: finished stages are reused on another device",
+    )
+    parser.add_argument(
+        "--amp",
+        choices=("off", "bf16", "fp16"),
+        help="mixed precision of every training stage (dwp.amp; --set amp=...)",
+    )
     parser.add_argument("--source-data", type=Path, help="your source Decathlon folder")
     parser.add_argument("--target-data", type=Path, help="your target Decathlon folder")
     parser.add_argument(
@@ -82,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        preset = override(PRESETS[args.preset], args.set)
+        where = [f"{k}={v}" for k, v in (("device", args.device), ("amp", args.amp)) if v]
+        preset = override(PRESETS[args.preset], [*args.set, *where])
         only = parse_only(args.only)
         engine = engine_from_args(args)
         if args.tensorboard is not None:  # installed and writable, before any stage runs

@@ -12,6 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dwp.amp import check_precision
+from dwp.devices import resolve_device
+
 from ..stages import logger
 
 #: Methods in the order of the paper's table.
@@ -76,6 +79,12 @@ class Preset:
     ``beta_grid`` x ``dwp_init_grid`` (``normal_init_grid``) by the validation Dice of the
     smallest training set, split 0; an empty grid leaves its setting as it is.
 
+    Where it computes: ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``) trains the source
+    nets and the runs and fits the prior; it is no stage's setting (a device does not change
+    what is computed: a cached stage is reused on another).  ``amp`` (``"off"``,
+    ``"bf16"``, ``"fp16"``: :mod:`dwp.amp`) changes the numbers of every training stage and
+    is in their keys when not ``"off"`` (:func:`~.keys.stage_key`).
+
     Each field names the stages it changes (``stages=``, see :func:`setting`).
     """
 
@@ -118,6 +127,8 @@ class Preset:
     tta_sizes: tuple[int, ...] = setting(
         (5,), stages=("pretrained", "pretrained_frozen", "random_init")
     )
+    device: str = setting("cpu", stages=())
+    amp: str = setting("off", stages=())
 
     def __post_init__(self) -> None:
         unknown = set(self.methods) - set(METHODS)
@@ -133,6 +144,9 @@ class Preset:
                     raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if any(c % 8 for c in self.crop):
             raise ValueError(f"crop {self.crop} must be divisible by 8 (the U-Net downsamples 3x)")
+        if self.device != "cpu" or self.amp != "off":  # one line naming the option
+            object.__setattr__(self, "device", str(resolve_device(self.device, "device")))
+            check_precision(self.amp, self.device, "amp")
 
     def replace(self, **changes: Any) -> Preset:
         return dataclasses.replace(self, **changes)

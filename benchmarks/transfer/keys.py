@@ -79,4 +79,8 @@ def stage_key(preset: Preset, stage: str, seed: int, data: Mapping[str, Any]) ->
         key["data"] = dict(data[STAGE_DATA[stage]])
     key["upstream"] = {s: digest(stage_key(preset, s, seed, data)) for s in upstream(preset, stage)}
     key["settings"] = preset.settings(stage)
+    # mixed precision changes what a training stage computes; "off" adds nothing, so the
+    # float32 keys (and the caches made before the option existed) stay as they were
+    if preset.amp != "off" and stage != PRIOR:
+        key["amp"] = preset.amp
     return key

@@ -52,6 +52,7 @@ def fit_prior(
         seed=seed,
         progress=progress,
         epochs=preset.vae_epochs,
+        device=preset.device,
     )
     bank.save(folder / "bank.pt")
     prior.save(folder / "prior.pt")

@@ -26,6 +26,8 @@ def train_config(preset: Preset, **changes: Any) -> TrainConfig:
         min_lr=preset.min_lr,
         binarise=True,
         progress=False,
+        device=preset.device,
+        amp=preset.amp,
         **changes,
     )
 

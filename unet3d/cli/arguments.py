@@ -1,5 +1,7 @@
 """Argument types shared by the ``unet3d`` subcommands (argparse ``type=`` callables), the
-options of a data folder searched by pattern, and the training-set augmentation options.
+options of a data folder searched by pattern, the training-set augmentation options and
+the spatial options both commands share (``--spacing``, ``--orientation``,
+``--crop-foreground``, :class:`unet3d.spatial.Spatial`).
 
 The types check what the Python layer would otherwise refuse later under its own argument
 names (``size must be ...``): argparse names the flag, with the usage line and status 2.
@@ -26,6 +28,7 @@ if TYPE_CHECKING:  # torch is imported when a command runs, not when the parser 
     import torch
 
     from ..config import Augmentation
+    from ..spatial import Spatial
 
 __all__ = [
     "AUGMENTATION_FLAGS",
@@ -33,16 +36,21 @@ __all__ = [
     "add_augmentation_options",
     "add_device_option",
     "add_pattern_options",
+    "add_spatial_options",
     "augmentation_of",
     "augmentation_problem",
     "case_pattern",
+    "channels",
     "check_output_folder",
     "class_count",
     "file_pattern",
     "fraction",
     "init_log_sigma",
+    "label_table",
+    "needs_problem",
     "non_negative_float",
     "non_negative_int",
+    "orientation_codes",
     "overlap",
     "pattern_problem",
     "positive_float",
@@ -50,6 +58,8 @@ __all__ = [
     "probability",
     "rate",
     "size_side",
+    "spatial_of",
+    "spatial_problem",
     "torch_device",
     "trainable_problem",
     "triple",
@@ -120,6 +130,50 @@ def size_side(text: str) -> int:
             f"must be a positive multiple of {SIZE_DIVISOR}, got {text}"
         )
     return value
+
+
+def channels(text: str) -> int | tuple[int, ...]:
+    """argparse type: ``--modality`` / ``--modalities``, one channel (``2``, an int) or
+    several, comma-separated and distinct (``0,2``, a tuple)."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 0 or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(
+            f"must be a channel index >= 0 or distinct ones separated by commas (e.g. 0,2), "
+            f"got {text!r}"
+        )
+    return values[0] if len(values) == 1 else values
+
+
+def label_table(text: str) -> dict[int, int]:
+    """argparse type: ``--label-map``, comma-separated ``FROM:TO`` pairs of label values
+    (``1:1,2:1,4:1``: BraTS's whole tumour); each FROM once."""
+    table: dict[int, int] = {}
+    try:
+        for pair in text.split(","):
+            source, target = (int(v) for v in pair.split(":"))
+            if source < 0 or target < 0 or source in table:
+                raise ValueError(pair)
+            table[source] = target
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "must be FROM:TO pairs of label values >= 0 separated by commas, each FROM once "
+            f"(e.g. 1:1,2:1,4:1), got {text!r}"
+        ) from None
+    return table
+
+
+def orientation_codes(text: str) -> str:
+    """argparse type: ``--orientation``, three axis codes (``RAS``;
+    :class:`unet3d.spatial.Spatial`)."""
+    from ..spatial import Spatial
+
+    try:
+        return str(Spatial(orientation=text).orientation)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("orientation ")) from None
 
 
 def window_side(text: str) -> int:
@@ -203,7 +257,7 @@ def torch_device(text: str) -> torch.device:
 
 
 def add_device_option(group: Any) -> None:
-    """Add ``unet3d train``'s ``--device`` to ``group``, an argparse parser or argument
+    """Add ``unet3d train``'s ``--device`` and ``--amp`` to ``group``, an argparse parser or argument
     group; the command checks it with :func:`torch_device` when it runs (torch is not
     imported to build the parser)."""
     group.add_argument(
@@ -212,6 +266,14 @@ def add_device_option(group: Any) -> None:
         help="where to train: cpu (default), cuda, cuda:N or mps; under torchrun each "
         "process of a cuda run uses cuda:LOCAL_RANK.  Not part of the run: --resume may "
         "continue it on another device",
+    )
+    group.add_argument(
+        "--amp",
+        choices=("off", "bf16", "fp16"),
+        default="off",
+        help="mixed precision: the forward pass in bfloat16 (cpu, Ampere+ GPUs) or float16 "
+        "(cuda, with a loss scale); the KL, the posterior's log-scales and the ELBO stay "
+        "float32 (default off: float32 throughout)",
     )
 
 
@@ -270,8 +332,11 @@ def pattern_problem(args: argparse.Namespace) -> str | None:
         return "--image-pattern needs --data DIR (the folder the patterns search)"
     if image == label:
         return f"--image-pattern and --label-pattern are the same: {image!r}"
-    if not args.binarise and args.n_classes is None:
-        return "--image-pattern with --no-binarise needs --n-classes (no dataset.json here)"
+    if not args.binarise and args.n_classes is None and getattr(args, "label_map", None) is None:
+        return (
+            "--image-pattern with --no-binarise needs --n-classes or --label-map (no "
+            "dataset.json here)"
+        )
     return None
 
 
@@ -324,9 +389,15 @@ def augmentation_problem(args: argparse.Namespace) -> str | None:
     given = [
         flag for flag, (dest, *_) in AUGMENTATION_FLAGS.items() if getattr(args, dest) is not None
     ]
-    if given and not args.augment:
-        return f"{' '.join(given)} need{'s' if len(given) == 1 else ''} --augment"
-    return None
+    return None if args.augment else needs_problem(given, "--augment")
+
+
+def needs_problem(given: Sequence[str], needed: str) -> str | None:
+    """The usage error of the options ``given`` without the option ``needed`` they tune,
+    or ``None`` when none is given."""
+    if not given:
+        return None
+    return f"{' '.join(given)} need{'s' if len(given) == 1 else ''} {needed}"
 
 
 def augmentation_of(args: argparse.Namespace) -> Augmentation | None:
@@ -338,3 +409,56 @@ def augmentation_of(args: argparse.Namespace) -> Augmentation | None:
         return None
     given = {field: getattr(args, dest) for dest, field, *_ in AUGMENTATION_FLAGS.values()}
     return Augmentation(**{k: v for k, v in given.items() if v is not None})
+
+
+def add_spatial_options(group: Any, *, predict: bool = False) -> None:
+    """Add ``--spacing``, ``--orientation`` and ``--crop-foreground`` to ``group``, an
+    argparse parser or argument group; for ``unet3d predict`` (``predict``) their defaults
+    are the training run's and ``--no-crop-foreground`` turns the crop off."""
+    default = " (default: the training run's)" if predict else ""
+    group.add_argument(
+        "--spacing",
+        type=positive_float,
+        nargs="+",
+        metavar="MM",
+        help="resample every volume to this voxel size in mm, one number or 3 along the "
+        "array axes after --orientation (trilinear, labels nearest)"
+        + (default or " (default: the file's)"),
+    )
+    group.add_argument(
+        "--orientation",
+        type=orientation_codes,
+        metavar="CODES",
+        help="reorient every volume so that its array axes point as the codes say, one of "
+        "each pair L/R, P/A, I/S, e.g. RAS" + (default or " (default: the file's voxel order)"),
+    )
+    group.add_argument(
+        "--crop-foreground",
+        action=argparse.BooleanOptionalAction if predict else "store_true",
+        default=None if predict else False,
+        help="crop every volume to the box of its voxels above the background (any channel "
+        "above its minimum: the brain of a skull-stripped scan)" + default,
+    )
+
+
+def spatial_problem(args: argparse.Namespace) -> str | None:
+    """The usage error of a ``--spacing`` with other than 1 or 3 values, or ``None``."""
+    if args.spacing is not None and len(args.spacing) not in (1, 3):
+        return f"--spacing takes 1 or 3 values, got {len(args.spacing)}"
+    return None
+
+
+def spatial_of(args: argparse.Namespace, trained: dict[str, Any] | None = None) -> Spatial:
+    """The :class:`unet3d.spatial.Spatial` of the spatial options; those not given take the
+    ``trained`` config's values (``unet3d predict``), else the defaults."""
+    from ..spatial import Spatial
+
+    config = trained or {}
+    spacing = config.get("spacing") if args.spacing is None else args.spacing
+    orientation = config.get("orientation") if args.orientation is None else args.orientation
+    crop = args.crop_foreground
+    return Spatial(
+        spacing=None if spacing is None else tuple(spacing),
+        orientation=orientation,
+        crop_foreground=bool(config.get("crop_foreground", False) if crop is None else crop),
+    )

@@ -15,7 +15,12 @@ subfolders do not collide; those of a file or a Decathlon test split go to ``--o
 
 Before any work the device, ``--out`` and every image's header are checked, so a missing
 GPU, an unwritable folder or a mismatched image fails in seconds, not after the first
-prediction.  ``--modality K`` keeps one channel of 4D images (default: the training one).
+prediction.  ``--modality K`` (``--modalities 0,2``) keeps channels of 4D images, and
+``--spacing``, ``--orientation``, ``--crop-foreground`` resample each image as in
+training (default: the training run's choices, from the checkpoint); the maps are written
+on the input's own grid and affine whatever the network's grid was
+(:mod:`unet3d.spatial`).  The window is ``--roi``, else the training ``--patch-size``,
+else its ``--size``.
 
 ``--progress`` / ``--no-progress``: tqdm bars on stderr over the images and over each
 image's posterior samples (:func:`unet3d.inference.predict_volume`'s ``progress``); by
@@ -32,11 +37,14 @@ from typing import Any
 from nifti_io import NIFTI_SUFFIXES
 
 from .arguments import (
+    add_spatial_options,
+    channels,
     check_output_folder,
     file_pattern,
-    non_negative_int,
     overlap,
     positive_int,
+    spatial_of,
+    spatial_problem,
     torch_device,
     triple,
     window_side,
@@ -100,8 +108,8 @@ def add_parser(commands: Any) -> None:
         type=window_side,
         nargs="+",
         metavar="N",
-        help=f"window N^3 (or D H W), multiples of 8, >= 16 (default: the training --size "
-        f"when set, else {DEFAULT_ROI})",
+        help=f"window N^3 (or D H W), multiples of 8, >= 16 (default: the training "
+        f"--patch-size, else its --size when set, else {DEFAULT_ROI})",
     )
     predict.add_argument(
         "--overlap", type=overlap, default=0.5, help="window overlap in [0, 1) (default 0.5)"
@@ -114,11 +122,14 @@ def add_parser(commands: Any) -> None:
     )
     predict.add_argument(
         "--modality",
-        type=non_negative_int,
-        metavar="K",
-        help="channel of 4D images to predict from (default: the training --modality, "
-        "else all channels)",
+        "--modalities",
+        dest="modality",
+        type=channels,
+        metavar="K[,K...]",
+        help="channel(s) of 4D images to predict from, e.g. 1 or 0,2 (default: the training "
+        "--modality, else all channels)",
     )
+    add_spatial_options(predict, predict=True)
     predict.add_argument("--device", default="cpu", help="torch device (default cpu)")
     predict.add_argument(
         "--progress",
@@ -134,6 +145,9 @@ def add_parser(commands: Any) -> None:
 def _check_args(args: argparse.Namespace) -> None:
     if args.roi is not None and len(args.roi) not in (1, 3):
         args.usage_error(f"--roi takes 1 or 3 values, got {len(args.roi)}")
+    problem = spatial_problem(args)
+    if problem:
+        args.usage_error(problem)
 
 
 def _roi(args: argparse.Namespace, config: dict[str, Any]) -> int | tuple[int, ...]:
@@ -143,7 +157,7 @@ def _roi(args: argparse.Namespace, config: dict[str, Any]) -> int | tuple[int, .
         return triple(args.roi)  # type: ignore[return-value]
     # The network's instance norms saw windows of the training size: reuse it if it can be
     # a window.
-    size = config.get("size")
+    size = config.get("patch_size") or config.get("size")
     sizes = [size] * 3 if isinstance(size, int) else size
     if sizes and all(isinstance(s, int) and s >= MIN_ROI for s in sizes):
         return tuple(sizes)
@@ -216,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
     folders = _out_folders(args, cases, searched)
     modality = trained.config.get("modality") if args.modality is None else args.modality
     normalise = trained.config.get("normalise", "minmax")
+    spatial = spatial_of(args, trained.config)
     check_cases(cases, modality, normalise)  # every header: a bad file fails before image 1
     roi = _roi(args, trained.config)
     model = trained.model.to(device)
@@ -240,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
             samples,
             normalise=normalise,
             modality=modality,
+            spatial=spatial,
             roi_size=roi,
             overlap=args.overlap,
             sw_batch_size=args.sw_batch_size,
