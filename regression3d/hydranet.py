@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dwp.amp import autocast
+
 __all__ = [
     "SetBatch",
     "draw_sets",
@@ -169,6 +171,7 @@ def set_loss_backward(
     loss_fn: LossFn = lambda s, t: F.mse_loss(s, t, reduction="sum"),
     *,
     members_per_pass: int | None = None,
+    precision: str = "off",
 ) -> tuple[Tensor, Tensor]:
     """Set-sum loss and its gradient, all members in one pass or a few at a time.
 
@@ -193,6 +196,10 @@ def set_loss_backward(
         ordinary minibatches).  ``k``: batches of ``k`` members (``k * S`` images), streamed
         as the module docstring describes, holding only their activations; ``1`` for the
         least memory.  The gradient is the same either way.
+    precision
+        ``"off"``, ``"bf16"`` or ``"fp16"``: the forward passes under
+        :func:`dwp.amp.autocast`, the sum and ``loss_fn`` in float32.  For fp16 pass a
+        ``loss_fn`` scaled by the caller's :func:`dwp.amp.grad_scaler`.
 
     Returns
     -------
@@ -207,8 +214,9 @@ def set_loss_backward(
     passes = [torch.cat(list(members[i : i + chunk])) for i in range(0, n, chunk)]
 
     def summed(batch: Tensor) -> Tensor:  # (k * S, *out) -> (S, *out): sum over members
-        out = model(batch)
-        return out.view(-1, n_sets, *out.shape[1:]).sum(0)
+        with autocast(precision, batch.device):
+            out = model(batch)
+        return out.float().view(-1, n_sets, *out.shape[1:]).sum(0)
 
     def checked_loss(total: Tensor) -> Tensor:
         if total.shape != target.shape:

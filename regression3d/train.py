@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import dwp
+from dwp.amp import autocast, check_precision, grad_scaler, guard_cpu_bf16_conv3d
 from dwp.devices import resolve_device
 from dwp.train_log import TrainingLogger, step_scalars
 
@@ -181,6 +182,11 @@ class TrainConfig:
         moved there; the images stay where they are and each batch is moved.  The batches
         and zero images are drawn on the CPU whatever the device; weight samples come from
         the device's generator (seeded with ``seed`` too).
+    amp
+        Mixed precision (:mod:`dwp.amp`): ``"bf16"`` (CPU, Ampere+ GPUs) or ``"fp16"``
+        (CUDA, with a loss scale) runs the network's forward passes under autocast; the
+        likelihood, the KL and the loss stay float32.  ``"off"`` (default): float32.
+        Checked against ``device`` by :func:`fit` (``ValueError`` naming ``amp``).
     """
 
     steps: int = 200
@@ -196,6 +202,7 @@ class TrainConfig:
     hydranet: HydraConfig | None = None
     seed: int = 0
     device: str | torch.device = "cpu"
+    amp: Literal["off", "bf16", "fp16"] = "off"
 
     def as_dict(self) -> dict:
         """The settings as plain values (``device`` as its string), e.g. for JSON."""
@@ -361,6 +368,7 @@ def fit(
         ``config.device`` this machine lacks (before the network is moved or trained).
     """
     device = resolve_device(config.device, name="device")
+    check_precision(config.amp, device, "amp")
     _check_images(x, "x")
     if len(y) != len(x):
         raise ValueError(f"x has {len(x)} images but y has {len(y)} labels")
@@ -394,6 +402,9 @@ def fit(
         else dwp.KLSchedule("constant", end=config.beta)
     )
     optimiser = _optimiser(model, config, schedule, bayesian)
+    if config.amp == "bf16" and device.type == "cpu":  # a torch defect, refused (dwp.amp)
+        guard_cpu_bf16_conv3d(model)
+    scaler = grad_scaler(config.amp, device)  # fp16's loss scale; a pass-through otherwise
     generator = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, float]] = []
 
@@ -414,14 +425,16 @@ def fit(
                 # only the batch moves: the dataset may not fit on the device
                 xb = x[idx].to(device)
                 xb = xb if augment is None else augment(xb)
-                nll = nll_of(model(xb), z[idx].to(device))
+                with autocast(config.amp, device):
+                    out = model(xb)
+                nll = nll_of(out.float(), z[idx].to(device))
                 if bayesian:
                     terms = dwp.elbo(nll, model, n_data=n, batch_size=len(idx), beta=beta)
                     loss, kl, data_term = terms.loss, terms.kl, terms.data_term
                 else:
                     loss, kl = nll / len(idx), torch.zeros((), device=device)
                     data_term = loss
-                loss.backward()
+                scaler.scale(loss).backward()
             else:
                 sets = next(batches)
                 members = [m.to(device) for m in set_members(x, sets)]
@@ -433,13 +446,14 @@ def fit(
                     model,
                     members,
                     set_targets(z, sets).to(device),
-                    lambda s, t, f=factor: nll_of(s, t) * f,
+                    lambda s, t, f=factor: scaler.scale(nll_of(s, t) * f),
                     members_per_pass=config.hydranet.members_per_pass,
+                    precision=config.amp,
                 )
-                nll = nll / factor
+                nll = nll / scaler.get_scale() / factor
                 kl = dwp.kl(model) if bayesian else torch.zeros((), device=device)
                 if bayesian:
-                    (beta * kl).backward()
+                    scaler.scale(beta * kl).backward()
                 data_term = nll * factor
                 loss = data_term + beta * kl.detach()
             if logger is not None:  # before the step: the scales this loss was computed with
@@ -450,7 +464,8 @@ def fit(
                 raise FloatingPointError(
                     f"training loss is {loss.item()} at step {step}: lower lr or check the data"
                 )
-            optimiser.step()
+            scaler.step(optimiser)  # skipped when fp16 gradients overflowed
+            scaler.update()
             if step % 10 == 0 or step == config.steps - 1:
                 history.append(
                     {

@@ -306,3 +306,28 @@ def test_fit_on_cuda_moves_the_model_and_the_batches_not_the_data() -> None:
         assert all(torch.isfinite(torch.tensor(h["loss"])) for h in fitted.history)
         mean, variance = fitted.predict(x[:3], n_samples=2)
         assert mean.device.type == variance.device.type == "cpu" and mean.shape == (3, 1)
+
+
+@pytest.mark.parametrize("hydranet", [False, True], ids=["base", "hydranet"])
+def test_bf16_fit_matches_float32_first_loss_and_learns(hydranet: bool) -> None:
+    # bf16 rounds each conv's input and weight (2 u relative, u = 2^-8) on the L layers of
+    # the network's deepest path; the loss of step 0 moves by at most ~2 u L of its value
+    x, y = _data(8, seed=6)
+    hydra = HydraConfig(2, 0.0, sets_per_step=2) if hydranet else None
+
+    def run(amp: str):
+        torch.manual_seed(0)
+        net = BaseRegressor(1, 1, (4, 4))
+        config = TrainConfig(steps=30, seed=3, hydranet=hydra, amp=amp, lr=3e-3)
+        return net, fit(net, x, y, config)
+
+    net, full = run("off")
+    _, mixed = run("bf16")
+    layers = sum(isinstance(m, torch.nn.Conv3d | torch.nn.Linear) for m in net.modules())
+    first32, first16 = full.history[0]["loss"], mixed.history[0]["loss"]
+    assert first16 != first32  # autocast was on
+    assert abs(first16 - first32) <= 2 * 2.0**-8 * layers * abs(first32)
+    assert mixed.history[-1]["loss"] < first16  # it learns
+    assert all(p.dtype == torch.float32 for p in mixed.model.parameters())
+    with pytest.raises(ValueError, match=r"^amp fp16 needs a CUDA device"):
+        fit(BaseRegressor(1, 1, (4, 4)), x, y, TrainConfig(steps=1, amp="fp16"))
