@@ -33,7 +33,7 @@ from .figures import plot_hydranet, plot_importance, plot_local_maps
 from .hydranet import PriorRun, collect_hydranet, hydranet_runs
 from .importance import collect_importance, importance_run
 from .report import ABLATIONS_HEADING, keep_ablations, render_markdown
-from .runs import Runner, log, work_folder
+from .runs import Runner, log, terminate_as_exit, work_folder
 
 __all__ = ["main", "parse_args"]
 
@@ -110,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     torch.set_num_threads(args.threads or threads)
     try:
-        return _run(args, command, runner)
+        with terminate_as_exit():  # SIGTERM ends the worker processes too
+            return _run(args, command, runner)
     except GridError as error:  # every other run finished; a rerun retries the failed ones
         print(f"error: {error}", file=sys.stderr)
         return 1

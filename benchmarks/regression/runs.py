@@ -15,12 +15,14 @@ its settings and its torch thread count only, not on where or when it ran.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
+import signal
+import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ from ..grid import Engine, Failure, GridError, Submitter
 from ..stages import logger, stage_folder
 from .config import Preset
 
-__all__ = ["VERSION", "Run", "RunJob", "Runner", "log", "work_folder"]
+__all__ = ["VERSION", "Run", "RunJob", "Runner", "log", "terminate_as_exit", "work_folder"]
 
 #: the code version of every run's result, part of the work folder's key: bumped when a
 #: change of code changes a result, so that files of older code are never reused
@@ -112,9 +114,31 @@ class RunJob:
 
     threads: int
 
-    def __call__(self, run: Run) -> None:
+    def __call__(self, run: Run) -> str:
+        """Compute ``run``; returns its :meth:`~Run.stem` (for the log)."""
         torch.set_num_threads(self.threads)
         run.compute()
+        return run.stem()
+
+
+@contextlib.contextmanager
+def terminate_as_exit() -> Iterator[None]:
+    """Inside the block, SIGTERM (a job scheduler's or ``kill``'s) raises ``SystemExit``
+    in the main thread like Ctrl-C raises ``KeyboardInterrupt``, so that ``finally``
+    blocks and context managers run: a :class:`Runner`'s worker processes are terminated
+    with the command instead of running on, orphaned.  The previous handler is restored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_on_term(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class Runner:
@@ -159,13 +183,12 @@ class Runner:
                 self.job(run)
         else:
             # spawn, not fork: a forked child of a process that already ran OpenMP code
-            # can deadlock in its first parallel region
-            pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"))
-            try:
-                for run, _ in zip(todo, pool.map(self.job, todo), strict=True):
-                    log(f"finished {run.stem()}")
-            finally:  # an error or Ctrl-C: the runs not started are dropped
-                pool.shutdown(cancel_futures=True)
+            # can deadlock in its first parallel region.  Leaving the block terminates the
+            # workers: after an error, Ctrl-C or SIGTERM (see :func:`terminate_as_exit`)
+            # no worker outlives the command, and the runs in progress are redone by a rerun
+            with multiprocessing.get_context("spawn").Pool(self.jobs) as pool:
+                for stem in pool.imap_unordered(self.job, todo):  # as they finish
+                    log(f"finished {stem}")
 
     def check(self) -> None:
         """Raise :class:`~benchmarks.grid.GridError` if any job failed."""
