@@ -67,3 +67,17 @@ def test_a_rerun_reads_every_run_back(ci_run: SimpleNamespace, monkeypatch) -> N
     again = json.loads((Path(ci_run.root) / "again" / "variational_ci.json").read_text())
     first = [r for r in ci_run.payload["rows"] if "timing" not in r]
     assert [r for r in again["rows"] if "timing" not in r] == first
+
+
+def test_a_runs_key_holds_no_device_and_mixed_precision_only_when_on() -> None:
+    from benchmarks.variational.config import PRESETS
+    from benchmarks.variational.pipeline import transfer_preset
+    from benchmarks.variational.runs import Run
+
+    preset = PRESETS["quick"]
+    transfer = transfer_preset(preset)
+    run = Run("dwp", "natural", 0)
+    key = run.key(preset, transfer, {})
+    assert not {"device", "amp"} & key["transfer"].keys()  # the float32 keys of before
+    assert run.key(preset, transfer.replace(device="cpu"), {}) == key
+    assert run.key(preset, transfer.replace(amp="bf16"), {})["transfer"]["amp"] == "bf16"

@@ -53,7 +53,10 @@ class Run:
             "version": 2,
             "run": [self.method, self.path, self.split],
             "preset": {k: v for k, v in preset.__dict__.items() if k not in ("splits", "paths")},
-            "transfer": transfer.__dict__,
+            # where a run computes is in no key; mixed precision only when on, so the keys
+            # of float32 runs are those from before the two settings existed
+            "transfer": {k: v for k, v in transfer.__dict__.items() if k not in ("device", "amp")}
+            | ({"amp": transfer.amp} if transfer.amp != "off" else {}),
             "stages": stages,
         }
 
