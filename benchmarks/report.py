@@ -58,6 +58,22 @@ def _git_commit(source: Path = SOURCE_DIR) -> str | None:
     return result.stdout.strip() or None
 
 
+def _git_dirty(source: Path = SOURCE_DIR) -> bool | None:
+    """Whether tracked files of ``source``'s repository differ from its commit (the numbers
+    then come from code no commit holds), or ``None`` where :func:`_git_commit` is."""
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(result.stdout.strip())
+
+
 def environment() -> dict[str, Any]:
     """Describe the software and machine the numbers are measured on.
 
@@ -66,8 +82,8 @@ def environment() -> dict[str, Any]:
     dict
         ``dwp`` (the installed package's version), ``torch``, ``python``, ``platform``,
         ``machine``, ``cpu_count``, ``num_threads`` (torch's intra-op threads at the time
-        of the call) and ``git_commit`` (of the benchmarks' source tree; ``None`` when
-        unavailable).
+        of the call), ``git_commit`` (of the benchmarks' source tree; ``None`` when
+        unavailable) and ``git_dirty`` (tracked files changed since that commit).
     """
     return {
         "dwp": dwp.__version__,
@@ -78,6 +94,7 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "num_threads": torch.get_num_threads(),
         "git_commit": _git_commit(),
+        "git_dirty": _git_dirty(),
     }
 
 
@@ -171,7 +188,9 @@ def write_results(
     json_path = out_dir / f"{name}.json"
     write_json(json_path, payload, indent=2)
 
-    commit = env["git_commit"] or "unknown"
+    commit = (env["git_commit"] or "unknown") + (
+        " with uncommitted changes" if env.get("git_dirty") else ""
+    )
     markdown = (
         f"# {name}\n\n"
         f"{table_md.rstrip()}\n\n"

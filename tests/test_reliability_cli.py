@@ -389,3 +389,20 @@ def test_benchmark_report_records_the_source_commit_from_any_folder(
     _, markdown = report.write_results("r", {}, [], "| a |\n|---|", tmp_path)
     assert f"dwp {dwp.__version__}" in markdown.read_text()
     assert done.stdout.strip() in markdown.read_text()
+
+
+def test_benchmark_report_says_when_the_code_differs_from_its_commit(tmp_path: Path) -> None:
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / "code.py").write_text("a = 1\n")
+    subprocess.run([*git, "add", "code.py"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    (repo / "new.py").write_text("untracked: not code that ran\n")
+    assert report._git_dirty(repo) is False
+    (repo / "code.py").write_text("a = 2\n")
+    assert report._git_dirty(repo) is True
+    assert report._git_dirty(tmp_path / "nowhere") is None

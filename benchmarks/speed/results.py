@@ -48,12 +48,14 @@ def run_record(args: argparse.Namespace, command: str, allocator: str) -> dict[s
     Returns
     -------
     dict
-        ``command``, ``git_commit``, ``seed``, ``size``, ``batch``, ``steps``, ``threads``
-        and ``allocator``.
+        ``command``, ``git_commit``, ``git_dirty`` (tracked files changed since that
+        commit), ``seed``, ``size``, ``batch``, ``steps``, ``threads`` and ``allocator``.
     """
+    env = environment()
     return {
         "command": command,
-        "git_commit": environment()["git_commit"],
+        "git_commit": env["git_commit"],
+        "git_dirty": env["git_dirty"],
         "seed": args.seed,
         "size": args.size,
         "batch": args.batch,
@@ -141,7 +143,8 @@ def markdown(rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> tuple[st
         )
         footers.append(
             f"{', '.join(members)}: allocator {run['allocator']}; {wall}; {run['threads']} "
-            f"threads, seed {run['seed']}, commit {run['git_commit'] or 'unknown'}. Cores kept "
+            f"threads, seed {run['seed']}, commit {run['git_commit'] or 'unknown'}"
+            f"{' with uncommitted changes' if run.get('git_dirty') else ''}. Cores kept "
             f"busy by other processes, on average: {load}."
         )
     if len(commands) > 1:
