@@ -36,6 +36,22 @@ DEFAULT_OUT_DIR = Path("benchmarks/results")
 SOURCE_DIR = Path(__file__).resolve().parent
 
 
+def _git(source: Path, *args: str) -> str | None:
+    """The output of ``git -C source args``, or ``None`` when it fails (no repository, no
+    ``git``, a timeout)."""
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(source), *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout
+
+
 def _git_commit(source: Path = SOURCE_DIR) -> str | None:
     """The commit checked out in ``source``'s repository, or ``None`` outside a repository
     or without ``git``.
@@ -45,33 +61,15 @@ def _git_commit(source: Path = SOURCE_DIR) -> str | None:
     benchmark must still write its results from an exported tarball, an installed copy or
     a repository without commits, so every failure is tolerated.
     """
-    try:
-        result = subprocess.run(
-            ["git", "-C", str(source), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None
+    out = _git(source, "rev-parse", "HEAD")
+    return None if out is None else (out.strip() or None)
 
 
 def _git_dirty(source: Path = SOURCE_DIR) -> bool | None:
     """Whether tracked files of ``source``'s repository differ from its commit (the numbers
     then come from code no commit holds), or ``None`` where :func:`_git_commit` is."""
-    try:
-        result = subprocess.run(
-            ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return bool(result.stdout.strip())
+    out = _git(source, "status", "--porcelain", "--untracked-files=no")
+    return None if out is None else bool(out.strip())
 
 
 def environment() -> dict[str, Any]:

@@ -119,7 +119,9 @@ def grad_scaler(precision: str, device: torch.device | str) -> torch.amp.GradSca
     )
 
 
-def guard_cpu_bf16_conv3d(model: nn.Module) -> list[RemovableHandle]:
+def guard_cpu_bf16_conv3d(
+    model: nn.Module, precision: str = "bf16", device: torch.device | str = "cpu"
+) -> list[RemovableHandle]:
     """Make every 3D convolution of ``model`` refuse an input of depth 2 while CPU bf16
     autocast is on and gradients are wanted (the torch defect of the module docstring).
 
@@ -128,11 +130,14 @@ def guard_cpu_bf16_conv3d(model: nn.Module) -> list[RemovableHandle]:
     model
         Any network; its ``Conv3d`` modules and Bayesian 3D convolutions get a forward
         pre-hook (nothing else changes).
+    precision, device
+        The run's: the hooks are installed for ``"bf16"`` on the CPU only, so a training
+        loop calls this whatever its settings.
 
     Returns
     -------
     list of RemovableHandle
-        The hooks, to ``remove()`` them.
+        The hooks, to ``remove()`` them (none where the defect cannot occur).
 
     Raises
     ------
@@ -161,6 +166,8 @@ def guard_cpu_bf16_conv3d(model: nn.Module) -> list[RemovableHandle]:
 
         return hook
 
+    if precision != "bf16" or torch.device(device).type != "cpu":
+        return []
     return [
         module.register_forward_pre_hook(check(name))
         for name, module in model.named_modules()

@@ -402,8 +402,7 @@ def fit(
         else dwp.KLSchedule("constant", end=config.beta)
     )
     optimiser = _optimiser(model, config, schedule, bayesian)
-    if config.amp == "bf16" and device.type == "cpu":  # a torch defect, refused (dwp.amp)
-        guard_cpu_bf16_conv3d(model)
+    guard_cpu_bf16_conv3d(model, config.amp, device)  # a torch defect, refused (dwp.amp)
     scaler = grad_scaler(config.amp, device)  # fp16's loss scale; a pass-through otherwise
     generator = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, float]] = []

@@ -471,8 +471,7 @@ def _train(
         # a resume: the metrics files may lag last.pt by an epoch (a kill between the two
         # writes); last.pt's history is the record, the files are rewritten from it
         run_files.write_metrics(state.history, out_dir)
-    if config.amp == "bf16" and device.type == "cpu":  # a torch defect, refused (dwp.amp)
-        amp.guard_cpu_bf16_conv3d(model)
+    amp.guard_cpu_bf16_conv3d(model, config.amp, device)  # a torch defect, refused (dwp.amp)
     ids = [device.index] if device.type == "cuda" else None  # one GPU per process
     net = DistributedDataParallel(model, device_ids=ids) if world > 1 else model
     log = run_files.RunLog.open(out_dir, config.tensorboard, state.step, rank)

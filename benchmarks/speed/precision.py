@@ -29,8 +29,7 @@ import torch
 from torch import Tensor, nn
 
 import dwp
-from dwp.amp import autocast, check_precision, grad_scaler, guard_cpu_bf16_conv3d
-from unet3d.strategies import Strategy
+from dwp.amp import guard_cpu_bf16_conv3d
 
 from ..report import markdown_table
 from .settings import (
@@ -42,7 +41,7 @@ from .settings import (
     STRATEGY_N_DATA,
 )
 from .timing import Variant, join_tables, seeded_input, time_variants
-from .unet3d import BASELINE_STRATEGY, strategy_models
+from .unet3d import BASELINE_STRATEGY, strategy_models, strategy_step, synchronised
 
 __all__ = ["PRECISION_STRATEGIES", "amp_precision", "render_precision", "run_precision"]
 
@@ -57,44 +56,8 @@ def amp_precision(device: torch.device) -> str:
     return "bf16"
 
 
-def _synchronised(device: torch.device) -> Callable[[], None]:
-    """Wait for ``device``'s queued kernels (CUDA runs asynchronously: a timer read
-    without it measures the launch, not the work)."""
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
-
-
-def _step(
-    strategy: Strategy, model: nn.Module, x: Tensor, target: Tensor, precision: str
-) -> tuple[Callable[[], Tensor], Callable[[Tensor], None]]:
-    """One step of :func:`unet3d.train.train`'s loop in ``precision`` (its code path)."""
-    device = x.device
-    optimizer = strategy.make_optimizer(model, "auto", ADAM_LR)
-    scaler, sync, steps = grad_scaler(precision, device), _synchronised(device), [0]
-
-    def forward() -> Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(precision, device):
-            logits = model(x)
-        loss, _ = strategy.loss(
-            model, logits.float(), target, STRATEGY_N_DATA, x.shape[0], steps[0]
-        )
-        sync()
-        return loss
-
-    def backward(loss: Tensor) -> None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        steps[0] += 1
-        sync()
-
-    return forward, backward
-
-
 def _kl_only(model: nn.Module, device: torch.device) -> tuple[Callable[[], Tensor], Callable]:
-    sync = _synchronised(device)
+    sync = synchronised(device)
 
     def forward() -> Tensor:
         model.zero_grad(set_to_none=True)
@@ -122,8 +85,9 @@ def _peak_mib(variant: Variant, device: torch.device) -> float | None:
 def run_precision(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any], str]:
     """Time the strategies' steps in float32 and mixed precision on ``args.device``."""
     device = torch.device(args.device)
+    if device.type not in ("cpu", "cuda"):  # no mixed precision elsewhere (dwp.amp)
+        raise ValueError(f"--device {device}: the precision section runs on cpu or cuda")
     precision = amp_precision(device)
-    check_precision(precision, device, "--device")
     size = args.amp_size if device.type == "cpu" or args.quick else GPU_AMP_SIZE
     x = seeded_input(args.seed, args.batch, size).to(device)
     generator = torch.Generator().manual_seed(args.seed)
@@ -135,15 +99,14 @@ def run_precision(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[
         if name not in PRECISION_STRATEGIES:
             continue
         model.to(device)
-        if precision == "bf16" and device.type == "cpu":  # as unet3d.train does
-            guard_cpu_bf16_conv3d(model)
+        guard_cpu_bf16_conv3d(model, precision, device)  # as unet3d.train does
         info = {"kind": "precision_step", "strategy": name, "bayesian": strategy.bayesian}
         for p in ("off", precision):
             variants.append(
                 Variant(
                     "precision",
                     f"{name} {p}",
-                    *_step(strategy, model, x, target, p),
+                    *strategy_step(strategy, model, x, target, STRATEGY_N_DATA, p),
                     args.steps,
                     baseline=f"{BASELINE_STRATEGY} {p}",
                     target_ratio=GPU_BAYES_TARGET if device.type == "cuda" else None,

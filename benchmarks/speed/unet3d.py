@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 import dwp
+from dwp import amp
 from dwp.io import save_torch_file
 from unet3d import UNet3D
 from unet3d.strategies import STRATEGIES, ModelSpec, Strategy, get_strategy
@@ -33,6 +34,7 @@ __all__ = [
     "strategy_models",
     "strategy_step",
     "strategy_variants",
+    "synchronised",
 ]
 
 BASELINE_STRATEGY = "random_init"
@@ -70,28 +72,49 @@ def strategy_models(
     return built
 
 
+def synchronised(device: torch.device) -> Callable[[], None]:
+    """Wait for ``device``'s queued kernels (CUDA runs asynchronously: a timer read
+    without it measures the launch, not the work); a no-op elsewhere."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
 def strategy_step(
-    strategy: Strategy, model: nn.Module, x: Tensor, target: Tensor, n_data: int
+    strategy: Strategy,
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor,
+    n_data: int,
+    precision: str = "off",
 ) -> tuple[Callable[[], Tensor], Callable[[Tensor], None]]:
     """Forward/backward callables of one step of :func:`unet3d.train.train`'s loop.
 
     The strategy's own optimiser, as the loop builds it (``optimizer="auto"``: Adam for the
     deterministic strategies, Adam on the means and natural-gradient steps on the scales
     for the variational ones; frozen blocks left out); the strategy's loss (the paper's
-    loss, or the negative ELBO with the KL of every Bayesian layer).
+    loss, or the negative ELBO with the KL of every Bayesian layer) on float32 logits of a
+    forward pass in ``precision`` (:mod:`dwp.amp`), and the loop's loss scaler.  Each
+    phase ends when ``x``'s device has finished it.
     """
+    device = x.device
     optimizer = strategy.make_optimizer(model, "auto", ADAM_LR)
-    steps = [0]
+    scaler, sync, steps = amp.grad_scaler(precision, device), synchronised(device), [0]
 
     def forward() -> Tensor:
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = strategy.loss(model, model(x), target, n_data, x.shape[0], steps[0])
+        with amp.autocast(precision, device):
+            logits = model(x)
+        loss, _ = strategy.loss(model, logits.float(), target, n_data, x.shape[0], steps[0])
+        sync()
         return loss
 
     def backward(loss: Tensor) -> None:
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)  # optimizer.step() unless fp16 gradients overflowed
+        scaler.update()
         steps[0] += 1
+        sync()
 
     return forward, backward
 
