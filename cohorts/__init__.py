@@ -1,10 +1,11 @@
 """Offline synthetic MRI cohorts on the MNI ICBM152 anatomy shipped with nilearn.
 
-Four cohorts, written in the Medical Segmentation Decathlon layout (segmentation) or as a
+Five cohorts, written in the Medical Segmentation Decathlon layout (segmentation) or as a
 CSV table (regression), so that the loaders for users' own NIfTI data read them unchanged:
 
 * ``ms_source``: FLAIR-like, 5-20 small periventricular / deep white-matter lesions;
 * ``tumour_target``: T2-like, one tumour with core, enhancing rim and oedema;
+* ``tumour_t1``: the same tumours in a T1-like contrast, where they are dark (far transfer);
 * ``brain_age``: T1-like, age 18-90 enlarges the ventricles and thins the cortex;
 * ``lesion_count``: FLAIR-like, 0-12 small lesions; targets are their count and volume.
 

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from cohorts.anatomy import RESOLUTIONS
-from cohorts.subjects import COHORTS
+from cohorts.subjects import COHORTS, TUMOUR_COHORTS
 from dwp.extras import add_version_argument
 
 __all__ = ["main"]
@@ -32,7 +32,11 @@ def _parser() -> argparse.ArgumentParser:
         help=f"voxel size in mm, one of {list(RESOLUTIONS)} (default 2)",
     )
     gen.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
-    gen.add_argument("--whole-tumour", action="store_true", help="binary tumour labels")
+    gen.add_argument(
+        "--whole-tumour",
+        action="store_true",
+        help=f"binary tumour labels ({', '.join(TUMOUR_COHORTS)} only)",
+    )
     gen.add_argument("--overwrite", action="store_true", help="regenerate every subject")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     commands.add_parser("list", help="list the cohorts")

@@ -16,12 +16,24 @@ from cohorts.deform import smooth_noise
 
 __all__ = ["CONTRASTS", "render"]
 
+_T1 = {"csf": 0.12, "gm": 0.50, "wm": 0.85, "lesion": 0.30}
+
 #: Relative tissue intensities per contrast. FLAIR suppresses CSF and shows lesions bright;
 #: T2 shows CSF brightest and a tumour's oedema and necrotic core bright; T1 has WM > GM > CSF.
+#: ``t1_tumour`` is T1 with a hypointense tumour: a dark necrotic core, a rim close to grey
+#: matter and oedema between grey and white matter.  It is its own key, not more entries of
+#: ``t1``: :func:`render` draws one gain per entry, so adding entries to ``t1`` would change
+#: the images of the cohorts already rendered in it.
 CONTRASTS: dict[str, dict[str, float]] = {
     "flair": {"csf": 0.06, "gm": 0.55, "wm": 0.40, "lesion": 0.95},
     "t2": {"csf": 1.00, "gm": 0.52, "wm": 0.34, "core": 0.90, "rim": 0.60, "oedema": 0.75},
-    "t1": {"csf": 0.12, "gm": 0.50, "wm": 0.85, "lesion": 0.30},
+    "t1": _T1,
+    "t1_tumour": {
+        **{k: _T1[k] for k in ("csf", "gm", "wm")},
+        "core": 0.20,
+        "rim": 0.55,
+        "oedema": 0.62,
+    },
 }
 
 

@@ -1,4 +1,4 @@
-"""The four cohorts, and one subject generated in memory.
+"""The five cohorts, and one subject generated in memory.
 
 A subject is a pure function of ``(cohort, split, index, resolution, seed)``: its random
 numbers come from ``numpy.random.SeedSequence([seed, cohort id, split, index])``, so subject
@@ -20,14 +20,22 @@ from scipy import ndimage
 from cohorts import ageing, deform, lesions, render
 from cohorts.anatomy import Anatomy, check_resolution, load_anatomy
 
-__all__ = ["COHORTS", "SPLITS", "Cohort", "check_cohort", "subject", "subject_id"]
+__all__ = [
+    "COHORTS",
+    "SPLITS",
+    "TUMOUR_COHORTS",
+    "Cohort",
+    "check_cohort",
+    "subject",
+    "subject_id",
+]
 
 SPLITS: dict[str, int] = {"train": 0, "test": 1}
 
 
 @dataclass(frozen=True)
 class Cohort:
-    """What a cohort is: its task, contrast, labels and regression targets.
+    """What a cohort is: its task, contrast, labels, regression targets and lesions.
 
     Attributes
     ----------
@@ -45,6 +53,10 @@ class Cohort:
         Label value (as str) to name; empty when no label maps are written.
     targets : tuple of str
         Regression columns of the subject table.
+    lesion : str
+        What is drawn into the anatomy: ``"scattered"`` (small white-matter lesions, label 1),
+        ``"tumour"`` (one tumour, labels 1 core, 2 enhancing rim, 3 oedema, and a
+        ``whole_tumour`` map) or ``""`` (none).
     """
 
     name: str
@@ -54,7 +66,10 @@ class Cohort:
     modality: str
     labels: dict[str, str] = field(default_factory=dict)
     targets: tuple[str, ...] = ()
+    lesion: str = ""
 
+
+_TUMOUR_LABELS = {"0": "background", "1": "core", "2": "enhancing rim", "3": "oedema"}
 
 COHORTS: dict[str, Cohort] = {
     c.name: c
@@ -67,6 +82,7 @@ COHORTS: dict[str, Cohort] = {
             "flair",
             "FLAIR",
             {"0": "background", "1": "lesion"},
+            lesion="scattered",
         ),
         Cohort(
             "tumour_target",
@@ -75,7 +91,18 @@ COHORTS: dict[str, Cohort] = {
             "segmentation",
             "t2",
             "T2",
-            {"0": "background", "1": "core", "2": "enhancing rim", "3": "oedema"},
+            dict(_TUMOUR_LABELS),
+            lesion="tumour",
+        ),
+        Cohort(
+            "tumour_t1",
+            "Far-transfer target, tumour-like: T1-like contrast (tumour darker than the tissue "
+            "around it, CSF dark), one large lesion with necrotic core, rim and oedema",
+            "segmentation",
+            "t1_tumour",
+            "T1",
+            dict(_TUMOUR_LABELS),
+            lesion="tumour",
         ),
         Cohort(
             "brain_age",
@@ -96,9 +123,13 @@ COHORTS: dict[str, Cohort] = {
             "FLAIR",
             {"0": "background", "1": "lesion"},
             ("count", "volume_mm3"),
+            lesion="scattered",
         ),
     )
 }
+
+#: The cohorts with one tumour: ``whole_tumour`` labels apply to them.
+TUMOUR_COHORTS: tuple[str, ...] = tuple(c.name for c in COHORTS.values() if c.lesion == "tumour")
 
 
 def check_cohort(cohort: str) -> Cohort:
@@ -209,8 +240,8 @@ def subject(
         ``id``; ``image`` (``float32``, X, Y, Z); ``label`` (``uint8``; for ``brain_age``
         the subject's ageing map, 1 ventricles, 2 cortical ribbon); ``affine``
         (4x4); ``tissues`` (warped ``csf``, ``gm``, ``wm`` probabilities); ``meta`` (JSON-able:
-        targets, lesion centres in template voxels, ...). ``tumour_target`` also gives
-        ``whole_tumour`` (``uint8`` binarisation).
+        targets, lesion centres in template voxels, ...). The tumour cohorts
+        (:data:`TUMOUR_COHORTS`) also give ``whole_tumour`` (``uint8`` binarisation).
     """
     spec = check_cohort(cohort)
     res = check_resolution(resolution)
@@ -229,7 +260,7 @@ def subject(
     extra: dict[str, np.ndarray] = {}  # lesion channels, warped with the tissues
     global_scale = 1.0
 
-    if cohort in ("ms_source", "lesion_count"):
+    if spec.lesion == "scattered":
         drawn = (
             _ms_lesions(rng_anatomy, anatomy)
             if cohort == "ms_source"
@@ -241,7 +272,7 @@ def subject(
         extra["lesion"] = lesion * anatomy.mask
         meta["lesion_centres"] = [list(e.centre_index(res)) for e in drawn]
         meta["drawn_count"] = len(drawn)
-    elif cohort == "tumour_target":
+    elif spec.lesion == "tumour":
         extra, meta["tumour"] = _tumour(rng_anatomy, anatomy)
     elif cohort == "brain_age":
         drawn_age = float(np.round(rng_anatomy.uniform(*ageing.AGE_RANGE), 1))
@@ -259,7 +290,7 @@ def subject(
     probabilities = {k: warped[k] for k in tissues}
     out: dict[str, Any] = {"id": subject_id(cohort, split, int(index)), "affine": anatomy.affine}
 
-    if cohort in ("ms_source", "lesion_count"):
+    if spec.lesion == "scattered":
         label = (warped["lesion"] >= 0.5).astype(np.uint8)
         keep = 1.0 - warped["lesion"]
         probabilities = {k: v * keep for k, v in probabilities.items()}
@@ -267,7 +298,7 @@ def subject(
         _, count = ndimage.label(label)
         meta["count"] = int(count)
         meta["volume_mm3"] = float(label.sum() * anatomy.voxel_volume)
-    elif cohort == "tumour_target":
+    elif spec.lesion == "tumour":
         core, rim, whole = warped["core"], warped["rim"], warped["oedema"]
         label = np.zeros(anatomy.shape, dtype=np.uint8)
         # Nested thresholds of the cumulative maps keep core inside rim inside oedema.

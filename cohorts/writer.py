@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from cohorts import ageing
 from cohorts.anatomy import check_resolution, load_anatomy
-from cohorts.subjects import check_cohort, subject, subject_id
+from cohorts.subjects import TUMOUR_COHORTS, check_cohort, subject, subject_id
 from dwp.io import clean_stale_temporaries, write_json, write_text
 from nifti_io import save_nifti
 
@@ -159,7 +159,8 @@ def generate(
     Parameters
     ----------
     cohort : str
-        ``"ms_source"``, ``"tumour_target"``, ``"brain_age"`` or ``"lesion_count"``.
+        ``"ms_source"``, ``"tumour_target"``, ``"tumour_t1"``, ``"brain_age"`` or
+        ``"lesion_count"``.
     out_dir : path
         Folder to write (created if needed).
     n_train, n_test : int
@@ -174,8 +175,8 @@ def generate(
     progress : bool
         Show a progress bar.
     whole_tumour : bool
-        ``tumour_target`` only: write binary whole-tumour labels instead of 1 core, 2 enhancing
-        rim, 3 oedema.
+        Tumour cohorts (``tumour_target``, ``tumour_t1``) only: write binary whole-tumour
+        labels instead of 1 core, 2 enhancing rim, 3 oedema.
 
     Returns
     -------
@@ -191,13 +192,15 @@ def generate(
     spec = check_cohort(cohort)
     res = check_resolution(resolution)
     _check_counts(n_train, n_test)
-    if whole_tumour and cohort != "tumour_target":
-        raise ValueError("whole_tumour=True applies to the 'tumour_target' cohort only")
+    tumour = cohort in TUMOUR_COHORTS
+    if whole_tumour and not tumour:
+        names = " and ".join(repr(name) for name in TUMOUR_COHORTS)
+        raise ValueError(f"whole_tumour=True applies to the {names} cohorts only")
     out = Path(out_dir)
     config = _config(cohort, res, seed)
     labels = "whole" if whole_tumour else "multi"
-    config = {**config, "labels": labels} if cohort == "tumour_target" else config
-    if cohort == "tumour_target":
+    if tumour:  # the label choice is part of a tumour cohort's configuration
+        config = {**config, "labels": labels}
         digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
         config["config_hash"] = digest[:16]
     reuse = _check_folder(out, config, overwrite)

@@ -27,6 +27,7 @@ pytest.importorskip("nilearn")  # the cohorts' anatomy
 pytest.importorskip("submitit")
 
 GRID = ["--preset", "ci", "--seed", "0", "--set", "methods=normal_prior", "--set", "splits=1"]
+GRID += ["--set", "normal_init=fresh", "--regimes", "near"]  # no source stage, one target
 #: two jobs of one thread each: the thread count of the serial run they are compared with
 ENGINE = ["--engine", "submitit", "--jobs", "2", "--threads", "2", "--no-progress"]
 
@@ -93,7 +94,8 @@ def test_local_executor_gives_the_serial_report(
         assert twin["train_ids"] == row["train_ids"]
         assert twin["test"]["dice"] == pytest.approx(row["test"]["dice"], abs=1e-6)
         assert _flat(twin["uncertainty"]) == pytest.approx(_flat(row["uncertainty"]), abs=1e-6)
-    serial_config, config = serial.payload["config"], submitted.payload["config"]
+    serial_config = serial.payload["config"]["regimes"]["near"]
+    config = submitted.payload["config"]["regimes"]["near"]
     assert _flat(config["selections"]) == pytest.approx(_flat(serial_config["selections"]))
     assert _flat(config["summary"]) == pytest.approx(_flat(serial_config["summary"]), nan_ok=True)
     assert config["execution"]["engine"] == "submitit/local"

@@ -1,7 +1,7 @@
 """The transfer benchmark (the main job): the pipeline and its files, not its numbers.
 
-One module-scoped run of ``--preset ci`` (every stage, every method, 2 sizes x 2 splits on
-tiny 4 mm volumes) is shared by the tests; they check the files it writes, the caching
+One module-scoped run of ``--preset ci`` (every stage, every method, both regimes, 2 sizes
+x 2 splits on tiny 4 mm volumes) is shared by the tests; they check the files it writes, the caching
 (a rerun trains nothing), that a single cell recomputed alone gives the same numbers
 (``--only``, seeded), and that results spread over several work folders merge into the same
 table (``--merge``).
@@ -17,16 +17,22 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
 from benchmarks import transfer
 from benchmarks.stages import digest
-from benchmarks.transfer.config import setting
+from benchmarks.transfer import cells, report
+from benchmarks.transfer.config import LR_FROM, LR_OF, setting
 
 pytest.importorskip("nilearn")  # the cohorts' anatomy
 
 CI = transfer.PRESETS["ci"]
-N_CELLS = len(CI.methods) * len(CI.sizes) * CI.splits
+N_CELLS = len(CI.methods) * len(CI.sizes) * CI.splits * len(CI.regimes)
+
+
+def _cell(r: dict) -> tuple:
+    return (r["regime"], r["method"], r["size"], r["split"])
 
 
 @pytest.fixture(scope="module")
@@ -41,21 +47,18 @@ def ci_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
 
 
 def _results(work: Path, payload: dict) -> dict[tuple, Path]:
-    """The result file of every cell of the report (not the other tuning candidates)."""
-    chosen = {(r["method"], r["size"], r["split"]): r["dice"] for r in payload["rows"]}
+    """The result file of every cell of the report (not the other tuning candidates), by
+    (regime, method, size, split)."""
+    chosen = {_cell(r): (r["dice"], r["strategy"]) for r in payload["rows"]}
     out = {}
     for path in work.glob("runs/*/n*/split*/result.json"):
         record = json.loads(path.read_text())
-        cell = (record["method"], record["size"], record["split"])
-        if record["dice"] == chosen[cell] and record["strategy"] == _strategy(payload, cell):
-            out[cell] = path
+        for regime in CI.regimes:
+            cell = (regime, record["method"], record["size"], record["split"])
+            if chosen[cell] == (record["dice"], record["strategy"]):
+                out[cell] = path
     assert len(out) == N_CELLS
     return out
-
-
-def _strategy(payload: dict, cell: tuple) -> dict:
-    (row,) = [r for r in payload["rows"] if (r["method"], r["size"], r["split"]) == cell]
-    return row["strategy"]
 
 
 def test_ci_preset_writes_every_file(ci_run: SimpleNamespace) -> None:
@@ -68,24 +71,35 @@ def test_ci_preset_writes_every_file(ci_run: SimpleNamespace) -> None:
     assert (out / "transfer_ci.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = ci_run.payload["rows"]
     assert len(records) == N_CELLS
-    assert {(r["method"], r["size"], r["split"]) for r in records} == {
-        (c.method, c.size, c.split) for c in transfer.grid(CI)
+    assert {_cell(r) for r in records} == {
+        (regime, c.method, c.size, c.split) for regime in CI.regimes for c in transfer.grid(CI)
     }
     for r in records:
         assert 0 <= r["dice"] <= 1 and 0 <= r["iou"] <= r["dice"] + 1e-9
-        assert len(r["test"]["dice"]) == CI.n_test
-        assert r["config"]["strategy"] == r["method"]
+        for metric in ("dice", "iou", "hd95", *cells.PER_VOLUME_UNCERTAINTY):
+            assert len(r["test"][metric]) == CI.n_test, metric  # per test volume
+        assert r["config"]["strategy"] == cells.strategy_name(r["method"])
+        chosen = ci_run.payload["config"]["regimes"][r["regime"]]["preset"]
+        # the priors and L2-SP train at the learning rate chosen for fine-tuning
+        owner = LR_FROM.get(r["method"], r["method"])
+        assert r["config"]["lr"] == (chosen[LR_OF[owner]] if owner in LR_OF else CI.lr)
     config = ci_run.payload["config"]
     assert config["preset"]["sizes"] == list(CI.sizes)
     assert config["prior"]["n_kernels"] > 0 and len(config["prior"]["groups"]) == 7
+    for prior in ("prior", "kernel_gaussian_prior", "swag_prior"):
+        assert Path(config["prior"][prior]).exists(), prior
     assert Path(config["prior"]["figure"]).exists()
     text = (out / "transfer_ci.md").read_text()
-    for header in ("UNet-DWP", "UNet-PR", "UNet-PRf", "UNet-RI", "UNet-N(0,1)"):
-        assert header in text
-    assert "Paired Dice differences" in text and "python -m benchmarks.transfer" in text
-    # One row per train size in both tables, mean (std) cells.
+    for label in transfer.LABELS.values():
+        assert label in text
+    assert "## The answer" in text and "Paired Dice differences" in text
+    assert "python -m benchmarks.transfer" in text
+    for regime in CI.regimes:
+        assert f"## {regime.capitalize()} transfer" in text
+        assert set(config["regimes"][regime]) >= {"summary", "selections", "subjects"}
+    # one metric table per train size and regime
     for size in CI.sizes:
-        assert sum(line.startswith(f"| {size} |") for line in text.splitlines()) == 2
+        assert text.count(f"{size} training volumes ({CI.n_test} test volumes") == 2
 
 
 UNCERTAINTY_KEYS = {
@@ -106,27 +120,77 @@ def test_records_and_report_hold_the_uncertainty_scores(ci_run: SimpleNamespace)
             assert 0 <= scores["ece_roi"] <= 1 and 0 <= scores["brier_roi"] <= 2
             assert 0 < scores["roi_fraction"] <= 1
             assert 0 <= scores["auroc_entropy_roi"] <= 1
-        # CI's eval_samples is 0: the Bayesian nets' MI comes from uncertainty_samples
+        # the Bayesian nets' test prediction averages eval_samples posterior samples
         model = r["uncertainty"]["model"]
-        assert model["passes"] == (CI.uncertainty_samples if bayesian else 1)
+        assert model["passes"] == ((CI.eval_samples or CI.uncertainty_samples) if bayesian else 1)
         if not bayesian:
             assert model["auroc_mi_all"] == 0.5  # a deterministic net's MI is 0 everywhere
         if tta:
             assert r["uncertainty"]["tta"]["passes"] == 2  # the left-right mirror
         assert 0 <= r["uncertainty_seconds"] <= r["eval_seconds"]
-    summary = ci_run.payload["config"]["summary"]["uncertainty"]
+        # the means of the record are those of its per-volume scores
+        for key in cells.PER_VOLUME_UNCERTAINTY:
+            finite = [v for v in r["test"][key] if np.isfinite(v)]
+            if finite:
+                assert model[key] == pytest.approx(np.mean(finite)), key
     n_tta = len(transfer.METHODS) - len(transfer.BAYESIAN)
-    assert len(summary) == len(CI.methods) * len(CI.sizes) + n_tta * len(CI.tta_sizes)
-    assert all(row["n"] == CI.splits for row in summary)
+    for regime in CI.regimes:
+        summary = ci_run.payload["config"]["regimes"][regime]["summary"]["uncertainty"]
+        assert len(summary) == len(CI.methods) * len(CI.sizes) + n_tta * len(CI.tta_sizes)
+        assert all(row["n"] == CI.splits for row in summary)
     text = (ci_run.out / "transfer_ci.md").read_text()
     assert "**Uncertainty** per test voxel" in text
     header = "| method | train size | passes | NLL | Brier | ECE | ECE (whole volume) | AUROC MI |"
     assert header in text
     for size in CI.tta_sizes:
-        assert (
-            sum(line.startswith(f"| UNet-PR + TTA | {size} | 2 |") for line in text.splitlines())
-            == 1
-        )
+        rows = [
+            line for line in text.splitlines() if line.startswith(f"| UNet-PR + TTA | {size} |")
+        ]
+        assert len(rows) == len(CI.regimes)
+
+
+def test_bayesian_records_report_their_posterior(ci_run: SimpleNamespace) -> None:
+    """KL share and posterior scales, the diagnostics of a prior that does not help."""
+    for r in ci_run.payload["rows"]:
+        if r["method"] not in transfer.BAYESIAN:
+            assert r["posterior"] is None
+            continue
+        posterior = r["posterior"]
+        assert 0 < posterior["kl_share"] < 1
+        assert posterior["sigma_median"] > 0 and posterior["snr_median"] > 0
+        assert np.isfinite(posterior["log_sigma_change_median"])
+    text = (ci_run.out / "transfer_ci.md").read_text()
+    assert "| method | train size | KL share | sigma |" in text
+
+
+def test_source_stage_reports_how_far_the_kernels_moved(ci_run: SimpleNamespace) -> None:
+    sources = ci_run.payload["config"]["sources"]
+    moved = sources["displacement"]
+    assert len(moved) == 7  # the resolution groups
+    assert all(v["relative"] > 0 and v["norm_ratio"] > 0 for v in moved.values())
+    net = sources["nets"][0]
+    assert Path(net["swag"]).exists() and len(net["cycle_epochs"]) == CI.source_restarts + 1
+    assert "How far the source kernels moved" in (ci_run.out / "transfer_ci.md").read_text()
+
+
+def test_kernel_displacement_matches_closed_forms(tmp_path: Path) -> None:
+    """Unchanged kernels moved 0; kernels scaled by 3 moved ||3w - w|| / ||w|| = 2 and
+    their norm ratio is 3."""
+    from benchmarks.transfer.sources import initial_network, kernel_displacement
+
+    initial = initial_network(CI, seed=7)
+    torch.save(initial.state_dict(), tmp_path / "same.pt")
+    scaled = {k: 3 * v if v.dim() == 5 else v for k, v in initial.state_dict().items()}
+    torch.save(scaled, tmp_path / "scaled.pt")
+    same = kernel_displacement(CI, initial, [tmp_path / "same.pt"])
+    assert all(v["relative"] == 0 and v["norm_ratio"] == pytest.approx(1) for v in same.values())
+    moved = kernel_displacement(CI, initial, [tmp_path / "scaled.pt"])
+    for v in moved.values():
+        assert v["relative"] == pytest.approx(2, rel=1e-5)
+        assert v["norm_ratio"] == pytest.approx(3, rel=1e-5)
+    # the network a seeded run starts from: built again, the same weights
+    again = initial_network(CI, seed=7).state_dict()
+    assert all(torch.equal(again[k], v) for k, v in initial.state_dict().items())
 
 
 def test_uncertainty_summary_means_over_splits() -> None:
@@ -144,8 +208,7 @@ def test_uncertainty_summary_means_over_splits() -> None:
         record("random_init", 0, {"model": one_pass, "tta": {**one_pass, "passes": 2}}),
         record("random_init", 1, None),  # cached before the uncertainty was scored
     ]
-    summary = transfer.summarise(records, preset)
-    table = summary["uncertainty"]
+    table = report.summarise_uncertainty(records)
     assert set(table) == {
         ("dwp", 2, "model"),
         ("random_init", 2, "model"),
@@ -154,7 +217,7 @@ def test_uncertainty_summary_means_over_splits() -> None:
     assert table["dwp", 2, "model"]["nll_roi"] == pytest.approx(0.3)
     assert table["dwp", 2, "model"]["auroc_mi_roi"] == pytest.approx(0.7)  # the finite one
     assert table["dwp", 2, "model"]["n"] == 2 and table["random_init", 2, "tta"]["n"] == 1
-    text = transfer.render(summary, {}, preset)
+    text = report._uncertainty_table({"uncertainty": table}, preset)
     lines = {line.split(" | ")[0]: line for line in text.splitlines() if "| 2 |" in line}
     assert lines["| UNet-DWP"].startswith("| UNet-DWP | 2 | 2 | 0.300 |")
     # one pass: no mutual information to rank by; no finite value: nothing to show
@@ -163,18 +226,22 @@ def test_uncertainty_summary_means_over_splits() -> None:
 
 
 def test_subsets_are_nested_and_shared(ci_run: SimpleNamespace) -> None:
-    by = {(r["method"], r["size"], r["split"]): r for r in ci_run.payload["rows"]}
-    for split in range(CI.splits):
-        ids = {m: by[m, CI.sizes[0], split]["train_ids"] for m in CI.methods}
-        assert all(v == ids["dwp"] for v in ids.values())  # same subset for every method
-        small = set(by["dwp", CI.sizes[0], split]["train_ids"])
-        assert small < set(by["dwp", CI.sizes[1], split]["train_ids"])  # nested
+    by = {_cell(r): r for r in ci_run.payload["rows"]}
+    for regime in CI.regimes:
+        for split in range(CI.splits):
+            ids = {m: by[regime, m, CI.sizes[0], split]["train_ids"] for m in CI.methods}
+            assert all(v == ids["dwp"] for v in ids.values())  # same subset for every method
+            small = set(by[regime, "dwp", CI.sizes[0], split]["train_ids"])
+            assert small < set(by[regime, "dwp", CI.sizes[1], split]["train_ids"])  # nested
+        subjects = ci_run.payload["config"]["regimes"][regime]["subjects"]
+        pool, val, test = (set(subjects[k]) for k in ("pool", "val", "test"))
+        assert len(pool) == CI.pool and len(val) == CI.n_val and len(test) == CI.n_test
+        assert not (pool & val or pool & test or val & test)
+        rows = [r for r in ci_run.payload["rows"] if r["regime"] == regime]
+        assert all(set(r["train_ids"]) <= pool for r in rows)
+        # each regime trains on its own target cohort
+        assert all(i.startswith(transfer.REGIMES[regime]) for i in pool)
     assert transfer.split_indices(20, 5, 0, 0) != transfer.split_indices(20, 5, 1, 0)
-    subjects = ci_run.payload["config"]["subjects"]
-    pool, val, test = (set(subjects[k]) for k in ("pool", "val", "test"))
-    assert len(pool) == CI.pool and len(val) == CI.n_val and len(test) == CI.n_test
-    assert not (pool & val or pool & test or val & test)
-    assert all(set(r["train_ids"]) <= pool for r in ci_run.payload["rows"])
 
 
 def test_rerun_is_cached_and_one_cell_recomputes_identically(ci_run: SimpleNamespace) -> None:
@@ -183,11 +250,12 @@ def test_rerun_is_cached_and_one_cell_recomputes_identically(ci_run: SimpleNames
     assert transfer.main([*ci_run.args, "--no-progress"]) == 0
     assert {k: p.stat().st_mtime_ns for k, p in results.items()} == stamps
 
-    cell = ("dwp", CI.sizes[0], 1)
+    cell = ("far", "dwp", CI.sizes[0], 1)
     before = json.loads(results[cell].read_text())
     shutil.rmtree(results[cell].parent)
-    only = f"method={cell[0]},size={cell[1]},split={cell[2]}"
-    assert transfer.main([*ci_run.args, "--only", only, "--no-progress"]) == 0
+    only = f"method={cell[1]},size={cell[2]},split={cell[3]}"
+    args = [*ci_run.args, "--regimes", "far", "--only", only, "--no-progress"]
+    assert transfer.main(args) == 0
     after = json.loads(results[cell].read_text())
     assert after["dice"] == pytest.approx(before["dice"], abs=1e-6)
     assert after["test"]["dice"] == pytest.approx(before["test"]["dice"], abs=1e-6)
@@ -222,11 +290,12 @@ def test_merge_of_two_work_folders_gives_the_same_table(
     args = ["--preset", "ci", "--seed", "0", "--out", str(out)]
     assert transfer.main([*args, "--merge", *map(str, machines)]) == 0
     merged = json.loads((out / "transfer_ci.json").read_text())
-    key = lambda r: (r["method"], r["size"], r["split"])  # noqa: E731
-    assert sorted(map(key, merged["rows"])) == sorted(map(key, ci_run.payload["rows"]))
-    assert _flat(merged["config"]["summary"]) == pytest.approx(
-        _flat(ci_run.payload["config"]["summary"])
-    )
+    assert sorted(map(_cell, merged["rows"])) == sorted(map(_cell, ci_run.payload["rows"]))
+    for regime in CI.regimes:
+        summary = merged["config"]["regimes"][regime]["summary"]
+        assert _flat(summary) == pytest.approx(
+            _flat(ci_run.payload["config"]["regimes"][regime]["summary"]), nan_ok=True
+        )
     assert merged["config"]["prior"]["n_kernels"] == ci_run.payload["config"]["prior"]["n_kernels"]
     # Another configuration's folders are not mixed in: with another seed nothing matches,
     # not even the cells its KL weight would be chosen on.
@@ -235,27 +304,64 @@ def test_merge_of_two_work_folders_gives_the_same_table(
 
 
 def test_settings_are_chosen_on_validation(ci_run: SimpleNamespace) -> None:
-    selections = {s["method"]: s for s in ci_run.payload["config"]["selections"]}
-    assert set(selections) == {"dwp", "normal_prior"}
-    # dwp: KL weight x initialisation; normal_prior: KL weight only (its init grid is empty)
-    assert len(selections["dwp"]["candidates"]) == len(CI.beta_grid) * len(CI.dwp_init_grid)
-    assert len(selections["normal_prior"]["candidates"]) == len(CI.beta_grid)
-    assert set(selections["normal_prior"]["chosen"]) == {"normal_beta"}
-    preset = ci_run.payload["config"]["preset"]
-    for method, selection in selections.items():
-        best = max(c["val_dice"] for c in selection["candidates"])
-        (chosen,) = [c for c in selection["candidates"] if c["val_dice"] == best][:1]
-        assert selection["chosen"] == {k: v for k, v in chosen.items() if k != "val_dice"}
-        for name, value in selection["chosen"].items():
-            assert preset[name] == value
-        (row,) = [
-            r
-            for r in ci_run.payload["rows"]
-            if r["method"] == method and r["size"] == CI.sizes[0] and r["split"] == 0
-        ]
-        assert row["val_dice"] == best  # the chosen run is the grid's cell
+    for regime in CI.regimes:
+        chosen = ci_run.payload["config"]["regimes"][regime]
+        selections = {s["method"]: s for s in chosen["selections"]}
+        assert set(selections) == set(CI.methods)  # every method has a strength to choose
+        assert len(chosen["selections"]) == len(selections)  # each chosen once
+        assert len(selections["dwp"]["candidates"]) == len(CI.beta_grid)
+        assert len(selections["random_init"]["candidates"]) == len(CI.lr_grid)
+        assert set(selections["swag"]["chosen"]) == {"swag_scale"}
+        assert set(selections["l2_sp"]["chosen"]) == {"l2sp_alpha"}
+        preset = chosen["preset"]
+        for method, selection in selections.items():
+            best = max(c["val_dice"] for c in selection["candidates"])
+            (first,) = [c for c in selection["candidates"] if c["val_dice"] == best][:1]
+            assert selection["chosen"] == {k: v for k, v in first.items() if k != "val_dice"}
+            for name, value in selection["chosen"].items():
+                assert preset[name] == value
+            (row,) = [
+                r
+                for r in ci_run.payload["rows"]
+                if (r["regime"], r["method"], r["size"], r["split"])
+                == (regime, method, CI.sizes[0], 0)
+            ]
+            assert row["val_dice"] == best  # the chosen run is the grid's cell
     text = (ci_run.out / "transfer_ci.md").read_text()
-    assert "settings chosen on the validation Dice" in text and "| dwp_init |" in text
+    assert "chosen on the validation Dice" in text and "| swag_scale |" in text
+
+
+def test_every_method_gets_the_same_validation_budget() -> None:
+    from benchmarks.transfer.selection import budget
+
+    for name in ("quick", "full", "paper"):
+        preset = transfer.PRESETS[name]
+        runs = budget(preset, preset.methods)
+        assert set(runs.values()) == {3}, (name, runs)
+
+
+def test_the_priors_are_chosen_after_fine_tuning_whose_learning_rate_they_share() -> None:
+    from benchmarks.transfer.selection import choose_all, phases
+
+    quick = transfer.PRESETS["quick"]
+    first, second = phases(quick, quick.methods)
+    assert first == {"pretrained", "pretrained_frozen", "random_init"}
+    assert second == {"dwp", "kernel_gaussian", "swag", "normal_prior", "l2_sp"}
+    assert phases(quick, {"dwp"}) == [{"pretrained"}, {"dwp"}]  # its lender is tuned too
+    alone = quick.replace(methods=("dwp", "random_init"))
+    assert phases(alone, {"dwp"}) == [{"dwp"}, set()]  # no lender: the preset's rate
+    seen = []
+
+    def score(candidate: transfer.Preset, method: str) -> float:
+        seen.append((method, candidate.pr_lr))
+        return candidate.pr_lr if method == "pretrained" else 0.5
+
+    chosen, _ = choose_all(quick, ["dwp", "pretrained"], score)
+    assert chosen.pr_lr == max(quick.lr_grid)
+    # every DWP candidate was scored at fine-tuning's chosen rate
+    assert {lr for m, lr in seen if m == "dwp"} == {max(quick.lr_grid)}
+    assert cells.method_lr(chosen, "dwp") == cells.method_lr(chosen, "l2_sp") == chosen.pr_lr
+    assert cells.method_lr(chosen, "random_init") == chosen.ri_lr
 
 
 def test_choose_settings_ties_and_missing_results() -> None:
@@ -270,8 +376,10 @@ def test_choose_settings_ties_and_missing_results() -> None:
     assert (chosen.dwp_beta, chosen.dwp_init) == (1e-3, "pretrained")
     assert selection["chosen"] == {"dwp_beta": 1e-3, "dwp_init": "pretrained"}
     assert chosen.normal_beta == preset.normal_beta  # the other method is untouched
-    assert transfer.choose_settings(preset, "random_init", lambda p: 0.0) == (preset, None)
-    untuned = preset.replace(beta_grid=(), normal_init_grid=())
+    learning_rates = preset.replace(lr_grid=(1e-2, 1e-3))
+    assert [o["ri_lr"] for o in transfer.candidates(learning_rates, "random_init")] == [1e-3, 1e-2]
+    untuned = preset.replace(lr_grid=(), beta_grid=(), normal_init_grid=())
+    assert transfer.choose_settings(untuned, "random_init", lambda p: 0.0) == (untuned, None)
     assert transfer.choose_settings(untuned, "normal_prior", lambda p: 0.0) == (untuned, None)
     with pytest.raises(ValueError, match="no validation result"):
         transfer.choose_settings(preset, "normal_prior", lambda p: None)
@@ -288,8 +396,13 @@ def test_parallel_jobs_give_the_same_numbers(ci_run: SimpleNamespace) -> None:
     work = ci_run.root / "parallel"
     shutil.copytree(ci_run.work, work, ignore=shutil.ignore_patterns("runs"))
     args = ["--preset", "ci", "--seed", "0", "--work-dir", str(work), "--out", str(work)]
-    assert transfer.main([*args, "--jobs", "2", "--threads", "2", "--only", "split=0"]) == 0
-    serial = {(r["method"], r["size"]): r for r in ci_run.payload["rows"] if r["split"] == 0}
+    args += ["--regimes", "near", "--only", "split=0"]
+    assert transfer.main([*args, "--jobs", "2", "--threads", "2"]) == 0
+    serial = {
+        (r["method"], r["size"]): r
+        for r in ci_run.payload["rows"]
+        if r["split"] == 0 and r["regime"] == "near"
+    }
     parallel = [json.loads(p.read_text()) for p in work.glob("runs/*/n*/split0/result.json")]
     sources = [r["strategy"]["source"] for r in parallel if r["method"] == "pretrained"]
     assert sources and all(Path(s).is_relative_to(work) for s in sources)
@@ -302,22 +415,32 @@ def test_parallel_jobs_give_the_same_numbers(ci_run: SimpleNamespace) -> None:
 
 
 def test_paired_differences_match_scipy_and_closed_form() -> None:
-    preset = CI.replace(methods=("dwp", "random_init"), sizes=(2,), splits=3)
-    dwp_dice, ri_dice = [0.50, 0.62, 0.58], [0.45, 0.60, 0.49]
+    """Per-volume Dice of two methods on 3 splits x 4 test volumes: the paired table's
+    mean, t-interval and p-value across splits are scipy's on the per-split means."""
+    preset = CI.replace(methods=("pretrained", "random_init"), sizes=(2,), splits=3)
+    rng = np.random.default_rng(0)
+    pr = rng.uniform(0.5, 0.8, size=(3, 4))
+    ri = pr - rng.normal(0.05, 0.03, size=(3, 4))
     records = [
-        {"method": m, "size": 2, "split": s, "dice": d, "iou": d / 2}
-        for m, values in (("dwp", dwp_dice), ("random_init", ri_dice))
-        for s, d in enumerate(values)
+        {"method": m, "size": 2, "split": s, "test": {"dice": list(values[s])}}
+        for m, values in (("pretrained", pr), ("random_init", ri))
+        for s in range(3)
     ]
     summary = transfer.summarise(records, preset)
-    diff = np.subtract(dwp_dice, ri_dice)
-    t = diff.mean() / (diff.std(ddof=1) / np.sqrt(3))
-    (paired,) = summary["paired"]
-    assert paired["mean_diff"] == pytest.approx(diff.mean())
-    assert paired["std_diff"] == pytest.approx(diff.std(ddof=1))
-    assert paired["p_value"] == pytest.approx(2 * stats.t.sf(abs(t), df=2))
-    assert summary["table"]["dwp", 2]["dice"] == pytest.approx(
-        (np.mean(dwp_dice), np.std(dwp_dice, ddof=1))
+    rows = {(p["method"], p["baseline"]): p for p in summary["paired"]}
+    assert set(rows) == {("random_init", "pretrained"), ("pretrained", "random_init")}
+    paired = rows["pretrained", "random_init"]  # does the source help at all?
+    assert rows["random_init", "pretrained"]["mean"] == pytest.approx(-paired["mean"])
+    diff = (pr - ri).mean(axis=1)
+    assert paired["mean"] == pytest.approx(diff.mean())
+    assert paired["p_value"] == pytest.approx(stats.ttest_rel(pr.mean(1), ri.mean(1)).pvalue)
+    low, high = stats.t.interval(0.95, 2, loc=diff.mean(), scale=stats.sem(diff))
+    assert paired["ci_splits"] == pytest.approx([low, high])
+    assert paired["verdict"] in ("better", "worse", "no detectable difference")
+    mean, lo, hi = summary["table"]["pretrained", 2]["dice"]
+    assert mean == pytest.approx(pr.mean())
+    assert (lo, hi) == pytest.approx(
+        stats.t.interval(0.95, 2, loc=pr.mean(), scale=stats.sem(pr.mean(1)))
     )
 
 
@@ -332,6 +455,8 @@ def test_paired_differences_match_scipy_and_closed_form() -> None:
         (["--merge", "/nonexistent/folder"], "/nonexistent/folder"),
         (["--jobs", "0"], "--jobs"),
         (["--set", "normal_init_grid=prior"], "normal_init"),
+        (["--set", "regime=middle"], "unknown regime 'middle'"),
+        (["--set", "regimes=near,middle"], "unknown regime 'middle'"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_message(
@@ -354,10 +479,11 @@ def _keys(preset: transfer.Preset, seed: int = 0, data: dict = DATA) -> dict[str
 def _other_value(preset: transfer.Preset, name: str) -> object:
     """A value of field ``name`` other than ``preset``'s that makes a valid preset."""
     current = getattr(preset, name)
-    allowed = {"vae_architecture": ("mlp", "conv"), **transfer.INITS}
+    allowed = {"vae_architecture": ("mlp", "conv"), "regime": tuple(transfer.REGIMES),
+               **transfer.INITS}  # fmt: skip
     if isinstance(current, tuple):
         grid = allowed.get(name.removesuffix("_grid"), ())
-        options = [current[:-1], current[1:], tuple(grid)]
+        options = [current[:-1], current[1:], tuple(grid), preset.sizes[:1]]
         if all(isinstance(v, int | float) for v in current):
             options.insert(0, tuple(v * 2 for v in current))
     elif isinstance(current, str):
@@ -395,8 +521,8 @@ def test_every_preset_field_declares_the_stages_it_changes() -> None:
 
 @pytest.mark.parametrize(
     "base",
-    [CI, transfer.PRESETS["quick"], CI.replace(dwp_init="pretrained", normal_init="pretrained")],
-    ids=["ci", "quick", "pretrained-inits"],
+    [CI, transfer.PRESETS["quick"], CI.replace(dwp_init="prior", normal_init="fresh")],
+    ids=["ci", "quick", "fresh-inits"],
 )
 def test_changing_a_field_changes_the_keys_of_its_stages_and_of_no_other(
     base: transfer.Preset,
@@ -440,19 +566,24 @@ def test_device_is_in_no_key_and_mixed_precision_in_every_training_stage(
 
 
 def test_a_changed_source_invalidates_the_prior_and_the_runs_that_read_it() -> None:
-    upstream = {s: transfer.upstream(CI, s) for s in transfer.STAGES}
+    upstream = {s: set(transfer.upstream(CI, s)) for s in transfer.STAGES}
     assert upstream == {
-        "source": (),
-        "prior": ("source",),
-        "dwp": ("prior",),
-        "pretrained": ("source",),
-        "pretrained_frozen": ("source",),
-        "random_init": (),
-        "normal_prior": (),  # He-initialised means: the source nets are not read
+        "source": set(),
+        "prior": {"source"},
+        # the learned priors start at the source network (fine-tuning's start)
+        "dwp": {"prior", "source"},
+        "kernel_gaussian": {"prior", "source"},
+        "swag": {"prior", "source"},
+        "normal_prior": {"source"},
+        "l2_sp": {"source"},
+        "pretrained": {"source"},
+        "pretrained_frozen": {"source"},
+        "random_init": set(),
     }
-    both = CI.replace(dwp_init="pretrained", normal_init="pretrained")
-    assert set(transfer.upstream(both, "dwp")) == {"prior", "source"}
-    assert transfer.upstream(both, "normal_prior") == ("source",)
+    fresh = CI.replace(dwp_init="prior", normal_init="fresh", learned_init="fresh")
+    assert transfer.upstream(fresh, "dwp") == ("prior",)
+    assert transfer.upstream(fresh, "swag") == ("prior",)
+    assert transfer.upstream(fresh, "normal_prior") == ()  # He-initialised means
     before, other_seed = _keys(CI), _keys(CI, seed=1)
     assert all(before[s] != other_seed[s] for s in transfer.STAGES)
     own_target = _keys(CI, data={**DATA, "target": {"folder": "/somewhere"}})
@@ -461,6 +592,8 @@ def test_a_changed_source_invalidates_the_prior_and_the_runs_that_read_it() -> N
     assert {s for s in transfer.STAGES if own_source[s] != before[s]} == (
         _downstream(CI, {"source"})
     )
+    far = transfer.data_key(CI.replace(regime="far"), 0)
+    assert far["source"] == DATA["source"] and far["target"]["cohort"] == "tumour_t1"
 
 
 def test_a_stage_version_bump_changes_its_key_and_those_downstream(
@@ -471,9 +604,46 @@ def test_a_stage_version_bump_changes_its_key_and_those_downstream(
     from benchmarks.transfer import keys
 
     assert set(keys.STAGE_VERSIONS) == set(transfer.STAGES)
-    base = CI.replace(dwp_init="pretrained", normal_init="pretrained")
+    base = CI
     before = _keys(base)
     monkeypatch.setitem(keys.STAGE_VERSIONS, "prior", keys.STAGE_VERSIONS["prior"] + 1)
     after = _keys(base)
     assert {s for s in transfer.STAGES if after[s] != before[s]} == _downstream(base, {"prior"})
-    assert _downstream(base, {"prior"}) == {"prior", "dwp"}
+    assert _downstream(base, {"prior"}) == {"prior", "dwp", "kernel_gaussian", "swag"}
+
+
+def test_a_committed_artefact_stands_in_for_the_source_and_prior_stages(
+    ci_run: SimpleNamespace, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A fresh work folder trains no source net when an artefact of its configuration is
+    committed: the runs read its files; a tampered artefact stops the run with one line."""
+    from benchmarks.transfer import artefact
+
+    committed = ci_run.root / "artefacts"
+    folder = artefact.export(CI, 0, transfer.data_key(CI, 0), ci_run.work, committed)
+    monkeypatch.setattr(artefact, "ARTEFACTS", committed)
+    work = ci_run.root / "fresh"
+    args = ["--preset", "ci", "--seed", "0", "--work-dir", str(work), "--regimes", "near"]
+    args += ["--only", "method=dwp+pretrained,size=2,split=0", "--jobs", "1", "--threads", "1"]
+    assert transfer.main([*args, "--no-progress"]) == 0
+    assert not list(work.glob("source-*")) and not list(work.glob("prior-*"))
+    records = [json.loads(p.read_text()) for p in work.glob("runs/*/n2/split0/result.json")]
+    assert {r["method"] for r in records} == {"dwp", "pretrained"}
+    for r in records:
+        assert Path(r["strategy"]["source"]).is_relative_to(folder)
+    # the same numbers as the run that trained its own source nets
+    serial = {
+        r["method"]: r
+        for r in ci_run.payload["rows"]
+        if (r["regime"], r["size"], r["split"]) == ("near", 2, 0)
+    }
+    for r in records:
+        if _settings(r) == _settings(serial[r["method"]]):
+            assert r["test"]["dice"] == pytest.approx(serial[r["method"]]["test"]["dice"], abs=1e-6)
+    (best,) = folder.glob("source-*/net0/best.pt")
+    best.write_bytes(best.read_bytes()[:-1])
+    shutil.rmtree(work)
+    capsys.readouterr()
+    assert transfer.main([*args, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "best.pt: SHA-256" in err and err.count("\n") == 1

@@ -1,4 +1,5 @@
-"""Synthetic cohorts on the MNI152 anatomy: determinism, labels, tables, ageing, caching."""
+"""Synthetic cohorts on the MNI152 anatomy: determinism, labels, contrasts, tables, ageing,
+caching."""
 
 import csv
 import hashlib
@@ -14,8 +15,14 @@ import cohorts
 from cohorts import writer
 from cohorts.ageing import age_tissues
 from cohorts.anatomy import load_anatomy
+from cohorts.subjects import TUMOUR_COHORTS
 
 RES = 4  # mm: tests run on the 50 x 59 x 48 grid
+TUMOURS = ("tumour_target", "tumour_t1")
+
+
+def _sha(array):
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
 def _digests(folder):
@@ -102,8 +109,15 @@ def test_ms_labels_align_with_drawn_lesions():
         assert s["meta"]["count"] == ndimage.label(lesion)[1]
 
 
-def test_tumour_labels_are_nested_and_visible():
-    s = cohorts.subject("tumour_target", 0, RES, seed=0)
+def test_tumour_cohorts():
+    assert TUMOUR_COHORTS == TUMOURS
+    assert cohorts.COHORTS["tumour_t1"].labels == cohorts.COHORTS["tumour_target"].labels
+    assert cohorts.COHORTS["tumour_t1"].modality == "T1"
+
+
+@pytest.mark.parametrize("cohort", TUMOURS)
+def test_tumour_labels_are_nested_and_visible(cohort):
+    s = cohorts.subject(cohort, 0, RES, seed=0)
     label = s["label"]
     assert set(np.unique(label)) == {0, 1, 2, 3}
     np.testing.assert_array_equal(s["whole_tumour"], (label > 0).astype(np.uint8))
@@ -111,10 +125,41 @@ def test_tumour_labels_are_nested_and_visible():
     grown = ndimage.binary_dilation(label == 1)
     assert not (grown & (label == 0)).any()
     assert ndimage.label(label > 0)[1] == 1
-    wm = (s["tissues"]["wm"] > 0.9) & (label == 0)
-    assert s["image"][label == 3].mean() > 1.5 * s["image"][wm].mean()  # T2 oedema is bright
-    flat = cohorts.subject("tumour_target", 0, RES, seed=0, deformed=False)
+    flat = cohorts.subject(cohort, 0, RES, seed=0, deformed=False)
     assert flat["label"][tuple(flat["meta"]["tumour"]["centre_index"])] == 1
+
+
+def test_tumour_contrast_t2_bright_t1_dark():
+    def means(cohort):
+        s = cohorts.subject(cohort, 0, RES, seed=0)
+        label, image = s["label"], s["image"]
+        wm = (s["tissues"]["wm"] > 0.9) & ~ndimage.binary_dilation(label > 0, iterations=2)
+        return image[label == 1].mean(), image[label == 3].mean(), image[wm].mean()
+
+    core, oedema, wm = means("tumour_target")
+    assert core > 1.5 * wm and oedema > 1.5 * wm  # T2: core and oedema bright
+    core, oedema, wm = means("tumour_t1")
+    assert core < 0.7 * wm and oedema < wm  # T1: the tumour is darker than white matter
+
+
+def test_tumour_target_output_is_unchanged(tmp_path):
+    """Values recorded before ``tumour_t1`` was added: adding a cohort (and its contrast)
+    changes neither the subjects nor the configuration hash of ``tumour_target``.
+
+    Summaries with tolerances rather than checksums: a fresh install may resolve other
+    NumPy / SciPy / torch builds, whose interpolation differs in the last bits; a change of
+    the random draws (what this guards against) moves them by far more."""
+    s = cohorts.subject("tumour_target", 0, RES, seed=0)
+    image = s["image"].astype(np.float64)
+    assert image.mean() == pytest.approx(0.12722475507644224, rel=1e-5)
+    assert image.std() == pytest.approx(0.19774757272457977, rel=1e-5)
+    counts = [int((s["label"] == v).sum()) for v in range(4)]
+    assert counts[1:] == pytest.approx([46, 192, 807], abs=3)  # core, rim, oedema voxels
+    cohorts.generate("tumour_target", tmp_path, 1, resolution=RES, seed=0, progress=False)
+    config = json.loads((tmp_path / "cohort.json").read_text())
+    assert config["config_hash"] == "70a321e514a21bcd" and config["labels"] == "multi"
+    written = nib.load(tmp_path / "imagesTr/tumour_target_tr0000.nii.gz")
+    assert _sha(np.asarray(written.dataobj)) == _sha(s["image"])
 
 
 def test_lesion_count_table_matches_label_maps(tmp_path):
@@ -167,11 +212,12 @@ def test_brain_age_table_and_ageing_map(tmp_path):
     assert set(np.unique(np.asarray(ageing.dataobj))) == {0, 1, 2}
 
 
-def test_monai_reads_dataset_json(tmp_path):
+@pytest.mark.parametrize(("cohort", "modality"), [("tumour_target", "T2"), ("tumour_t1", "T1")])
+def test_monai_reads_dataset_json(tmp_path, cohort, modality):
     from monai.data import load_decathlon_datalist
 
     path = cohorts.generate(
-        "tumour_target", tmp_path, 2, 1, resolution=RES, progress=False, whole_tumour=True
+        cohort, tmp_path, 2, 1, resolution=RES, progress=False, whole_tumour=True
     )
     training = load_decathlon_datalist(path, data_list_key="training")
     test = load_decathlon_datalist(path, data_list_key="test")
@@ -184,7 +230,12 @@ def test_monai_reads_dataset_json(tmp_path):
     assert np.diag(expected)[:3].tolist() == [RES] * 3
     assert image.get_data_dtype() == np.float32
     assert set(np.unique(np.asarray(label.dataobj))) == {0, 1}
-    assert json.loads(path.read_text())["labels"] == {"0": "background", "1": "tumour"}
+    index = json.loads(path.read_text())
+    assert index["labels"] == {"0": "background", "1": "tumour"}
+    assert index["name"] == cohort and index["modality"] == {"0": modality}
+    assert index["generator"]["labels"] == "whole"
+    assert training[0]["image"].endswith(f"imagesTr/{cohort}_tr0000.nii.gz")
+    assert (tmp_path / f"labelsTs/{cohort}_ts0000.nii.gz").exists()
 
 
 def test_interrupted_generation_resumes_to_the_same_files(tmp_path, monkeypatch):
@@ -247,7 +298,10 @@ def test_config_mismatch_needs_overwrite(tmp_path):
         ({"resolution": 0.5}, "resolution must be one of"),
         ({"resolution": 2.5}, "resolution must be one of"),
         ({"resolution": "fine"}, "resolution must be one of"),
-        ({"whole_tumour": True}, "whole_tumour"),
+        (
+            {"whole_tumour": True},
+            "whole_tumour=True applies to the 'tumour_target' and 'tumour_t1'",
+        ),
     ],
 )
 def test_bad_arguments_raise(tmp_path, kwargs, match):
@@ -282,3 +336,5 @@ def test_cli_generate_and_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--cohort", "x", "--n-train", "1", "--out", str(out)])
     assert "known cohorts" in capsys.readouterr().err
+    assert main(["list"]) == 0
+    assert "tumour_t1" in capsys.readouterr().out

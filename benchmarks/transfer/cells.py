@@ -24,7 +24,7 @@ from unet3d.metrics import evaluate, voxel_uncertainty
 from unet3d.strategies import ModelSpec, get_strategy
 from unet3d.train import train
 
-from .config import BAYESIAN, Preset
+from .config import BAYESIAN, LR_FROM, LR_OF, STRATEGY_OF, Preset
 from .data import Data
 from .sources import train_config
 
@@ -115,6 +115,22 @@ def finite_means(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
     return means
 
 
+#: The uncertainty scores kept per test volume in a run's record.
+PER_VOLUME_UNCERTAINTY = ("ece_roi", "nll_roi", "auroc_entropy_roi", "auroc_mi_roi")
+
+
+def strategy_name(method: str) -> str:
+    """The :mod:`unet3d.strategies` strategy that trains ``method``."""
+    return STRATEGY_OF.get(method, method)
+
+
+def method_lr(preset: Preset, method: str) -> float:
+    """``method``'s learning rate: its own field (:data:`~.config.LR_OF`), that of the
+    method it shares it with (:data:`~.config.LR_FROM`), or ``lr``."""
+    owner = LR_FROM.get(method, method)
+    return getattr(preset, LR_OF[owner]) if owner in LR_OF else preset.lr
+
+
 def evaluate_model(
     model: torch.nn.Module,
     test: SegmentationDataset,
@@ -167,7 +183,40 @@ def evaluate_model(
         if values
     }
     scores["uncertainty_seconds"] = seconds
+    # per test volume, for the paired statistics of the report (the means above are theirs)
+    scores["uncertainty_per_volume"] = {
+        key: [row[key] for row in rows["model"]] for key in PER_VOLUME_UNCERTAINTY
+    }
     return scores
+
+
+def posterior_summary(model: torch.nn.Module, initial: torch.nn.Module) -> dict[str, float]:
+    """Whether the posterior learned its scales: over every Bayesian weight of ``model``,
+    the median posterior sigma, the median of ``|mean| / sigma`` and the median change of
+    log-sigma from ``initial`` (the same network before training)."""
+    import dwp
+
+    def scales(net: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        posteriors = [layer.weight_posterior for _, layer in dwp.bayesian_layers(net)]
+        loc = torch.cat([q.loc.detach().flatten() for q in posteriors])
+        return loc, torch.cat([q.scale.detach().flatten() for q in posteriors])
+
+    loc, sigma = scales(model)
+    _, sigma0 = scales(initial)
+    return {
+        "sigma_median": float(sigma.median()),
+        "snr_median": float((loc.abs() / sigma).median()),
+        "log_sigma_change_median": float((sigma.log() - sigma0.log()).median()),
+    }
+
+
+def kl_share(epoch: Mapping[str, float]) -> float | None:
+    """``beta * KL / (data term + beta * KL)`` of a training epoch's mean terms: how much
+    of the objective the prior is (``None`` for a deterministic run)."""
+    if "train_kl" not in epoch:
+        return None
+    weighted = epoch["train_beta"] * epoch["train_kl"]
+    return float(weighted / (epoch["train_data_term"] + weighted))
 
 
 def run_cell(
@@ -189,8 +238,9 @@ def run_cell(
     train_idx = split_indices(preset.pool, cell.size, cell.split, seed)
     config = train_config(
         preset,
-        strategy=cell.method,
+        strategy=strategy_name(cell.method),
         strategy_options=options,
+        lr=method_lr(preset, cell.method),
         out_dir=folder,
         epochs=_epochs(preset, cell.size),
         val_every=_val_every(preset, cell.size),
@@ -201,7 +251,7 @@ def run_cell(
     started = time.perf_counter()
     result = train(config, Subset(datasets.pool, train_idx), datasets.val, resume=True)
     seconds = time.perf_counter() - started
-    strategy = get_strategy(cell.method, **options)
+    strategy = get_strategy(strategy_name(cell.method), **options)
     model = strategy.build_model(ModelSpec(widths=preset.widths))
     model.load_state_dict(read_state_dict(folder / "best.pt"))
     started = time.perf_counter()
@@ -209,6 +259,11 @@ def run_cell(
     scores = evaluate_model(model, datasets.test, preset, strategy.bayesian, seed, tta)
     eval_seconds = time.perf_counter() - started
     best = result.history[result.best_epoch]
+    posterior = None
+    if strategy.bayesian:
+        torch.manual_seed(config.seed)  # the network the run started from
+        initial = strategy.build_model(ModelSpec(widths=preset.widths))
+        posterior = {**posterior_summary(model, initial), "kl_share": kl_share(best)}
     record = {
         "method": cell.method,
         "size": cell.size,
@@ -224,9 +279,13 @@ def run_cell(
         "stop_reason": result.stop_reason,
         "train_seconds": seconds,
         "eval_seconds": eval_seconds,
-        "test": {k: scores[k] for k in ("dice", "iou", "hd95")},
+        "test": {
+            **{k: scores[k] for k in ("dice", "iou", "hd95")},
+            **scores["uncertainty_per_volume"],
+        },
         "uncertainty": scores["uncertainty"],
         "uncertainty_seconds": scores["uncertainty_seconds"],
+        "posterior": posterior,
         "strategy": strategy.describe(),
         "config": config.as_dict(),
     }

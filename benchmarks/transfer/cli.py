@@ -13,15 +13,17 @@ from dwp.train_log import check_tensorboard
 
 from ..grid import GridError, add_engine_arguments, engine_from_args
 from .cells import parse_only
-from .config import PRESETS, override
-from .execution import default_jobs, merge, run
+from .config import PRESETS, REGIMES, override
+from .execution import default_jobs, merge_regimes, run_regimes
 from .report import write_report
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dwp-transfer",
-        description="DWP vs pretrain vs frozen pretrain vs random init (Kuzina et al. 2019).",
+        description="Learned weight priors (DWP, kernel Gaussian, SWAG) against tuned "
+        "fine-tuning, L2-SP, frozen fine-tuning, random init and N(0, 1), in a near- and a "
+        "far-transfer regime (Kuzina et al. 2019, extended).",
     )
     add_version_argument(parser)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
@@ -39,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
         help="where the report goes (default benchmarks/results)",
     )
     parser.add_argument("--name", help="report file name (default transfer[_<preset>])")
+    parser.add_argument(
+        "--regimes",
+        nargs="+",
+        choices=sorted(REGIMES),
+        help="the transfer regimes to run (default: the preset's, near and far; --set regimes=...)",
+    )
     parser.add_argument("--only", help="run some cells only, e.g. method=dwp,size=5+10,split=0")
     parser.add_argument(
         "--merge",
@@ -92,7 +100,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        where = [f"{k}={v}" for k, v in (("device", args.device), ("amp", args.amp)) if v]
+        regimes = ",".join(args.regimes or ())
+        where = [
+            f"{k}={v}"
+            for k, v in (("device", args.device), ("amp", args.amp), ("regimes", regimes))
+            if v
+        ]
         preset = override(PRESETS[args.preset], [*args.set, *where])
         only = parse_only(args.only)
         engine = engine_from_args(args)
@@ -112,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = not args.no_progress
     try:
         if args.merge:
-            plan = merge(
+            plans = merge_regimes(
                 preset,
                 args.merge,
                 args.seed,
@@ -120,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 target_data=args.target_data,
             )
         else:
-            plan = run(
+            plans = run_regimes(
                 preset,
                 args.work_dir,
                 args.seed,
@@ -140,13 +153,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if only:
-        for record in plan.records:
-            print(
-                json.dumps(
-                    {k: record[k] for k in ("method", "size", "split", "dice", "iou", "val_dice")}
-                )
-            )
+        for regime, plan in plans.items():
+            for record in plan.records:
+                keys = ("method", "size", "split", "dice", "iou", "val_dice")
+                print(json.dumps({"regime": regime, **{k: record[k] for k in keys}}))
         return 0
-    write_report(plan, args.out, name, command)
+    write_report(plans, args.out, name, command)
     print((args.out / f"{name}.md").read_text())
     return 0

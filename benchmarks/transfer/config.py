@@ -17,25 +17,67 @@ from dwp.devices import resolve_device
 
 from ..stages import logger
 
-#: Methods in the order of the paper's table.
-METHODS = ("dwp", "pretrained", "pretrained_frozen", "random_init", "normal_prior")
+#: Methods: the learned priors first, then their controls, in the report's column order.
+METHODS = (
+    "dwp",
+    "kernel_gaussian",
+    "swag",
+    "normal_prior",
+    "l2_sp",
+    "pretrained",
+    "pretrained_frozen",
+    "random_init",
+)
 LABELS = {
     "dwp": "UNet-DWP",
+    "kernel_gaussian": "UNet-KG",
+    "swag": "UNet-SWAG",
+    "normal_prior": "UNet-N(0,1)",
+    "l2_sp": "UNet-L2SP",
     "pretrained": "UNet-PR",
     "pretrained_frozen": "UNet-PRf",
     "random_init": "UNet-RI",
-    "normal_prior": "UNet-N(0,1)",
 }
-BAYESIAN = ("dwp", "normal_prior")
+#: What each method is, for the report.
+DESCRIPTIONS = {
+    "dwp": "variational U-Net, deep weight prior (kernel VAEs fitted on the source kernels)",
+    "kernel_gaussian": "variational U-Net, full-covariance Gaussian per kernel group fitted "
+    "on the same source kernels",
+    "swag": "variational U-Net, source-trajectory prior (SWAG moments of the source run, "
+    "Shwartz-Ziv et al. 2022)",
+    "normal_prior": "variational U-Net, N(0, 1) prior (the Bayesian control)",
+    "l2_sp": "fine-tuning pulled towards the source weights (L2-SP)",
+    "pretrained": "fine-tuning every layer of the source net (PR)",
+    "pretrained_frozen": "fine-tuning with the middle blocks frozen (PRf)",
+    "random_init": "He-initialised U-Net (RI)",
+}
+BAYESIAN = ("dwp", "kernel_gaussian", "swag", "normal_prior")
+#: The :mod:`unet3d.strategies` strategy of each method (its own name where absent).
+STRATEGY_OF = {"kernel_gaussian": "prior", "swag": "prior"}
 #: Where the posterior means of each Bayesian method may start (``Preset.*_init``).
-INITS = {"dwp_init": ("prior", "fresh", "pretrained"), "normal_init": ("fresh", "pretrained")}
+INITS = {
+    "dwp_init": ("prior", "fresh", "pretrained"),
+    "normal_init": ("fresh", "pretrained"),
+    "learned_init": ("fresh", "pretrained"),
+}
+#: The two transfer regimes: the target cohort of each (:mod:`cohorts`).  ``near``: the
+#: source's anatomy and contrast logic, a bright lesion on T2 (fine-tuning helps);
+#: ``far``: the same tumours on a T1-like contrast in which they are dark (the source's
+#: bright-lesion features do not fit; the paper's regime, PR no better than RI).
+REGIMES = {"near": "tumour_target", "far": "tumour_t1"}
 
-#: The cached stages: the source nets, the prior, and the runs of each method (one
+#: The cached stages: the source nets, the priors, and the runs of each method (one
 #: stage per method: its run folder ``runs/<method>-<hash>``).
 SOURCE, PRIOR = "source", "prior"
 STAGES = (SOURCE, PRIOR, *METHODS)
 #: The runs of every method.
 RUNS = METHODS
+#: The learning rate field of each method (the others train at ``Preset.lr``).
+LR_OF = {"random_init": "ri_lr", "pretrained": "pr_lr", "pretrained_frozen": "prf_lr"}
+#: Methods that train at another method's learning rate: the priors and L2-SP are
+#: fine-tuning plus a penalty, so they take the rate chosen for fine-tuning (Adam's, on
+#: the posterior means) and spend their validation runs on their strength.
+LR_FROM = {m: "pretrained" for m in (*BAYESIAN, "l2_sp")}
 
 log = logger("transfer")
 
@@ -54,30 +96,46 @@ class Preset:
     """Every setting of the benchmark (``--set name=value`` overrides one).
 
     Data: ``resolution`` (mm), ``crop`` (the training / test volume size), ``n_source``
-    and ``n_source_val`` source subjects, ``pool`` target training subjects to draw the
-    subsets from, ``n_val`` target validation and ``n_test`` test subjects.
+    and ``n_source_val`` source subjects; ``regime`` the target (:data:`REGIMES`) and
+    ``regimes`` those the command runs, one after the other; ``pool`` target training
+    subjects to draw the subsets from, ``n_val`` target validation and ``n_test`` test
+    subjects.
     Source nets: ``source_nets`` networks (seeds ``seed * 1000 + k``) trained for at most
-    ``source_epochs`` epochs per cycle with ``source_restarts`` cyclical restarts.
-    Prior: one kernel VAE per resolution group (``vae_*``, ``latent_dim``), kernels of L2
-    norm below ``kernel_min_norm`` dropped.
+    ``source_epochs`` epochs per cycle with ``source_restarts`` cyclical restarts; every
+    cycle's final network is a kernel set.  Net 0 also collects its trajectory's SWAG
+    moments (``swag_rank`` deviation columns, a snapshot every ``swag_every`` steps from
+    epoch ``swag_start`` of its last cycle), the source-trajectory prior.
+    Priors: one kernel VAE per resolution group (``vae_*``, ``latent_dim``) and one
+    full-covariance Gaussian per group, on the same kernels (L2 norm below
+    ``kernel_min_norm`` dropped).
     Target runs: ``steps`` optimiser steps per run whatever the training size (epochs
     ``= ceil(steps / batches per epoch)``, so small sets are not trained for less), or the
     paper's epoch budget when ``steps`` is 0; the ReduceLROnPlateau patience in epochs;
-    validation every ``val_every_steps`` steps (0: every epoch); ``*_beta`` the KL
-    weights; ``dwp_init`` how DWP posterior means start (``"prior"``: samples of the prior,
-    the original paper's DWP initialisation; ``"fresh"``: He init; ``"pretrained"``: the
-    source network's weights), ``normal_init`` the same for the N(0, 1) control
-    (``"fresh"`` or ``"pretrained"``); ``freeze_depth`` of PRf; ``eval_samples``
-    posterior samples averaged at test time (0: posterior means).
+    validation every ``val_every_steps`` steps (0: every epoch).  Learning rates: ``lr``
+    (the source nets), ``ri_lr``, ``prf_lr`` and ``pr_lr``, which the priors and L2-SP
+    share (:data:`LR_FROM`: they are fine-tuning plus a penalty); ``l2sp_alpha`` the L2-SP
+    strength; ``*_beta`` the KL weights; ``dwp_init`` how DWP posterior means start
+    (``"prior"``: samples of the prior, the original paper's DWP initialisation;
+    ``"fresh"``: He init; ``"pretrained"``: the source network's weights, as fine-tuning
+    does), ``normal_init`` the same for the N(0, 1) control and ``learned_init`` for the
+    kernel-Gaussian and SWAG priors (``"fresh"`` or ``"pretrained"``); ``freeze_depth``
+    of PRf; ``eval_samples`` posterior samples averaged at test time (0: posterior means).
     Uncertainty (per test voxel, :func:`unet3d.metrics.voxel_uncertainty`): of the test
     prediction, except for a Bayesian method whose ``eval_samples`` is 0, scored on
     ``uncertainty_samples`` more posterior samples (0: the posterior means' one pass, no
     mutual information); the deterministic methods are also scored with test-time
     augmentation (the left-right mirror: two more passes per test volume) at the train
     sizes ``tta_sizes``.
-    Selection: each Bayesian method's KL weight and initialisation are chosen jointly from
-    ``beta_grid`` x ``dwp_init_grid`` (``normal_init_grid``) by the validation Dice of the
-    smallest training set, split 0; an empty grid leaves its setting as it is.
+    Selection (:mod:`.selection`): every method's strength is chosen by the validation
+    Dice of the smallest training set, split 0, from a grid of the same length: the
+    learning rate of RI, PR and PRf from ``lr_grid`` (first: the priors and L2-SP then
+    train at PR's), L2-SP's ``alpha_grid``, each
+    Bayesian method's KL weight from ``beta_grid`` (jointly with ``dwp_init_grid`` /
+    ``normal_init_grid`` when given), but the SWAG prior's scale ``swag_scale`` (the
+    factor of its covariance, as in Pre-Train Your Loss) from ``swag_scale_grid``: a
+    source trajectory's weights vary by about 1 % of their size, so unscaled that prior
+    pins every weight; an empty grid leaves its setting as it is.
+    Statistics: ``bootstrap`` replicates of every confidence interval.
 
     Where it computes: ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``) trains the source
     nets and the runs and fits the prior; it is no stage's setting (a device does not change
@@ -89,44 +147,61 @@ class Preset:
     """
 
     resolution: int = setting(4, stages=(SOURCE, *RUNS))
-    crop: tuple[int, int, int] = setting((40, 48, 40), stages=(SOURCE, PRIOR, *RUNS))
-    widths: tuple[int, ...] = setting((16, 32, 32, 64), stages=(SOURCE, PRIOR, *RUNS))
+    crop: tuple[int, int, int] = setting((32, 40, 32), stages=(SOURCE, PRIOR, *RUNS))
+    widths: tuple[int, ...] = setting((8, 16, 16, 32), stages=(SOURCE, PRIOR, *RUNS))
     n_source: int = setting(24, stages=(SOURCE,))
     n_source_val: int = setting(4, stages=(SOURCE,))
-    pool: int = setting(20, stages=RUNS)
+    regime: str = setting("near", stages=RUNS)
+    regimes: tuple[str, ...] = setting(("near", "far"), stages=())
+    pool: int = setting(10, stages=RUNS)
     n_val: int = setting(4, stages=RUNS)
-    n_test: int = setting(50, stages=RUNS)
-    sizes: tuple[int, ...] = setting((5, 10, 15, 20), stages=())
-    splits: int = setting(3, stages=())
+    n_test: int = setting(20, stages=RUNS)
+    sizes: tuple[int, ...] = setting((5, 10), stages=())
+    splits: int = setting(5, stages=())
     methods: tuple[str, ...] = setting(METHODS, stages=())
-    source_nets: int = setting(1, stages=(SOURCE,))
-    source_epochs: int = setting(20, stages=(SOURCE,))
-    source_restarts: int = setting(1, stages=(SOURCE,))
+    source_nets: int = setting(3, stages=(SOURCE,))
+    source_epochs: int = setting(40, stages=(SOURCE,))
+    source_restarts: int = setting(2, stages=(SOURCE,))
     source_patience: int = setting(3, stages=(SOURCE,))
+    swag_rank: int = setting(5, stages=(SOURCE, PRIOR))
+    swag_start: int = setting(5, stages=(SOURCE,))
+    swag_every: int = setting(4, stages=(SOURCE,))
     vae_epochs: int = setting(100, stages=(PRIOR,))
     vae_hidden: int = setting(32, stages=(PRIOR,))
     vae_architecture: str = setting("mlp", stages=(PRIOR,))
     latent_dim: int = setting(6, stages=(PRIOR,))
     kernel_min_norm: float = setting(0.0, stages=(PRIOR,))
-    steps: int = setting(80, stages=RUNS)
+    steps: int = setting(40, stages=RUNS)
     val_every_steps: int = setting(10, stages=RUNS)
     epochs: int = setting(500, stages=RUNS)
     lr: float = setting(1e-3, stages=(SOURCE, *RUNS))
+    ri_lr: float = setting(1e-3, stages=("random_init",))
+    pr_lr: float = setting(1e-3, stages=("pretrained", "l2_sp", *BAYESIAN))
+    prf_lr: float = setting(1e-3, stages=("pretrained_frozen",))
+    lr_grid: tuple[float, ...] = setting((1e-3, 3e-3, 1e-2), stages=())
+    l2sp_alpha: float = setting(1e-2, stages=("l2_sp",))
+    alpha_grid: tuple[float, ...] = setting((1e-3, 1e-2, 1e-1), stages=())
     patience: int = setting(10, stages=RUNS)
     min_lr: float = setting(1e-6, stages=(SOURCE, *RUNS))
     dwp_beta: float = setting(1e-3, stages=("dwp",))
+    kg_beta: float = setting(1e-3, stages=("kernel_gaussian",))
+    swag_beta: float = setting(1e-3, stages=("swag",))
+    swag_scale: float = setting(1e3, stages=("swag",))
+    swag_scale_grid: tuple[float, ...] = setting((1e2, 1e3, 1e4), stages=())
     normal_beta: float = setting(1e-3, stages=("normal_prior",))
     beta_grid: tuple[float, ...] = setting((1e-4, 1e-3, 1e-2), stages=())
-    dwp_init: str = setting("prior", stages=("dwp",))
-    normal_init: str = setting("fresh", stages=("normal_prior",))
-    dwp_init_grid: tuple[str, ...] = setting(("prior", "pretrained"), stages=())
-    normal_init_grid: tuple[str, ...] = setting(("fresh", "pretrained"), stages=())
+    dwp_init: str = setting("pretrained", stages=("dwp",))
+    normal_init: str = setting("pretrained", stages=("normal_prior",))
+    learned_init: str = setting("pretrained", stages=("kernel_gaussian", "swag"))
+    dwp_init_grid: tuple[str, ...] = setting((), stages=())
+    normal_init_grid: tuple[str, ...] = setting((), stages=())
     freeze_depth: int = setting(1, stages=("pretrained_frozen",))
-    eval_samples: int = setting(0, stages=BAYESIAN)
-    uncertainty_samples: int = setting(2, stages=BAYESIAN)
+    eval_samples: int = setting(2, stages=BAYESIAN)
+    uncertainty_samples: int = setting(0, stages=BAYESIAN)
     tta_sizes: tuple[int, ...] = setting(
-        (5,), stages=("pretrained", "pretrained_frozen", "random_init")
+        (), stages=("pretrained", "pretrained_frozen", "random_init", "l2_sp")
     )
+    bootstrap: int = setting(2000, stages=())
     device: str = setting("cpu", stages=())
     amp: str = setting("off", stages=())
 
@@ -134,12 +209,15 @@ class Preset:
         unknown = set(self.methods) - set(METHODS)
         if unknown:
             raise ValueError(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
+        for name in (self.regime, *self.regimes):
+            if name not in REGIMES:
+                raise ValueError(f"unknown regime {name!r}; choose from {list(REGIMES)}")
         if max(self.sizes) > self.pool:
             raise ValueError(f"train size {max(self.sizes)} exceeds the target pool {self.pool}")
         if min(self.sizes) < 2:
             raise ValueError("train sizes must be >= 2 (batch 2, as in the paper)")
         for name, allowed in INITS.items():
-            for value in (getattr(self, name), *getattr(self, f"{name}_grid")):
+            for value in (getattr(self, name), *getattr(self, f"{name}_grid", ())):
                 if value not in allowed:
                     raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if any(c % 8 for c in self.crop):
@@ -163,12 +241,38 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # The whole table on a 2-core CPU in at most 45 minutes: 4 mm volumes, the paper's
-    # U-Net, a fixed step budget per run instead of training to convergence.
+    # Both regimes on a 2-core CPU in at most 30 minutes from a fresh clone, with the
+    # committed source artefact (benchmarks/artefacts): 4 mm volumes cropped to 32x40x32,
+    # the paper's U-Net at half width, 5 splits at 5 and 10 volumes, 40 optimiser steps
+    # per run, every method's strength chosen from 3 validation runs, 2 posterior samples
+    # per test prediction of a Bayesian net.
     "quick": Preset(),
+    # The earlier quick preset, one source net on the paper's U-Net, near transfer only:
+    # the setting of the variational-learning benchmark (benchmarks.variational).
+    "single_source": Preset(
+        crop=(40, 48, 40),
+        widths=(16, 32, 32, 64),
+        regimes=("near",),
+        pool=20,
+        n_test=50,
+        sizes=(5, 10, 15, 20),
+        splits=3,
+        methods=("dwp", "normal_prior", "pretrained", "pretrained_frozen", "random_init"),
+        source_nets=1,
+        source_epochs=20,
+        source_restarts=1,
+        steps=80,
+        lr_grid=(),
+        dwp_init="prior",
+        normal_init="fresh",
+        dwp_init_grid=("prior", "pretrained"),
+        normal_init_grid=("fresh", "pretrained"),
+        eval_samples=0,
+        uncertainty_samples=2,
+        tta_sizes=(5,),
+    ),
     # Smoke test: every stage and file, tiny everything (the numbers mean nothing).
     "ci": Preset(
-        crop=(32, 40, 32),
         widths=(4, 8, 8, 8),
         n_source=4,
         n_source_val=2,
@@ -177,25 +281,49 @@ PRESETS: dict[str, Preset] = {
         n_test=3,
         sizes=(2, 3),
         splits=2,
+        source_nets=1,
         source_epochs=1,
         source_restarts=1,
+        swag_rank=2,
+        swag_start=0,
+        swag_every=1,
         vae_epochs=2,
         steps=2,
         val_every_steps=0,
+        lr_grid=(1e-3,),
+        alpha_grid=(1e-2,),
         beta_grid=(1e-3, 1e-2),
-        normal_init_grid=(),
+        swag_scale_grid=(1e3,),
         tta_sizes=(2,),
+        bootstrap=200,
     ),
-    # The paper's sizes and schedule (for a GPU): 2 mm volumes, 10 source nets with 10
-    # restarts, train to convergence (ReduceLROnPlateau to the floor, at most 500 epochs).
+    # Train to convergence on a CPU: the paper's U-Net on 4 mm volumes, 3 source nets with
+    # 2 restarts each, every train size, ReduceLROnPlateau to the floor in every run.
+    "full": Preset(
+        crop=(40, 48, 40),
+        widths=(16, 32, 32, 64),
+        pool=20,
+        n_test=50,
+        sizes=(5, 10, 15, 20),
+        source_epochs=100,
+        source_patience=5,
+        steps=0,
+        epochs=300,
+        patience=5,
+        tta_sizes=(5, 10),
+    ),
+    # The paper's sizes and schedule (for a GPU): 2 mm volumes, 10 source nets, train to
+    # convergence (ReduceLROnPlateau to the floor, at most 500 epochs).
     "paper": Preset(
         resolution=2,
         crop=(96, 112, 96),
+        widths=(16, 32, 32, 64),
         n_source=170,
         n_source_val=20,
         pool=20,
         n_val=10,
         n_test=50,
+        sizes=(5, 10, 15, 20),
         source_nets=10,
         source_epochs=100,
         source_restarts=1,

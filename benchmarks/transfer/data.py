@@ -1,4 +1,5 @@
-"""Stage 1: the data, the offline cohorts or the user's Decathlon folders."""
+"""Stage 1: the data, the offline cohorts (the source, and the target of the preset's
+regime: :data:`~.config.REGIMES`) or the user's Decathlon folders."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from unet3d.data import Case, load_decathlon
 
-from .config import Preset
+from .config import REGIMES, Preset
 
 
 @dataclass
@@ -48,7 +49,7 @@ def data_key(
     """The source and target data specs (:func:`data_spec`), computed without any file."""
     return {
         "source": data_spec("ms_source", preset, seed, source_data),
-        "target": data_spec("tumour_target", preset, seed, target_data),
+        "target": data_spec(REGIMES[preset.regime], preset, seed, target_data),
     }
 
 
@@ -82,7 +83,7 @@ def prepare_data(
         source_data = generated("ms_source", preset.n_source + preset.n_source_val, 0)
     if target_data is None:
         target_data = generated(
-            "tumour_target", preset.pool + preset.n_val, preset.n_test, whole_tumour=True
+            REGIMES[preset.regime], preset.pool + preset.n_val, preset.n_test, whole_tumour=True
         )
     src_train, src_val = _split_cases(
         load_decathlon(source_data), (preset.n_source, preset.n_source_val), source_data

@@ -21,12 +21,13 @@ from tqdm.auto import tqdm
 
 from ..grid import Engine, Failure, GridError, Submitter
 from ..stages import Stage, stage_folder
+from . import artefact
 from .cells import Cell, Datasets, grid, run_cell, selected
-from .config import PRIOR, SOURCE, Preset, log
+from .config import LR_FROM, PRIOR, SOURCE, Preset, log
 from .data import Data, data_key, prepare_data
 from .keys import stage_key, strategy_options
 from .prior import PRIOR_STAGE, fit_prior
-from .selection import candidates, choose_all, tuning_cell
+from .selection import candidates, choose_all, phases, tuning_cell
 from .sources import SOURCE_STAGE, train_sources
 
 
@@ -187,10 +188,12 @@ def run(
 
     ``engine`` (default: worker processes here, :class:`CellRunner`): with submitit, the
     source and prior stages (when not cached) and every unfinished cell run as jobs, the
-    tuning cells first and the grid's once the settings are chosen; on SLURM ``jobs`` caps
-    the array's parallelism (``None``: no cap) and a run uses its job's CPUs.  Failed jobs
-    raise :class:`~benchmarks.grid.GridError` once every other job has finished (a method
-    whose tuning failed runs no grid cell: its settings cannot be chosen).
+    tuning cells first, in the phases of :func:`~.selection.phases` (fine-tuning's
+    learning rate before the methods that share it), and the grid's once the settings are
+    chosen; on SLURM ``jobs`` caps the array's parallelism (``None``: no cap) and a run
+    uses its job's CPUs.  Failed jobs raise :class:`~benchmarks.grid.GridError` once
+    every other job has finished (a method whose tuning failed, or whose learning rate's
+    lender failed, runs no grid cell: its settings cannot be chosen).
 
     ``tensorboard``: every cell trained logs TensorBoard events into
     ``tensorboard/<method>-<hash>/n<size>/split<split>``, its run folder's path under
@@ -228,16 +231,34 @@ def run(
         return submitter.call(_stage_job, per_job, fn, *args, name=f"{cache.name} stage")
 
     sources = prior = None
-    # DWP needs the source kernels whatever its initialisation; N(0, 1) only to start there.
-    needs_source = bool(methods & {"pretrained", "pretrained_frozen", "dwp"}) or (
-        "normal_prior" in methods and "pretrained" in (preset.normal_init, *preset.normal_init_grid)
+    # The learned priors need the source kernels whatever their initialisation; N(0, 1)
+    # needs the source only to start there.
+    needs_prior = bool(methods & {"dwp", "kernel_gaussian", "swag"})
+    needs_source = needs_prior or any(
+        "source" in strategy_options(preset.replace(**option), method)
+        for method in methods
+        for option in [{}, *candidates(preset, method)]
     )
-    if needs_source:
+    # A committed artefact (benchmarks/artefacts) stands in for both stages when this
+    # work folder has not got them: verified against its checksums before use.
+    committed = None
+    if needs_source and source_data is None:
+        keys = {s: stage_key(preset, s, seed, data.key) for s in (SOURCE, PRIOR)}
+        if SOURCE_STAGE.find([work], keys[SOURCE]) is None or (
+            needs_prior and PRIOR_STAGE.find([work], keys[PRIOR]) is None
+        ):
+            committed = artefact.locate(preset, seed, data.key)
+    if committed is not None:
+        log(f"source nets and priors from the committed artefact {committed}")
+        sources = SOURCE_STAGE.find([committed], stage_key(preset, SOURCE, seed, data.key))
+        prior = PRIOR_STAGE.find([committed], stage_key(preset, PRIOR, seed, data.key))
+    elif needs_source:
         key = stage_key(preset, SOURCE, seed, data.key)
-        sources = stage(SOURCE_STAGE, key, train_sources, preset, data, work, seed)
-    if "dwp" in methods:
-        key = stage_key(preset, PRIOR, seed, data.key)
         show = progress and submitter is None  # a job's log is no place for a progress bar
+        sources = stage(SOURCE_STAGE, key, train_sources, preset, data, work, seed, show)
+    if needs_prior and committed is None:
+        key = stage_key(preset, PRIOR, seed, data.key)
+        show = progress and submitter is None
         prior = stage(PRIOR_STAGE, key, fit_prior, preset, data.key, sources, work, seed, show)
 
     def task(candidate: Preset, cell: Cell) -> Task:
@@ -248,15 +269,20 @@ def run(
         events = tensorboard and Path(tensorboard).absolute() / folder.name / cell.folder()
         return Task(cell, candidate, folder / cell.folder(), options, seed, events)
 
-    tuning_tasks = [
-        task(preset.replace(**option), tuning_cell(preset, method))
-        for method in sorted(methods)
-        for option in candidates(preset, method)
-    ]
+    def tuning_tasks(candidate: Preset, tuned: set[str]) -> list[Task]:
+        return [
+            task(candidate.replace(**option), tuning_cell(candidate, method))
+            for method in sorted(tuned)
+            for option in candidates(candidate, method)
+        ]
+
+    # Settings are chosen in phases: the priors and L2-SP train at the learning rate
+    # chosen for fine-tuning, so their candidates run once it is chosen.
+    waves = phases(preset, methods)
+    tuning = [t for wave in waves for t in tuning_tasks(preset, wave)]
     # An upper bound until the settings are chosen (a chosen tuning run is a grid cell).
-    total = len(tuning_tasks) + sum(c != tuning_cell(preset, c.method) for c in cells)
-    done = sum(t.finished() for t in tuning_tasks)
-    bar = tqdm(total=total, initial=done, desc="transfer runs", disable=not progress)
+    total = len(tuning) + sum(c != tuning_cell(preset, c.method) for c in cells)
+    bar = tqdm(total=total, desc="transfer runs", disable=not progress)
 
     def advance(t: Task) -> None:
         bar.set_postfix_str(f"{t.cell.method} n={t.cell.size} split={t.cell.split}")
@@ -296,11 +322,19 @@ def run(
         return failed
 
     try:
-        failed = run_wave(tuning_tasks)
-        preset, selections = choose_all(preset, methods - failed, score)
+        selections: list[dict[str, Any]] = []
+        failed: set[str] = set()
+        for wave in waves:
+            # a method whose lender failed cannot run: its learning rate is not chosen
+            wave = {m for m in wave if LR_FROM.get(m) not in failed}
+            tasks = tuning_tasks(preset, wave)
+            bar.update(sum(t.finished() for t in tasks))
+            failed |= run_wave(tasks)
+            preset, chosen = choose_all(preset, wave - failed, score)
+            selections += chosen
         for selection in selections:
             log(f"{selection['method']}: {selection['chosen']} chosen on validation Dice")
-        tasks = [task(preset, c) for c in cells if c.method not in failed]
+        tasks = [task(preset, c) for c in cells if c.method in methods - failed]
         bar.total = bar.n + sum(not t.finished() for t in tasks)
         bar.refresh()
         run_wave(tasks)
@@ -323,6 +357,19 @@ def run(
         "threads_per_run": per_run,
     }
     return plan
+
+
+def run_regimes(preset: Preset, work: Path, seed: int = 0, **options: Any) -> dict[str, Plan]:
+    """:func:`run` for each of ``preset.regimes`` in turn, by regime.  The source nets and
+    the priors are computed once: no regime is in their keys."""
+    return {r: run(preset.replace(regime=r), work, seed, **options) for r in preset.regimes}
+
+
+def merge_regimes(
+    preset: Preset, work_dirs: Sequence[Path], seed: int = 0, **options: Any
+) -> dict[str, Plan]:
+    """:func:`merge` for each of ``preset.regimes``, by regime."""
+    return {r: merge(preset.replace(regime=r), work_dirs, seed, **options) for r in preset.regimes}
 
 
 def merge(
@@ -364,8 +411,12 @@ def merge(
         record = records(candidate, method).get((method, cell.size, cell.split))
         return None if record is None else record["val_dice"]
 
-    sources = SOURCE_STAGE.find(work_dirs, stage_key(preset, SOURCE, seed, data))
-    prior = PRIOR_STAGE.find(work_dirs, stage_key(preset, PRIOR, seed, data))
+    roots = list(work_dirs)
+    if source_data is None:  # the committed artefact of this configuration, if any
+        committed = artefact.locate(preset, seed, data)
+        roots += [committed] if committed is not None else []
+    sources = SOURCE_STAGE.find(roots, stage_key(preset, SOURCE, seed, data))
+    prior = PRIOR_STAGE.find(roots, stage_key(preset, PRIOR, seed, data))
     preset, selections = choose_all(preset, preset.methods, score)
     found = {k: v for method in preset.methods for k, v in records(preset, method).items()}
     wanted = {(c.method, c.size, c.split) for c in grid(preset)}

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..stages import digest
-from .config import BAYESIAN, PRIOR, RUNS, SOURCE, Preset
+from .config import PRIOR, RUNS, SOURCE, Preset
 
 #: The data each stage reads (:func:`~.data.data_key`'s entries).
 STAGE_DATA = {SOURCE: "source", **dict.fromkeys(RUNS, "target")}
@@ -23,9 +23,10 @@ OPTION_STAGES = {"source": SOURCE, "prior_path": PRIOR}
 #: its results or its files (a key holds settings, not code, so an old folder would
 #: otherwise be reused silently).  prior 2: the held-out fit report of
 #: ``DeepWeightPrior.fit`` (3-way split, IWAE); Bayesian runs 2: the natural-gradient
-#: optimiser, fan-in initial scales and the per-voxel Dice weight of the ELBO.
-STAGE_VERSIONS: dict[str, int] = {SOURCE: 1, PRIOR: 2, **dict.fromkeys(RUNS, 1)}
-STAGE_VERSIONS.update(dict.fromkeys(BAYESIAN, 2))
+#: optimiser, fan-in initial scales and the per-voxel Dice weight of the ELBO.  Source 2,
+#: prior 3, runs 3: SWAG moments and kernel displacement of the source nets, the kernel
+#: Gaussian and SWAG priors, per-volume uncertainty scores in every run's record.
+STAGE_VERSIONS: dict[str, int] = {SOURCE: 2, PRIOR: 3, **dict.fromkeys(RUNS, 3)}
 
 
 def strategy_options(
@@ -34,27 +35,36 @@ def strategy_options(
     sources: Mapping[str, Any] | None = None,
     prior: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``method``'s options for :func:`unet3d.strategies.get_strategy`; the file paths are
-    ``None`` without ``sources`` / ``prior`` (their stage summaries)."""
+    """``method``'s options for :func:`unet3d.strategies.get_strategy` (of its strategy,
+    :data:`~.config.STRATEGY_OF`); the file paths are ``None`` without ``sources`` /
+    ``prior`` (their stage summaries)."""
     source = None if sources is None else sources["nets"][0]["best"]
-    if method in ("pretrained", "pretrained_frozen"):
+
+    def bayesian(beta: float, init: str, prior_file: str | None = None) -> dict[str, Any]:
+        options: dict[str, Any] = {"beta": beta}
+        if prior_file is not None:
+            options["prior_path"] = None if prior is None else prior[prior_file]
+        if init == "pretrained":
+            return {**options, "init": init, "source": source}
+        # N(0, 1) has no samples to start from: "fresh" is its strategy's own default
+        return options if prior_file is None else {**options, "init": init}
+
+    if method in ("pretrained", "pretrained_frozen", "l2_sp"):
         options: dict[str, Any] = {"source": source}
         if method == "pretrained_frozen":
             options["freeze_depth"] = preset.freeze_depth
+        if method == "l2_sp":
+            options["alpha"] = preset.l2sp_alpha
         return options
     if method == "normal_prior":
-        if preset.normal_init == "pretrained":
-            return {"beta": preset.normal_beta, "init": "pretrained", "source": source}
-        return {"beta": preset.normal_beta}  # He-initialised means
+        return bayesian(preset.normal_beta, preset.normal_init)
     if method == "dwp":
-        options = {
-            "prior_path": None if prior is None else prior["prior"],
-            "beta": preset.dwp_beta,
-            "init": preset.dwp_init,
-        }
-        if preset.dwp_init == "pretrained":
-            options["source"] = source
-        return options
+        return bayesian(preset.dwp_beta, preset.dwp_init, "prior")
+    if method == "kernel_gaussian":
+        return bayesian(preset.kg_beta, preset.learned_init, "kernel_gaussian_prior")
+    if method == "swag":
+        options = bayesian(preset.swag_beta, preset.learned_init, "swag_prior")
+        return {**options, "prior_options": {"scale": preset.swag_scale}}
     return {}
 
 

@@ -1,4 +1,5 @@
-"""Stage 3: the deep weight prior, fitted on the source networks' kernels."""
+"""Stage 3: the learned priors: the deep weight prior and the kernel Gaussian, fitted on
+the source networks' kernels, and the source-trajectory (SWAG) prior of source net 0."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from .config import PRIOR, Preset, log
 from .keys import stage_key
 
 #: The stage's folder ``prior-<hash>/`` is finished when ``prior.json`` exists.
-PRIOR_STAGE = Stage(PRIOR, "prior.json", files=("prior", "figure"))
+PRIOR_STAGE = Stage(
+    PRIOR, "prior.json", files=("prior", "kernel_gaussian_prior", "swag_prior", "figure")
+)
 
 
 def fit_prior(
@@ -28,7 +31,9 @@ def fit_prior(
     seed: int,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Stage 3: kernel bank by resolution group, one kernel VAE per group, prior file, figure."""
+    """Stage 3: kernel bank by resolution group; one kernel VAE (the deep weight prior)
+    and one full-covariance Gaussian per group; the SWAG prior of net 0's trajectory; the
+    prior files, the held-out fit report and the figure."""
     checkpoints = [p for net in sources["nets"] for p in net["kernel_sets"]]
     key = stage_key(preset, PRIOR, seed, data_key)
     folder, cached = PRIOR_STAGE.open(work, key)
@@ -56,6 +61,11 @@ def fit_prior(
     )
     bank.save(folder / "bank.pt")
     prior.save(folder / "prior.pt")
+    dwp.priors.save_prior(dwp.KernelGaussianPrior.fit(bank), folder / "kernel_gaussian.pt")
+    swag = next((net["swag"] for net in sources["nets"] if net.get("swag")), None)
+    if swag is not None:  # float32 loc, variance and factor: half the moments' size
+        moments = dwp.SWAGMoments.load(swag)
+        dwp.priors.save_prior(dwp.SWAGPrior.from_moments(moments), folder / "swag.pt")
     figure = folder / "prior.png"
     try:
         from dwp.plot import plot_prior_samples
@@ -66,6 +76,8 @@ def fit_prior(
     summary = {
         "key": digest(key),
         "prior": str(folder / "prior.pt"),
+        "kernel_gaussian_prior": str(folder / "kernel_gaussian.pt"),
+        "swag_prior": None if swag is None else str(folder / "swag.pt"),
         "figure": None if figure is None else str(figure),
         "n_kernels": len(bank.kernels),
         "groups": {g: len(k) for g, k in bank.groups().items()},

@@ -1,7 +1,9 @@
-"""The report: paper-format tables (Dice and IoU, mean (std) over splits), paired
-differences DWP minus each baseline with a paired t-test across splits, the per-voxel
-uncertainty quality, the settings chosen on validation, the source and prior
-diagnostics, and Dice against train size."""
+"""The report of both regimes: the answer (which method beats tuned fine-tuning, where, by
+how much), then per regime the test metrics of every method with confidence intervals,
+the paired differences with their bootstrap intervals and minimum detectable differences,
+the per-voxel uncertainty quality, the posterior diagnostics and the settings chosen on
+validation; then the source nets (how far their kernels moved) and the priors' held-out
+fit; and Dice against train size."""
 
 from __future__ import annotations
 
@@ -17,55 +19,26 @@ from dwp.io import atomic_write
 
 from ..report import markdown_table, write_results
 from .cells import finite_means
-from .config import LABELS, Preset
+from .config import DESCRIPTIONS, LABELS, REGIMES, Preset
 from .execution import Plan
+from .selection import budget
+from .summary import METRICS, REFERENCE, summarise
 
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and sample std (``None`` from a single value: no spread to report)."""
-    array = np.asarray(values, dtype=float)
-    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else None
-
-
-def summarise(records: Sequence[Mapping[str, Any]], preset: Preset) -> dict[str, Any]:
-    """Per (method, size): mean and std over splits of the test Dice and IoU; paired
-    differences DWP minus each baseline across splits with a paired t-test."""
-    from scipy import stats
-
-    by = {(r["method"], r["size"], r["split"]): r for r in records}
-    table = {}
-    for (method, size, _), _r in by.items():
-        if (method, size) in table:
-            continue
-        splits = sorted(s for m, n, s in by if m == method and n == size)
-        dice = [by[method, size, s]["dice"] for s in splits]
-        iou = [by[method, size, s]["iou"] for s in splits]
-        table[method, size] = {"dice": _mean_std(dice), "iou": _mean_std(iou), "n": len(splits)}
-    paired = []
-    for baseline in [m for m in preset.methods if m != "dwp"]:
-        for size in preset.sizes:
-            splits = [
-                s
-                for s in range(preset.splits)
-                if ("dwp", size, s) in by and (baseline, size, s) in by
-            ]
-            if not splits:
-                continue
-            a = np.array([by["dwp", size, s]["dice"] for s in splits])
-            b = np.array([by[baseline, size, s]["dice"] for s in splits])
-            diff = a - b
-            p = float(stats.ttest_rel(a, b).pvalue) if len(splits) > 1 and diff.std() > 0 else None
-            paired.append(
-                {
-                    "baseline": baseline,
-                    "size": size,
-                    "n_splits": len(splits),
-                    "mean_diff": float(diff.mean()),
-                    "std_diff": float(diff.std(ddof=1)) if len(splits) > 1 else None,
-                    "p_value": p,
-                }
-            )
-    return {"table": table, "paired": paired, "uncertainty": summarise_uncertainty(records)}
+#: What each regime models, for the report and the README.
+REGIME_TEXT = {
+    "near": "near transfer: the target (tumour_target, T2-like, a bright lesion) shares "
+    "the source's contrast logic; the source's weights should transfer",
+    "far": "far transfer: the same tumours on a T1-like contrast (tumour_t1) in which they "
+    "are dark; the source's bright-lesion features do not fit (as in Kuzina et al., where "
+    "fine-tuning was no better than random init)",
+}
+METRIC_HEADERS = {
+    "dice": "Dice",
+    "iou": "IoU",
+    "hd95": "HD95 (mm)",
+    "ece_roi": "ECE",
+    "auroc_entropy_roi": "error AUROC",
+}
 
 
 #: The uncertainty table's columns: a key of ``record["uncertainty"][variant]`` and its
@@ -132,45 +105,135 @@ def _uncertainty_table(summary: Mapping[str, Any], preset: Preset) -> str | None
     )
 
 
-def _fmt(mean_std: tuple[float, float | None]) -> str:
-    mean, std = mean_std
-    return f"{mean:.2f} (-)" if std is None else f"{mean:.2f} ({std:.2f})"
+def _interval(value: Sequence[float], digits: int = 3) -> str:
+    mean, low, high = value
+    if not math.isfinite(mean):
+        return "-"
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
-def render(summary: Mapping[str, Any], plan_info: Mapping[str, Any], preset: Preset) -> str:
-    """The Markdown report: paper-format tables, paired differences, diagnostics."""
-    table = summary["table"]
-    methods = [m for m in preset.methods if any(k[0] == m for k in table)]
-    parts = []
-    for metric, title in (("dice", "Dice"), ("iou", "IoU")):
-        rows = [
-            [n, *(_fmt(table[m, n][metric]) if (m, n) in table else "-" for m in methods)]
-            for n in preset.sizes
-        ]
-        parts.append(
-            f"**{title}** on {preset.n_test} test volumes, mean (std) over splits:\n\n"
-            + markdown_table(["train size", *(LABELS[m] for m in methods)], rows)
-        )
-    if summary["paired"]:
-        rows = [
-            [
-                f"DWP - {LABELS[p['baseline']]}",
-                p["size"],
-                f"{p['mean_diff']:+.3f} ("
-                + ("-" if p["std_diff"] is None else f"{p['std_diff']:.3f}")
-                + ")",
-                "-" if p["p_value"] is None else f"{p['p_value']:.3f}",
+def _signed(p: Mapping[str, Any]) -> str:
+    low, high = p["ci_both"] or (None, None)
+    text = f"{p['mean']:+.3f}"
+    return text if low is None else f"{text} [{low:+.3f}, {high:+.3f}]"
+
+
+def _optional(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def answer(summaries: Mapping[str, Mapping[str, Any]], preset: Preset) -> str:
+    """One line per regime and train size: how each method compares with tuned
+    fine-tuning (the two-way bootstrap interval of the paired Dice difference)."""
+    lines = []
+    for regime, summary in summaries.items():
+        for size in preset.sizes:
+            rows = [p for p in summary["paired"]
+                    if p["baseline"] == REFERENCE and p["size"] == size]  # fmt: skip
+            if not rows:
+                continue
+            parts = [
+                f"{LABELS[p['method']]} {p['verdict'].replace('no detectable difference', 'tie')}"
+                f" ({_signed(p)})"
+                for p in rows
             ]
-            for p in summary["paired"]
+            lines.append(
+                f"- **{regime}, {size} volumes**, Dice minus tuned fine-tuning: "
+                + "; ".join(parts)
+                + "."
+            )
+        ri = [p for p in summary["paired"] if p["baseline"] == "random_init"]
+        if ri:
+            lines.append(
+                f"- {regime}: fine-tuning minus random init "
+                + ", ".join(f"{_signed(p)} at {p['size']}" for p in ri)
+                + "."
+            )
+    return "\n".join(lines)
+
+
+def _metric_tables(summary: Mapping[str, Any], preset: Preset) -> str:
+    """Per train size, every method's metrics: mean [95 % t-interval] across splits."""
+    table = summary["table"]
+    parts = []
+    for size in preset.sizes:
+        rows = [
+            [LABELS[m], table[m, size]["n"], *(_interval(table[m, size][k]) for k in METRICS)]
+            for m in preset.methods
+            if (m, size) in table
         ]
-        parts.append(
-            "Paired Dice differences across splits (same training subsets), paired t-test:\n\n"
-            + markdown_table(["difference", "train size", "mean (std)", "p"], rows)
+        if rows:
+            parts.append(
+                f"{size} training volumes ({preset.n_test} test volumes; mean over splits "
+                "[95 % t-interval]):\n\n"
+                + markdown_table(["method", "splits", *METRIC_HEADERS.values()], rows)
+            )
+    return "\n\n".join(parts)
+
+
+PAIRED_HEADERS = ["difference", "train size", "mean [95 % CI]", "CI across splits", "p", "MDD",
+                  "verdict"]  # fmt: skip
+
+
+def _paired_table(summary: Mapping[str, Any]) -> str:
+    rows = [
+        [
+            f"{LABELS[p['method']]} - {LABELS[p['baseline']]}",
+            p["size"],
+            _signed(p),
+            "-"
+            if p["ci_splits"] is None
+            else f"[{p['ci_splits'][0]:+.3f}, {p['ci_splits'][1]:+.3f}]",
+            _optional(p["p_value"]),
+            _optional(p["mdd"]),
+            p["verdict"],
+        ]
+        for p in summary["paired"]
+    ]
+    return (
+        "Paired Dice differences (same training subsets, same test volumes): the mean with "
+        "its 95 % interval from the crossed bootstrap over splits and test volumes (the "
+        "headline; both sources of noise), the t-interval across splits alone, the paired "
+        "t-test's p, and the minimum detectable difference (MDD: the true difference these "
+        "splits would detect with 80 % power at p < 0.05).  A verdict needs the bootstrap "
+        "interval to exclude 0.\n\n" + markdown_table(PAIRED_HEADERS, rows)
+    )
+
+
+def _posterior_table(summary: Mapping[str, Any], preset: Preset) -> str | None:
+    table = summary.get("posterior") or {}
+    rows = [
+        [LABELS[m], n, _optional(v.get("kl_share"), 4), _optional(v.get("sigma_median"), 4),
+         _optional(v.get("snr_median"), 2), _optional(v.get("log_sigma_change_median"), 3)]
+        for m in preset.methods
+        for n in preset.sizes
+        if (v := table.get((m, n)))
+    ]  # fmt: skip
+    if not rows:
+        return None
+    return (
+        "Bayesian runs (means over splits of the best epoch): the KL's share of the "
+        "objective (beta KL / (data term + beta KL)), the median posterior sigma, the "
+        "median |mean| / sigma, and the median change of log-sigma from its initial "
+        "value (0: the scales did not learn).\n\n"
+        + markdown_table(
+            ["method", "train size", "KL share", "sigma", "|mean| / sigma", "log-sigma change"],
+            rows,
         )
-    uncertainty = _uncertainty_table(summary, preset)
-    if uncertainty:
-        parts.append(uncertainty)
-    for sel in plan_info.get("selections") or []:
+    )
+
+
+def _selection_tables(selections: Sequence[Mapping[str, Any]], preset: Preset) -> str:
+    parts = []
+    runs = budget(preset, preset.methods)
+    if runs:
+        parts.append(
+            "Validation runs per method to choose its settings (the same budget for every "
+            "method): " + ", ".join(f"{LABELS[m]} {n}" for m, n in runs.items()) + "."
+        )
+    for sel in selections:
         names = list(sel["chosen"])
         rows = [
             [
@@ -181,13 +244,43 @@ def render(summary: Mapping[str, Any], plan_info: Mapping[str, Any], preset: Pre
             for c in sel["candidates"]
         ]
         parts.append(
-            f"{LABELS[sel['method']]}: settings chosen on the validation Dice of "
-            f"n={sel['size']}, split {sel['split']} (never the test set):\n\n"
+            f"{LABELS[sel['method']]}: chosen on the validation Dice of n={sel['size']}, "
+            f"split {sel['split']} (never the test set):\n\n"
             + markdown_table([*names, "validation Dice", ""], rows)
         )
-    diag = plan_info.get("diagnostics")
+    return "\n\n".join(parts)
+
+
+def render_regime(regime: str, summary: Mapping[str, Any], plan: Plan) -> str:
+    """One regime's section."""
+    preset = plan.preset
+    parts = [f"## {regime.capitalize()} transfer\n\n{REGIME_TEXT.get(regime, regime)}."]
+    parts.append(_metric_tables(summary, preset))
+    if summary["paired"]:
+        parts.append(_paired_table(summary))
+    uncertainty = _uncertainty_table(summary, preset)
+    if uncertainty:
+        parts.append(uncertainty)
+    posterior = _posterior_table(summary, preset)
+    if posterior:
+        parts.append(posterior)
+    parts.append(_selection_tables(plan.selections, preset))
+    return "\n\n".join(p for p in parts if p)
+
+
+def render(summaries: Mapping[str, Mapping[str, Any]], plans: Mapping[str, Plan]) -> str:
+    """The Markdown report of every regime."""
+    first = next(iter(plans.values()))
+    preset = first.preset
+    methods = "\n".join(f"- {LABELS[m]}: {DESCRIPTIONS[m]}" for m in preset.methods)
+    parts = [
+        "## The answer\n\n" + answer(summaries, preset),
+        "Methods:\n\n" + methods,
+    ]
+    parts += [render_regime(r, summaries[r], plans[r]) for r in plans]
+    diag = diagnostics(first)
     if diag:
-        parts.append(diag)
+        parts.append("## Source nets and priors\n\n" + diag)
     return "\n\n".join(parts)
 
 
@@ -196,15 +289,27 @@ def _setting(value: Any) -> str:
 
 
 def diagnostics(plan: Plan) -> str:
-    """Source quality and prior fit: what to look at when DWP does not win."""
+    """Source quality, how far the source kernels moved, and the priors' fit: what to look
+    at when a learned prior does not win."""
     lines = []
     if plan.sources:
-        dice = [n["val_dice"] for n in plan.sources["nets"] if n["val_dice"] is not None]
-        sets = sum(len(n["kernel_sets"]) for n in plan.sources["nets"])
-        if dice:
+        nets = plan.sources["nets"]
+        dice = [n["val_dice"] for n in nets if n["val_dice"] is not None]
+        sets = sum(len(n["kernel_sets"]) for n in nets)
+        lines.append(
+            f"Source: {len(nets)} U-Net(s), {sets} kernel sets (every cycle's final net), "
+            f"validation Dice {', '.join(f'{d:.3f}' for d in dice)}; epochs per cycle "
+            + "; ".join(str(n.get("cycle_epochs", n["epochs"])) for n in nets)
+            + "."
+        )
+        moved = plan.sources.get("displacement")
+        if moved:
+            rows = [[g, f"{v['relative']:.3f}", f"{v['norm_ratio']:.3f}"] for g, v in moved.items()]
             lines.append(
-                f"Source: {len(plan.sources['nets'])} U-Net(s), {sets} kernel sets, "
-                f"validation Dice {', '.join(f'{d:.3f}' for d in dice)}."
+                "How far the source kernels moved from their initialisation, per resolution "
+                "group (medians over kernels, means over nets): ||w - w0|| / ||w0|| and "
+                "||w|| / ||w0||.\n\n"
+                + markdown_table(["group", "relative displacement", "norm ratio"], rows)
             )
     if plan.prior:
         lines.append(_prior_fit(plan.prior["fit"]))
@@ -229,72 +334,93 @@ def _prior_fit(fit: Mapping[str, Mapping[str, Any]]) -> str:
     )
 
 
-def plot(summary: Mapping[str, Any], preset: Preset, path: Path) -> None:
-    """Dice against train size, one line per method, error bars = std over splits."""
+def plot(summaries: Mapping[str, Mapping[str, Any]], preset: Preset, path: Path) -> None:
+    """Dice against train size, one panel per regime, one line per method, error bars the
+    95 % t-intervals across splits."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(5.5, 4))
+    figure = Figure(figsize=(5.5 * len(summaries), 4))
     FigureCanvasAgg(figure)
-    ax = figure.add_subplot()
-    for offset, method in enumerate(preset.methods):
-        points = [
-            (n, *summary["table"][method, n]["dice"])
-            for n in preset.sizes
-            if (method, n) in summary["table"]
-        ]
-        if not points:
-            continue
-        n, mean, std = (np.array(v, dtype=float) for v in zip(*points, strict=True))
-        ax.errorbar(
-            n + 0.15 * (offset - 2), mean, yerr=std, marker="o", capsize=3, label=LABELS[method]
-        )
-    ax.set_xlabel("target training volumes")
-    ax.set_ylabel(f"test Dice ({preset.n_test} volumes)")
-    ax.set_xticks(list(preset.sizes))
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    for i, (regime, summary) in enumerate(summaries.items()):
+        ax = figure.add_subplot(1, len(summaries), i + 1)
+        for offset, method in enumerate(preset.methods):
+            points = [
+                (n, *summary["table"][method, n]["dice"])
+                for n in preset.sizes
+                if (method, n) in summary["table"]
+            ]
+            if not points:
+                continue
+            n, mean, low, high = (np.array(v, dtype=float) for v in zip(*points, strict=True))
+            error = np.nan_to_num(np.stack([mean - low, high - mean]))
+            shift = 0.12 * (offset - (len(preset.methods) - 1) / 2)
+            ax.errorbar(n + shift, mean, yerr=error, marker="o", capsize=3, label=LABELS[method])
+        ax.set_title(f"{regime} transfer ({REGIMES.get(regime, regime)})")
+        ax.set_xlabel("target training volumes")
+        ax.set_ylabel(f"test Dice ({preset.n_test} volumes)")
+        ax.set_xticks(list(preset.sizes))
+        ax.grid(alpha=0.3)
+        if i == 0 and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     figure.tight_layout()
     with atomic_write(path) as f:
         figure.savefig(f, format="png", dpi=120)
 
 
-def write_report(plan: Plan, out: Path, name: str, command: str | None = None) -> tuple[Path, Path]:
-    """Write ``<name>.md``, ``<name>.json`` (config and every run's record) and ``<name>.png``."""
-    records = plan.records
-    summary = summarise(records, plan.preset)
-    info = {"diagnostics": diagnostics(plan), "selections": plan.selections}
-    text = render(summary, info, plan.preset)
+def _json_table(table: Mapping[tuple, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        return value
+
+    return [
+        {"method": k[0], "size": k[1], **({"variant": k[2]} if len(k) > 2 else {}),
+         **{name: plain(v) for name, v in row.items()}}
+        for k, row in sorted(table.items())
+    ]  # fmt: skip
+
+
+def write_report(
+    plans: Plan | Mapping[str, Plan], out: Path, name: str, command: str | None = None
+) -> tuple[Path, Path]:
+    """Write ``<name>.md``, ``<name>.json`` (config, every regime's summary and every
+    run's record) and ``<name>.png``; ``plans``: one per regime (a single plan is its
+    preset's regime)."""
+    if isinstance(plans, Plan):
+        plans = {plans.preset.regime: plans}
+    summaries = {r: summarise(p.records, p.preset) for r, p in plans.items()}
+    text = render(summaries, plans)
+    first = next(iter(plans.values()))
     config = {
-        "preset": dataclasses.asdict(plan.preset),
-        "seed": plan.seed,
-        "data": plan.data_key,
-        "subjects": plan.subjects,
-        "selections": plan.selections,
-        "execution": plan.execution,
-        "sources": plan.sources,
-        "prior": plan.prior,
-        "wall_seconds": plan.wall_seconds,
-        "summary": {
-            "table": [
-                {"method": m, "size": n, **v} for (m, n), v in sorted(summary["table"].items())
-            ],
-            "paired": summary["paired"],
-            "uncertainty": [
-                {
-                    "method": m,
-                    "size": n,
-                    "variant": variant,
-                    **{k: v if math.isfinite(v) else None for k, v in scores.items()},
-                }
-                for (m, n, variant), scores in sorted(summary["uncertainty"].items())
-            ],
+        "preset": dataclasses.asdict(first.preset),
+        "seed": first.seed,
+        "sources": first.sources,
+        "prior": first.prior,
+        "regimes": {
+            regime: {
+                "preset": dataclasses.asdict(plan.preset),  # with its choices
+                "data": plan.data_key,
+                "subjects": plan.subjects,
+                "selections": plan.selections,
+                "execution": plan.execution,
+                "wall_seconds": plan.wall_seconds,
+                "summary": {
+                    "table": _json_table(summaries[regime]["table"]),
+                    "paired": summaries[regime]["paired"],
+                    "posterior": _json_table(summaries[regime]["posterior"]),
+                    "uncertainty": _json_table(summaries[regime]["uncertainty"]),
+                },
+            }
+            for regime, plan in plans.items()
         },
     }
+    records = [{"regime": r, **record} for r, p in plans.items() for record in p.records]
     out.mkdir(parents=True, exist_ok=True)
     try:
-        plot(summary, plan.preset, out / f"{name}.png")
+        plot(summaries, first.preset, out / f"{name}.png")
         text += f"\n\n![Dice against train size]({name}.png)"
     except ImportError:
         pass

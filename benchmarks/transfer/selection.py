@@ -1,4 +1,11 @@
-"""The settings of the Bayesian methods chosen on validation data (never the test set)."""
+"""The settings of every method chosen on validation data (never the test set).
+
+Each method gets the same budget: one validation run per value of its strength's grid
+(the learning rate of the deterministic baselines, L2-SP's pull towards the source, each
+prior's KL weight, the SWAG prior's scale), so no method is better tuned than another; Harvey et al. (2024)
+found that a carefully tuned fine-tuning closes much of the gap reported for informative
+priors.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +14,21 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .cells import Cell
-from .config import Preset
+from .config import LR_FROM, Preset
 
-#: The settings of each Bayesian method chosen on validation: preset field -> its grid field.
+#: The settings of each method chosen on validation: preset field -> its grid field.
 TUNED = {
     "dwp": {"dwp_beta": "beta_grid", "dwp_init": "dwp_init_grid"},
+    "kernel_gaussian": {"kg_beta": "beta_grid"},
+    "swag": {"swag_scale": "swag_scale_grid"},
     "normal_prior": {"normal_beta": "beta_grid", "normal_init": "normal_init_grid"},
+    "l2_sp": {"l2sp_alpha": "alpha_grid"},
+    "pretrained": {"pr_lr": "lr_grid"},
+    "pretrained_frozen": {"prf_lr": "lr_grid"},
+    "random_init": {"ri_lr": "lr_grid"},
 }
+#: Numeric grids, tried in increasing order (ties go to the smaller value).
+NUMERIC_GRIDS = ("beta_grid", "alpha_grid", "lr_grid", "swag_scale_grid")
 
 
 def tuning_cell(preset: Preset, method: str) -> Cell:
@@ -22,13 +37,13 @@ def tuning_cell(preset: Preset, method: str) -> Cell:
 
 
 def candidates(preset: Preset, method: str) -> list[dict[str, Any]]:
-    """The settings tried for ``method``: every combination of its non-empty grids, KL
-    weights in increasing order, initialisations in grid order (``[]``: nothing to tune)."""
+    """The settings tried for ``method``: every combination of its non-empty grids,
+    numbers in increasing order, initialisations in grid order (``[]``: nothing to tune)."""
     axes = {}
     for name, grid_name in TUNED.get(method, {}).items():
         values = getattr(preset, grid_name)
         if values:
-            axes[name] = sorted(values) if grid_name == "beta_grid" else list(values)
+            axes[name] = sorted(values) if grid_name in NUMERIC_GRIDS else list(values)
     if not axes:
         return []
     return [dict(zip(axes, values, strict=True)) for values in itertools.product(*axes.values())]
@@ -41,8 +56,8 @@ def choose_settings(
     of highest validation Dice (``score(candidate_preset)``; the test set is never looked
     at).
 
-    Ties go to the earlier candidate of :func:`candidates` (the smaller KL weight, then
-    the earlier initialisation).  Without a grid (or for a method with nothing to tune)
+    Ties go to the earlier candidate of :func:`candidates` (the smaller value, then the
+    earlier initialisation).  Without a grid (or for a method with nothing to tune)
     the preset is returned unchanged with ``None``.  A candidate scored ``None`` (a cell
     not run yet, in :func:`~.execution.merge`) makes the choice impossible: ``ValueError``.
     """
@@ -67,14 +82,34 @@ def choose_settings(
     return preset.replace(**options[best]), selection
 
 
+def phases(preset: Preset, methods: Iterable[str]) -> list[set[str]]:
+    """The order in which the settings of ``methods`` are chosen: first the methods whose
+    learning rate others share (:data:`~.config.LR_FROM`; added when one of ``methods``
+    needs it and the preset runs it), then those others, whose candidates train at the
+    chosen rate.  A method whose lender the preset does not run keeps the preset's rate
+    and is chosen in the first phase."""
+    methods = set(methods)
+    lenders = {LR_FROM[m] for m in methods if m in LR_FROM} & set(preset.methods)
+    first = {m for m in methods | lenders if LR_FROM.get(m) not in lenders}
+    return [first, (methods | lenders) - first]
+
+
 def choose_all(
     preset: Preset, methods: Iterable[str], score: Callable[[Preset, str], float | None]
 ) -> tuple[Preset, list[dict[str, Any]]]:
-    """:func:`choose_settings` for each tuned one of ``methods`` in turn (``score(candidate,
-    method)``): the preset with every choice made, and the selections made."""
+    """:func:`choose_settings` for each tuned one of ``methods`` (``score(candidate,
+    method)``), in the order of :func:`phases`: the preset with every choice made, and
+    the selections made."""
     selections = []
-    for method in sorted(set(methods) & set(TUNED)):
+    methods = set(methods)
+    ordered = [m for phase in phases(preset, methods) for m in sorted(phase) if m in methods]
+    for method in [m for m in ordered if m in TUNED]:
         preset, selection = choose_settings(preset, method, lambda p, m=method: score(p, m))
         if selection:
             selections.append(selection)
     return preset, selections
+
+
+def budget(preset: Preset, methods: Iterable[str]) -> dict[str, int]:
+    """Validation runs each of ``methods`` gets to choose its settings (0: none)."""
+    return {method: len(candidates(preset, method)) for method in methods}

@@ -70,7 +70,7 @@ class Preset:
     ``timing_rounds`` of the step-time section; ``n_test`` test volumes (``None``: all).
     """
 
-    transfer: str = "quick"
+    transfer: str = "single_source"
     size: int = 5
     splits: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = ("normal_prior", "dwp")

@@ -1,0 +1,140 @@
+"""The numbers of the report: per method and train size the test metrics with confidence
+intervals across splits, and paired differences with bootstrap intervals over test volumes
+and splits (:mod:`.statistics`), the minimum detectable difference and the verdict."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .cells import finite_means
+from .config import BAYESIAN, Preset
+from .statistics import PairedDifference, mean_interval, paired_difference
+
+#: The reference every method is compared with: fine-tuning with a tuned learning rate.
+REFERENCE = "pretrained"
+#: Per-volume metrics of a run's record (``record["test"]``) and whether higher is better.
+METRICS = {
+    "dice": True,
+    "iou": True,
+    "hd95": False,
+    "ece_roi": False,
+    "auroc_entropy_roi": True,
+}
+
+
+def per_volume(record: Mapping[str, Any], metric: str) -> np.ndarray:
+    """``record``'s per-test-volume ``metric`` as floats, infinities as NaN (an HD95 of an
+    empty prediction is undefined, not infinitely bad: it is left out, pairwise)."""
+    values = np.asarray(record["test"].get(metric, []), dtype=float)
+    values[~np.isfinite(values)] = np.nan
+    return values
+
+
+def _cells(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int, int], Mapping[str, Any]]:
+    return {(r["method"], r["size"], r["split"]): r for r in records}
+
+
+def method_table(
+    records: Sequence[Mapping[str, Any]], preset: Preset
+) -> dict[tuple[str, int], dict[str, Any]]:
+    """Per (method, size): for each of :data:`METRICS` the mean over splits of the per-split
+    mean over test volumes, with its 95 % t-interval across splits (``(mean, lo, hi)``),
+    and ``n`` the splits."""
+    by = _cells(records)
+    table: dict[tuple[str, int], dict[str, Any]] = {}
+    for method in preset.methods:
+        for size in preset.sizes:
+            runs = [by[method, size, s] for s in range(preset.splits) if (method, size, s) in by]
+            if not runs:
+                continue
+            row: dict[str, Any] = {"n": len(runs)}
+            for metric in METRICS:
+                means = [np.nanmean(v) if np.isfinite(v).any() else np.nan
+                         for v in (per_volume(r, metric) for r in runs)]  # fmt: skip
+                row[metric] = mean_interval(np.asarray(means, dtype=float))
+            table[method, size] = row
+    return table
+
+
+def comparisons(preset: Preset) -> list[tuple[str, str]]:
+    """The paired comparisons ``(method, baseline)``: every method against tuned
+    fine-tuning (:data:`REFERENCE`), fine-tuning against random init (does the source
+    help at all in this regime?) and each learned prior against the N(0, 1) control (what
+    the learned prior adds to a Bayesian net)."""
+    methods = set(preset.methods)
+    out = [(m, REFERENCE) for m in preset.methods if m != REFERENCE and REFERENCE in methods]
+    if {REFERENCE, "random_init"} <= methods:
+        out.append((REFERENCE, "random_init"))
+    if "normal_prior" in methods:
+        out += [(m, "normal_prior") for m in ("dwp", "kernel_gaussian", "swag") if m in methods]
+    return out
+
+
+def paired_table(
+    records: Sequence[Mapping[str, Any]], preset: Preset, metric: str = "dice"
+) -> list[dict[str, Any]]:
+    """Paired ``metric`` differences of :func:`comparisons` at every size, over the splits
+    both methods finished: :func:`~.statistics.paired_difference` of the per-volume
+    scores (``(splits, test volumes)``), with ``preset.bootstrap`` replicates."""
+    by = _cells(records)
+    rows = []
+    for method, baseline in comparisons(preset):
+        for size in preset.sizes:
+            splits = [
+                s
+                for s in range(preset.splits)
+                if (method, size, s) in by and (baseline, size, s) in by
+            ]
+            if not splits:
+                continue
+            a = np.stack([per_volume(by[method, size, s], metric) for s in splits])
+            b = np.stack([per_volume(by[baseline, size, s], metric) for s in splits])
+            result = paired_difference(a, b, n_boot=preset.bootstrap, seed=size)
+            rows.append(
+                {"method": method, "baseline": baseline, "size": size, "metric": metric,
+                 **result.as_dict(), "verdict": verdict(result)}
+            )  # fmt: skip
+    return rows
+
+
+def verdict(result: PairedDifference) -> str:
+    """``"better"`` / ``"worse"`` when the two-way bootstrap interval excludes 0, else
+    ``"no detectable difference"``."""
+    if result.ci_both is None:
+        return "no detectable difference"
+    low, high = result.ci_both
+    if low > 0:
+        return "better"
+    if high < 0:
+        return "worse"
+    return "no detectable difference"
+
+
+def posterior_table(
+    records: Sequence[Mapping[str, Any]], preset: Preset
+) -> dict[tuple[str, int], dict[str, float]]:
+    """Per Bayesian (method, size): the means over splits of the run's posterior summary
+    (:func:`~.cells.posterior_summary`: median sigma, median ``|mean| / sigma``, median
+    log-sigma change) and its KL share of the objective."""
+    grouped: dict[tuple[str, int], list[Mapping[str, float]]] = {}
+    for r in records:
+        if r["method"] in BAYESIAN and r.get("posterior"):
+            row = {k: (math.nan if v is None else v) for k, v in r["posterior"].items()}
+            grouped.setdefault((r["method"], r["size"]), []).append(row)
+    return {key: finite_means(rows) for key, rows in grouped.items()}
+
+
+def summarise(records: Sequence[Mapping[str, Any]], preset: Preset) -> dict[str, Any]:
+    """Everything the report shows of one regime's records."""
+    from .report import summarise_uncertainty  # the per-voxel table keeps its own layout
+
+    return {
+        "table": method_table(records, preset),
+        "paired": paired_table(records, preset),
+        "posterior": posterior_table(records, preset),
+        "uncertainty": summarise_uncertainty(records),
+    }
