@@ -65,10 +65,16 @@ def _git_commit(source: Path = SOURCE_DIR) -> str | None:
     return None if out is None else (out.strip() or None)
 
 
+#: Tracked files that are no code: results (a benchmark writes its figure before its
+#: report) and Markdown documents; changed, they leave the numbers' code as committed.
+NOT_CODE = (":(exclude)benchmarks/results", ":(exclude)*.md")
+
+
 def _git_dirty(source: Path = SOURCE_DIR) -> bool | None:
-    """Whether tracked files of ``source``'s repository differ from its commit (the numbers
-    then come from code no commit holds), or ``None`` where :func:`_git_commit` is."""
-    out = _git(source, "status", "--porcelain", "--untracked-files=no")
+    """Whether tracked code files of ``source``'s repository differ from its commit (the
+    numbers then come from code no commit holds; :data:`NOT_CODE` aside), or ``None``
+    where :func:`_git_commit` is."""
+    out = _git(source, "status", "--porcelain", "--untracked-files=no", "--", ":/", *NOT_CODE)
     return None if out is None else bool(out.strip())
 
 

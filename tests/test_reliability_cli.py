@@ -403,6 +403,15 @@ def test_benchmark_report_says_when_the_code_differs_from_its_commit(tmp_path: P
     subprocess.run([*git, "commit", "-qm", "c"], check=True)
     (repo / "new.py").write_text("untracked: not code that ran\n")
     assert report._git_dirty(repo) is False
+    # results and documents are no code: a benchmark writes its figure before its report
+    (repo / "benchmarks" / "results").mkdir(parents=True)
+    for name in ("benchmarks/results/x.png", "README.md"):
+        (repo / name).write_text("committed\n")
+        subprocess.run([*git, "add", name], check=True)
+    subprocess.run([*git, "commit", "-qm", "outputs"], check=True)
+    for name in ("benchmarks/results/x.png", "README.md"):
+        (repo / name).write_text("rewritten\n")
+    assert report._git_dirty(repo) is False
     (repo / "code.py").write_text("a = 2\n")
     assert report._git_dirty(repo) is True
     assert report._git_dirty(tmp_path / "nowhere") is None
