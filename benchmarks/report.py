@@ -67,7 +67,7 @@ def _git_commit(source: Path = SOURCE_DIR) -> str | None:
 
 #: Tracked files that are no code: results (a benchmark writes its figure before its
 #: report) and Markdown documents; changed, they leave the numbers' code as committed.
-NOT_CODE = (":(exclude)benchmarks/results", ":(exclude)*.md")
+NOT_CODE = (":(top,exclude)benchmarks/results", ":(top,exclude)*.md")
 
 
 def _git_dirty(source: Path = SOURCE_DIR) -> bool | None:
