@@ -10,7 +10,7 @@ validation from the same number of runs::
 
     python -m benchmarks.transfer --seed 0                      # the quick preset
     python -m benchmarks.transfer --preset ci --seed 0          # smoke run (minutes)
-    python -m benchmarks.transfer --preset full --seed 0        # to convergence (CPU, days)
+    python -m benchmarks.transfer --preset full --seed 0        # to convergence (CPU)
     python -m benchmarks.transfer --engine submitit --cluster slurm --slurm-gpus 1
     python -m benchmarks.transfer --only method=dwp,size=5,split=0   # by hand, then:
     python -m benchmarks.transfer --merge machineA/work machineB/work
