@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -220,6 +220,61 @@ def test_device_is_checked_first_and_is_no_part_of_a_run(ci_run, capsys) -> None
     stamps = _results(ci_run.work)
     assert _main(ci_run.root / "device_cpu", ci_run.work, "--device", "cpu") == 0
     assert _results(ci_run.work) == stamps
+
+
+@pytest.mark.parametrize(
+    ("amp", "message"),
+    [
+        ("fp16", "error: --amp fp16 needs a CUDA device (device cpu); use --amp bf16"),
+        ("half", "error: --amp must be one of off, bf16, fp16, got 'half'"),
+    ],
+)
+def test_a_bad_precision_is_one_line_before_anything_is_written(
+    tmp_path, capsys, amp, message
+) -> None:
+    out, work = tmp_path / "out", tmp_path / "work"
+    assert _main(out, work, "--amp", amp) == 2
+    assert capsys.readouterr().err == message + "\n"
+    assert not out.exists() and not work.exists()
+
+
+def test_mixed_precision_keys_its_own_runs_and_float32_keeps_its_key(tmp_path) -> None:
+    from benchmarks.regression.hydranet import HydraRun
+    from benchmarks.regression.runs import VERSION, work_folder
+    from benchmarks.stages import stage_folder
+
+    preset = regression.PRESETS["ci"]
+    # the key from before --amp: float32 runs of then are read back
+    before = {"benchmark": "regression", "version": VERSION, "seed": 1, **asdict(preset)}
+    float32 = work_folder(tmp_path, preset, 1)
+    assert float32 == work_folder(tmp_path, preset, 1, "off")
+    assert float32 == stage_folder(tmp_path, "regression", before, create=False)
+    bf16 = work_folder(tmp_path, preset, 1, "bf16")
+    assert bf16 != float32 and json.loads((bf16 / "config.json").read_text())["amp"] == "bf16"
+    assert work_folder(tmp_path, preset, 1, "fp16") not in (bf16, float32)
+    # in the folder's key, not in the run's name; the device in neither
+    run = HydraRun(folder=bf16, preset=preset, seed=1, n_train=12, rep=0, method="hydranet")
+    mixed = replace(run, amp="bf16", device="cpu")
+    assert mixed.stem() == run.stem() and mixed.train_config(1).amp == "bf16"
+    assert run.train_config(1).amp == "off"
+
+
+def test_a_bagnet_run_trains_in_mixed_precision_on_the_device(tmp_path, monkeypatch) -> None:
+    import regression3d as r3d
+    from benchmarks.regression.bagnets import BagnetRun
+
+    fit, configs = r3d.fit, []
+
+    def spy(*args, **kwargs):
+        configs.append(args[3])
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(r3d, "fit", spy)
+    preset = regression.PRESETS["ci"]
+    run = BagnetRun(folder=tmp_path, preset=preset, seed=1, rf=9, device="cpu", amp="bf16")
+    run.compute()
+    assert [(c.amp, c.device) for c in configs] == [("bf16", "cpu")] * 2  # age and sex
+    assert run.finished() and run.record()["row"]["receptive_field"] == 9
 
 
 def test_the_2_mm_ablation_sees_the_same_subjects_on_a_finer_grid(ci_run) -> None:

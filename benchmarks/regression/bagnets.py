@@ -42,7 +42,7 @@ class BagnetRun(Run):
         sex_tr, sex_te = torch.tensor(train.targets["sex"]).long(), test.targets["sex"]
         config = r3d.TrainConfig(
             steps=preset.bagnet_steps, batch_size=preset.batch_size, lr=preset.lr, seed=seed,
-            device=self.device,
+            device=self.device, amp=self.amp,
         )  # fmt: skip
         start = time.perf_counter()
         torch.manual_seed(seed)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from dwp.amp import PRECISIONS, check_precision
 from dwp.devices import resolve_device
 from dwp.extras import add_version_argument
 from dwp.train_log import check_tensorboard
@@ -81,6 +82,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "run's result (a finished run is read back on any device); the noise model stays "
         "on the CPU",
     )  # fmt: skip
+    parser.add_argument(
+        "--amp", default="off", metavar="{" + ",".join(PRECISIONS) + "}",
+        help="mixed precision of the networks' training (dwp.amp): off (default, float32), "
+        "bf16 (cpu, Ampere+ GPUs), fp16 (cuda); it changes the results, so its runs keep "
+        "their own folder under --work-dir",
+    )  # fmt: skip
     add_engine_arguments(parser)
     return parser.parse_args(argv)
 
@@ -98,6 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--jobs and --threads must be >= 1")
         jobs = args.jobs or (None if engine.remote else 1)
         args.device = str(resolve_device(args.device, "--device"))
+        # checked here, not by argparse's choices: one line naming --amp, and the device's
+        # precisions (fp16 needs CUDA) are known only now
+        check_precision(args.amp, args.device, "--amp")
         if args.ablations is not None:
             args.ablations = select_ablations(args.ablations)
         # submitit's executor starts here: an option it rejects fails before any run
@@ -119,13 +129,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(threads)
 
 
-def _previous_ablation_rows(path: Path, seed: int, now: set[str]) -> list[dict[str, Any]]:
-    """The section (d) rows of the results file ``path`` of a run with ``seed`` whose
-    ablation is not in ``now`` (empty when there is no such file)."""
+def _previous_ablation_rows(
+    path: Path, seed: int, now: set[str], amp: str = "off"
+) -> list[dict[str, Any]]:
+    """The section (d) rows of the results file ``path`` of a run with ``seed`` and mixed
+    precision ``amp`` whose ablation is not in ``now`` (empty when there is no such file)."""
     if not path.exists():
         return []
     payload = json.loads(path.read_text())
-    if payload.get("config", {}).get("seed") != seed:
+    config = payload.get("config", {})
+    # a results file from before --amp is a float32 run's
+    if config.get("seed") != seed or config.get("amp", "off") != amp:
         return []
     return [
         r
@@ -141,7 +155,7 @@ def _run(args: argparse.Namespace, command: str, runner: Runner) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # absolute: submitit jobs may start in another folder
-    folder = work_folder(args.work_dir.absolute(), preset, args.seed)
+    folder = work_folder(args.work_dir.absolute(), preset, args.seed, args.amp)
     tensorboard = args.tensorboard and args.tensorboard.absolute()
     log(f"runs in {folder}")
 
@@ -157,9 +171,10 @@ def _run(args: argparse.Namespace, command: str, runner: Runner) -> int:
     # the last long one finishes
     independent = sorted([r for r in hydra if r.prior is None] + ablations, key=lambda r: -r.cost())
     bagnets, independent, hydra = (
-        [replace(r, device=args.device) for r in runs] for runs in (bagnets, independent, hydra)
+        [replace(r, device=args.device, amp=args.amp) for r in runs]
+        for runs in (bagnets, independent, hydra)
     )
-    prior = replace(prior, device=args.device)
+    prior = replace(prior, device=args.device, amp=args.amp)
     runner.wave([*bagnets, prior, *independent])
     # a run whose input failed is not started (it would fail too)
     ready = [r for r in hydra if r.prior is not None and prior.finished()]
@@ -186,7 +201,10 @@ def _run(args: argparse.Namespace, command: str, runner: Runner) -> int:
     suffix = "" if args.preset == "quick" else f"_{args.preset}"
     if ablations:  # the variants not run now: their rows of the previous run, if any
         ablation_rows += _previous_ablation_rows(
-            out / f"regression{suffix}.json", args.seed, {r.ablation.name for r in ablations}
+            out / f"regression{suffix}.json",
+            args.seed,
+            {r.ablation.name for r in ablations},
+            args.amp,
         )
     plot_local_maps(age_test, bag, out / f"regression{suffix}_local_maps.png")
     plot_hydranet(hydra_rows, out / f"regression{suffix}_hydranet.png")
@@ -204,6 +222,7 @@ def _run(args: argparse.Namespace, command: str, runner: Runner) -> int:
         "preset": args.preset,
         **asdict(preset),
         "seed": args.seed,
+        "amp": args.amp,
         "threads": torch.get_num_threads(),
         "resolution_mm": RESOLUTION,
         "dwp_prior": prior_info,

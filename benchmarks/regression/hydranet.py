@@ -32,11 +32,16 @@ def _lesion_targets(c: Cohort) -> Tensor:
 
 
 def fit_source_prior(
-    preset: Preset, seed: int, tensorboard: Path | None = None, device: str = "cpu"
+    preset: Preset,
+    seed: int,
+    tensorboard: Path | None = None,
+    device: str = "cpu",
+    amp: str = "off",
 ) -> tuple[dwp.DeepWeightPrior, dict[str, Any]]:
     """Deep weight prior on the 3x3x3 kernels of base regressors trained on ``ms_source``
     (MS-like lesions: their count and volume), one VAE for all layers; with
-    ``tensorboard``, each source net's fit logs into ``tensorboard/source/net<k>``."""
+    ``tensorboard``, each source net's fit logs into ``tensorboard/source/net<k>``.  The
+    source nets train in mixed precision ``amp`` (the kernel VAE in float32)."""
     source = load_cohort(
         "ms_source", preset.source_subjects, "train", seed + 1000, LESION_CROP, LESION_SCALING
     )
@@ -47,6 +52,7 @@ def fit_source_prior(
         lr=preset.regressor_lr,
         seed=seed,
         device=device,
+        amp=amp,
     )
     nets = []
     for k in range(preset.source_nets):
@@ -80,7 +86,9 @@ class PriorRun(Run):
 
     def compute(self) -> None:
         started = time.perf_counter()
-        prior, info = fit_source_prior(self.preset, self.seed, self.tensorboard, self.device)
+        prior, info = fit_source_prior(
+            self.preset, self.seed, self.tensorboard, self.device, self.amp
+        )
         prior.save(self.tensors)
         self.finish({"info": info}, started=started)
 
@@ -106,7 +114,7 @@ class HydraRun(Run):
         config = r3d.TrainConfig(
             steps=preset.regressor_steps, batch_size=preset.batch_size, lr=preset.regressor_lr,
             seed=run_seed, beta=preset.beta, kl_warmup=preset.regressor_steps // 2,
-            device=self.device,
+            device=self.device, amp=self.amp,
         )  # fmt: skip
         if self.method == "hydranet":
             hydra = r3d.HydraConfig(4, 0.1, sets_per_step=preset.hydranet_sets_per_step)

@@ -44,10 +44,17 @@ VERSION = 1
 log = logger("regression")
 
 
-def work_folder(work: Path, preset: Preset, seed: int) -> Path:
-    """``work/regression-<hash>``: the runs of this preset and seed (created, with its key
-    in ``config.json``); another preset or seed gets another folder."""
+def work_folder(work: Path, preset: Preset, seed: int, amp: str = "off") -> Path:
+    """``work/regression-<hash>``: the runs of this preset, seed and mixed precision
+    ``amp`` (``--amp``; created, with its key in ``config.json``); another preset, seed or
+    precision gets another folder.
+
+    ``amp`` changes every network's numbers, so it is in the key, but only when not
+    ``"off"``: the float32 key is the one from before the option, and its runs are read
+    back.  The device is in no key (:attr:`Run.device`)."""
     key = {"benchmark": "regression", "version": VERSION, "seed": seed, **asdict(preset)}
+    if amp != "off":
+        key["amp"] = amp
     return stage_folder(work, "regression", key)
 
 
@@ -66,6 +73,9 @@ class Run(ABC):
     #: where its networks train (``--device``); no part of its name or result either: a
     #: finished run is read back whichever device a rerun asks for
     device: str = "cpu"
+    #: the networks' mixed precision (``--amp``, :mod:`dwp.amp`); it changes the result, so
+    #: it is in the key of the run's :func:`work_folder`, not in its name
+    amp: str = "off"
 
     @abstractmethod
     def stem(self) -> str:

@@ -26,10 +26,22 @@ from .timing import time_paths
 __all__ = ["jobs_of", "run_all", "transfer_preset"]
 
 
-def transfer_preset(preset: Preset) -> TransferPreset:
-    """The transfer benchmark's preset the runs use (``n_test`` test volumes)."""
+def transfer_preset(preset: Preset, device: str = "cpu", amp: str = "off") -> TransferPreset:
+    """The transfer benchmark's preset the runs use (``n_test`` test volumes), computing
+    on ``device`` in mixed precision ``amp`` (:mod:`dwp.amp`).
+
+    Raises
+    ------
+    ValueError
+        A ``device`` this machine lacks, or a precision it does not run (one line naming
+        ``device`` / ``amp``).
+    """
     transfer = TRANSFER_PRESETS[preset.transfer]
-    return transfer if preset.n_test is None else transfer.replace(n_test=preset.n_test)
+    if preset.n_test is not None:
+        transfer = transfer.replace(n_test=preset.n_test)
+    # the transfer preset checks both; the device is in no key, amp in those of the training
+    # stages and runs when not "off" (the float32 keys are those from before)
+    return transfer.replace(device=device, amp=amp)
 
 
 def jobs_of(preset: Preset) -> list[Run]:
@@ -63,15 +75,18 @@ def run_all(
     work: Path,
     seed: int,
     *,
+    device: str = "cpu",
+    amp: str = "off",
     jobs: int = 1,
     threads: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """The records of every run and the timing rows; stages and runs are cached in ``work``."""
+    """The records of every run and the timing rows, trained on ``device`` in mixed
+    precision ``amp``; stages and runs are cached in ``work``."""
     started = time.perf_counter()
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    transfer = transfer_preset(preset)
+    transfer = transfer_preset(preset, device, amp)
     data: Data = prepare_data(transfer, work, seed, progress=progress)
     sources = train_sources(transfer, data, work, seed)
     prior = fit_prior(transfer, data.key, sources, work, seed, progress)

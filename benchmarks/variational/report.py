@@ -159,9 +159,14 @@ def render(
             "",
         ]
     if timing:
+        # rows from before --device / --amp were timed on the CPU in float32
+        where = timing[0].get("device", "cpu")
+        if timing[0].get("amp", "off") != "off":
+            where += f", {timing[0]['amp']} mixed precision"
         parts += [
             f"**Cost**: one training step (forward, ELBO, backward, optimiser step) at "
-            f"{timing[0]['input_shape']}, medians of {timing[0]['reps']} interleaved rounds",
+            f"{timing[0]['input_shape']} on {where}, medians of {timing[0]['reps']} "
+            "interleaved rounds",
             "",
             markdown_table(
                 [

@@ -20,7 +20,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 import dwp
+from dwp import amp
 from dwp.io import write_json
+from unet3d import devices
 from unet3d.checkpoint import load_source, read_state_dict
 from unet3d.data import collate
 from unet3d.losses import elbo_data_terms, paper_loss
@@ -34,7 +36,7 @@ from ..transfer.cells import Datasets, evaluate_model, split_indices
 from ..transfer.sources import train_config
 from .config import PATHS, Preset
 
-__all__ = ["Run", "run"]
+__all__ = ["Run", "run", "scaled_step"]
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,27 @@ def _ivon_groups(model: nn.Module, ess: float, weight_decay: float) -> list[dict
     return groups
 
 
+def scaled_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """``optimizer``'s step on gradients scaled by ``scaler`` (:func:`dwp.amp.grad_scaler`:
+    fp16's loss scale, a pass-through otherwise), then the scale's update.
+
+    The scaler skips the step whose fp16 gradients overflowed; IVON would then keep the
+    weight sample of that step, and its next sample would raise.  So for IVON the step is
+    taken without the overflowed gradients instead: IVON moves no parameter that has no
+    gradient, and the step drops its sample.
+    """
+    if not (scaler.is_enabled() and isinstance(optimizer, dwp.optim.IVON)):
+        scaler.step(optimizer)
+        scaler.update()
+        return
+    scaler.unscale_(optimizer)  # records the overflow that update() lowers the scale for
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not all(bool(torch.isfinite(grad).all()) for grad in grads):
+        optimizer.zero_grad(set_to_none=True)
+    optimizer.step()
+    scaler.update()
+
+
 def _train_ivon(
     preset: Preset,
     transfer: TransferPreset,
@@ -128,16 +151,25 @@ def _train_ivon(
 ) -> tuple[nn.Module, Tensor, int]:
     """IVON on the plain U-Net from the source network, on the same objective as the others:
     ``ess * loss = data term / beta`` with ``ess = N``, prior N(0, 1) (weight decay
-    ``1 / N``); the same step budget and validation schedule, the best validated means."""
+    ``1 / N``); the same step budget and validation schedule, the best validated means.
+
+    It trains on ``transfer.device`` with the forward passes in ``transfer.amp``, as
+    :func:`unet3d.train.train` trains the other paths; the initial log-scales and the
+    returned posterior are on the CPU, where every path is evaluated."""
     epochs, val_every = _epochs(transfer, len(idx))
+    device, precision = torch.device(transfer.device), transfer.amp
     torch.manual_seed(seed)
-    model = load_source(UNet3D(1, 2, transfer.widths), source).train()
+    # built on the CPU, so that the initial weights are the same on every device; moved
+    # before the optimiser holds the parameters
+    model = load_source(UNet3D(1, 2, transfer.widths), source).train().to(device)
+    guards = amp.guard_cpu_bf16_conv3d(model, precision, device)  # a torch defect, refused
+    scaler = amp.grad_scaler(precision, device)
     n = len(idx)
     groups = _ivon_groups(model, n, 1.0 / n)
     optimizer = dwp.optim.IVON(
         groups, lr=preset.ivon_lr, ess=n, weight_decay=1.0 / n, beta2=preset.ivon_beta2
     )
-    start = _log_scales(dwp.optim.to_bayesian(model, optimizer))
+    start = _log_scales(dwp.optim.to_bayesian(model, optimizer)).cpu()
     loader = DataLoader(
         Subset(datasets.pool, idx),
         batch_size=2,
@@ -150,23 +182,31 @@ def _train_ivon(
     torch.manual_seed(seed + 1)
     for epoch in range(epochs):
         for batch in loader:
+            image, label = devices.batch_to(batch, device)
             optimizer.zero_grad()
             with optimizer.sampled_params(train=True):
-                total = elbo_data_terms(model(batch["image"]), batch["label"]).total
-                (total / (preset.beta * batch["image"].shape[0])).backward()
-            optimizer.step()
+                with amp.autocast(precision, device):  # the network alone (dwp.amp)
+                    logits = model(image)
+                total = elbo_data_terms(logits.float(), label).total
+                scaler.scale(total / (preset.beta * image.shape[0])).backward()
+            scaled_step(optimizer, scaler)
             steps += 1
         if (epoch + 1) % val_every == 0 or epoch + 1 == epochs:
             model.eval()
-            with torch.no_grad():
-                loss = sum(float(paper_loss()(model(b["image"]), b["label"])) for b in val)
+            with torch.no_grad():  # float32, as unet3d's validation
+                loss = sum(
+                    float(paper_loss()(model(image), label))
+                    for image, label in (devices.batch_to(b, device) for b in val)
+                )
             model.train()
             if loss < best:
                 best = loss
                 best_state = dwp.optim.to_bayesian(model, optimizer).state_dict()
+    for guard in guards:
+        guard.remove()
     bayes = dwp.optim.to_bayesian(model, optimizer)
     bayes.load_state_dict(best_state)
-    return bayes, start, steps
+    return bayes.cpu(), start, steps
 
 
 def run(
