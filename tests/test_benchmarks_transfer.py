@@ -22,7 +22,7 @@ from scipy import stats
 
 from benchmarks import transfer
 from benchmarks.stages import digest
-from benchmarks.transfer import cells, report
+from benchmarks.transfer import cells, report, summary
 from benchmarks.transfer.config import LR_FROM, LR_OF, setting
 
 pytest.importorskip("nilearn")  # the cohorts' anatomy
@@ -208,7 +208,7 @@ def test_uncertainty_summary_means_over_splits() -> None:
         record("random_init", 0, {"model": one_pass, "tta": {**one_pass, "passes": 2}}),
         record("random_init", 1, None),  # cached before the uncertainty was scored
     ]
-    table = report.summarise_uncertainty(records)
+    table = summary.summarise_uncertainty(records)
     assert set(table) == {
         ("dwp", 2, "model"),
         ("random_init", 2, "model"),

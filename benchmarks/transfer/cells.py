@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
+import dwp
 from dwp.io import write_json
 from unet3d.checkpoint import read_state_dict
 from unet3d.data import SegmentationDataset
@@ -194,7 +195,6 @@ def posterior_summary(model: torch.nn.Module, initial: torch.nn.Module) -> dict[
     """Whether the posterior learned its scales: over every Bayesian weight of ``model``,
     the median posterior sigma, the median of ``|mean| / sigma`` and the median change of
     log-sigma from ``initial`` (the same network before training)."""
-    import dwp
 
     def scales(net: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         posteriors = [layer.weight_posterior for _, layer in dwp.bayesian_layers(net)]

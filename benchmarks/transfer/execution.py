@@ -241,25 +241,24 @@ def run(
     )
     # A committed artefact (benchmarks/artefacts) stands in for both stages when this
     # work folder has not got them: verified against its checksums before use.
+    keys = {s: stage_key(preset, s, seed, data.key) for s in (SOURCE, PRIOR)}
+    show = progress and submitter is None  # a job's log is no place for a progress bar
     committed = None
     if needs_source and source_data is None:
-        keys = {s: stage_key(preset, s, seed, data.key) for s in (SOURCE, PRIOR)}
         if SOURCE_STAGE.find([work], keys[SOURCE]) is None or (
             needs_prior and PRIOR_STAGE.find([work], keys[PRIOR]) is None
         ):
             committed = artefact.locate(preset, seed, data.key)
     if committed is not None:
         log(f"source nets and priors from the committed artefact {committed}")
-        sources = SOURCE_STAGE.find([committed], stage_key(preset, SOURCE, seed, data.key))
-        prior = PRIOR_STAGE.find([committed], stage_key(preset, PRIOR, seed, data.key))
+        sources = SOURCE_STAGE.find([committed], keys[SOURCE])
+        prior = PRIOR_STAGE.find([committed], keys[PRIOR])
     elif needs_source:
-        key = stage_key(preset, SOURCE, seed, data.key)
-        show = progress and submitter is None  # a job's log is no place for a progress bar
-        sources = stage(SOURCE_STAGE, key, train_sources, preset, data, work, seed, show)
+        sources = stage(SOURCE_STAGE, keys[SOURCE], train_sources, preset, data, work, seed, show)
     if needs_prior and committed is None:
-        key = stage_key(preset, PRIOR, seed, data.key)
-        show = progress and submitter is None
-        prior = stage(PRIOR_STAGE, key, fit_prior, preset, data.key, sources, work, seed, show)
+        prior = stage(
+            PRIOR_STAGE, keys[PRIOR], fit_prior, preset, data.key, sources, work, seed, show
+        )
 
     def task(candidate: Preset, cell: Cell) -> Task:
         key = stage_key(candidate, cell.method, seed, data.key)

@@ -18,7 +18,6 @@ import numpy as np
 from dwp.io import atomic_write
 
 from ..report import markdown_table, write_results
-from .cells import finite_means
 from .config import DESCRIPTIONS, LABELS, REGIMES, Preset
 from .execution import Plan
 from .selection import budget
@@ -52,20 +51,6 @@ UNCERTAINTY_COLUMNS = {
     "auroc_mi_roi": "AUROC MI",
     "auroc_entropy_roi": "AUROC entropy",
 }
-
-
-def summarise_uncertainty(
-    records: Sequence[Mapping[str, Any]],
-) -> dict[tuple[str, int, str], dict[str, float]]:
-    """Per (method, size, variant): the mean over splits of each per-voxel uncertainty
-    score (``record["uncertainty"][variant]``: ``"model"`` the method's own prediction,
-    ``"tta"`` with test-time augmentation) and ``n`` the splits.  Records without
-    uncertainty scores (runs cached before they were computed) are left out."""
-    grouped: dict[tuple[str, int, str], list[Mapping[str, float]]] = {}
-    for r in records:
-        for variant, scores in (r.get("uncertainty") or {}).items():
-            grouped.setdefault((r["method"], r["size"], variant), []).append(scores)
-    return {key: {**finite_means(rows), "n": len(rows)} for key, rows in grouped.items()}
 
 
 def _uncertainty_table(summary: Mapping[str, Any], preset: Preset) -> str | None:

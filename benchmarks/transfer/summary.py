@@ -128,10 +128,22 @@ def posterior_table(
     return {key: finite_means(rows) for key, rows in grouped.items()}
 
 
+def summarise_uncertainty(
+    records: Sequence[Mapping[str, Any]],
+) -> dict[tuple[str, int, str], dict[str, float]]:
+    """Per (method, size, variant): the mean over splits of each per-voxel uncertainty
+    score (``record["uncertainty"][variant]``: ``"model"`` the method's own prediction,
+    ``"tta"`` with test-time augmentation) and ``n`` the splits.  Records without
+    uncertainty scores (runs cached before they were computed) are left out."""
+    grouped: dict[tuple[str, int, str], list[Mapping[str, float]]] = {}
+    for r in records:
+        for variant, scores in (r.get("uncertainty") or {}).items():
+            grouped.setdefault((r["method"], r["size"], variant), []).append(scores)
+    return {key: {**finite_means(rows), "n": len(rows)} for key, rows in grouped.items()}
+
+
 def summarise(records: Sequence[Mapping[str, Any]], preset: Preset) -> dict[str, Any]:
     """Everything the report shows of one regime's records."""
-    from .report import summarise_uncertainty  # the per-voxel table keeps its own layout
-
     return {
         "table": method_table(records, preset),
         "paired": paired_table(records, preset),
