@@ -54,6 +54,7 @@ from .nn import (
     BayesianLayer,
     BayesLinear,
     NonFinitePosteriorError,
+    check_posteriors,
 )
 from .posterior import MeanFieldNormal
 from .predict import Prediction, PredictiveStatistics, predict
@@ -127,6 +128,7 @@ __all__ = [
     "bayesian_layers",
     "bayesianize",
     "brier_score",
+    "check_posteriors",
     "collect_kernels",
     "elbo",
     "empirical_bayes_",

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .amp import float32_only
 from .convert import name_sites
+from .nn import check_posteriors
 from .posterior import MeanFieldNormal
 from .priors import Prior
 from .select import bayesian_layers
@@ -190,9 +191,13 @@ def elbo(
     loss = data_term + beta * kl_value
     # Checked here, before the caller's backward(): an infinite KL's gradient would let the
     # optimiser write NaN into the weights, and the layers would only notice on the next
-    # forward pass, with the model already corrupted.
-    if validation_enabled() and not torch.isfinite(loss):
-        raise NonFiniteLossError(_non_finite_message(nll, kl_value, model))
+    # forward pass, with the model already corrupted.  A non-finite posterior is named
+    # first (the checks its layers queued on an accelerator are read here, see
+    # dwp.check_posteriors): it is the cause of a non-finite loss, not a second error.
+    if validation_enabled():
+        check_posteriors()
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(_non_finite_message(nll, kl_value, model))
     return ELBOTerms(loss=loss, nll=nll, data_term=data_term, kl=kl_value, beta=beta)
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import threading
 import weakref
 from typing import Any, ClassVar, Literal, NamedTuple
 
@@ -50,6 +51,7 @@ __all__ = [
     "BayesianLayer",
     "NonFinitePosteriorError",
     "bayesian_twin",
+    "check_posteriors",
 ]
 
 #: The default initial posterior scale: a fraction of the He standard deviation (see above).
@@ -62,6 +64,61 @@ InitLogSigma = float | Literal["fan_in"]
 
 class NonFinitePosteriorError(FloatingPointError):
     """A posterior parameter became NaN or infinite (usually a diverged optimiser)."""
+
+
+# -- the posterior finiteness check, without a synchronisation per layer ------------------
+#: Deferred checks kept before they are read regardless: bounds the memory and the delay of
+#: a loop that never reaches :func:`check_posteriors` (one synchronisation per this many
+#: layer calls).
+MAX_DEFERRED_CHECKS = 256
+_deferred: list[tuple[Tensor, str, tuple[str, ...]]] = []
+_deferred_lock = threading.Lock()
+
+
+def _defers_check(device: torch.device) -> bool:
+    """Whether a layer on ``device`` queues its finiteness check instead of reading it.
+
+    Reading a CPU tensor costs nothing; reading a GPU one waits for every queued kernel and
+    leaves the device idle while the host launches the next, once per parameter per layer."""
+    return device.type != "cpu"
+
+
+def check_posteriors() -> None:
+    """Read the finiteness checks that Bayesian layers queued on an accelerator, and raise
+    :class:`NonFinitePosteriorError` naming the first layer and parameter that were NaN or
+    infinite in a forward pass since the last call (a no-op when nothing is queued).
+
+    On a CPU each layer checks its posterior in its own forward pass.  On a GPU that would
+    synchronise host and device once per parameter of every layer, so the layer queues the
+    check's result on the device instead, and it is read here, at the next point where the
+    step synchronises anyway: :func:`dwp.elbo` (before the ELBO's own check, so no gradient
+    is taken) and :func:`dwp.predict` call it, and a layer calls it itself every
+    :data:`MAX_DEFERRED_CHECKS` forward passes.  Call it after a forward pass of your own
+    training loop to get the error there.
+    """
+    with _deferred_lock:
+        if not _deferred:
+            return
+        pending = _deferred[:]
+        _deferred.clear()
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (flags, _, _) in enumerate(pending):
+        by_device.setdefault(flags.device, []).append(i)
+    bad = set()
+    for indices in by_device.values():  # one read per device
+        ok = torch.stack([pending[i][0].all() for i in indices]).cpu()
+        bad.update(i for i, fine in zip(indices, ok.tolist(), strict=True) if not fine)
+    if bad:
+        flags, layer, names = pending[min(bad)]
+        first = names[int((~flags).nonzero()[0])]
+        raise NonFinitePosteriorError(_non_finite_message(layer, first))
+
+
+def _non_finite_message(layer: str, parameter: str) -> str:
+    return (
+        f"layer {layer}: posterior parameter {parameter!r} has non-finite values; lower the "
+        "learning rate or the initial scale, or check the data for NaNs"
+    )
 
 
 def _resolve_init_log_sigma(init_log_sigma: InitLogSigma, weight: Tensor) -> float:
@@ -246,14 +303,25 @@ class BayesianLayer(nn.Module):
         return global_estimator() or self.estimator
 
     def _check_finite(self) -> None:
-        for name in ("weight", "weight_log_sigma", "bias", "bias_log_sigma"):
-            value = getattr(self, name)
-            if value is not None and not torch.isfinite(value).all():
-                raise NonFinitePosteriorError(
-                    f"layer {self.site_name!r} ({type(self).__name__}): posterior parameter "
-                    f"{name!r} has non-finite values; lower the learning rate or the initial "
-                    f"scale, or check the data for NaNs"
-                )
+        """Raise :class:`NonFinitePosteriorError` for a NaN or infinite posterior parameter;
+        on an accelerator, queue the check for :func:`check_posteriors` instead."""
+        named = [
+            (name, value)
+            for name in ("weight", "weight_log_sigma", "bias", "bias_log_sigma")
+            if (value := getattr(self, name)) is not None
+        ]
+        layer = f"{self.site_name!r} ({type(self).__name__})"
+        if not _defers_check(self.weight.device):
+            for name, value in named:
+                if not torch.isfinite(value).all():
+                    raise NonFinitePosteriorError(_non_finite_message(layer, name))
+            return
+        flags = torch.stack([torch.isfinite(value).all() for _, value in named])
+        with _deferred_lock:
+            _deferred.append((flags, layer, tuple(name for name, _ in named)))
+            full = len(_deferred) >= MAX_DEFERRED_CHECKS
+        if full:
+            check_posteriors()
 
     def forward(self, input: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if validation_enabled():

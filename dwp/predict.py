@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .controls import sampling
+from .nn import check_posteriors
 from .select import bayesian_layers
 from .settings import validation_enabled
 from .uncertainty import expected_calibration_error  # re-exported from its old home
@@ -252,6 +253,8 @@ def predict(
         with sampling(stochastic, model if is_module else None):
             for i in range(n_samples):
                 raw = model(x)
+                if validate:
+                    check_posteriors()  # those queued on an accelerator (one read per pass)
                 if validate and not torch.isfinite(raw).all():
                     raise FloatingPointError(
                         f"forward pass {i + 1} of {n_samples} gave {_count_bad(raw)} from a "

@@ -95,8 +95,10 @@ def set_validation(enabled: bool) -> None:
     """Turn the finiteness checks on or off: posterior parameters on every forward pass,
     the ELBO's terms before ``backward()``, :func:`dwp.predict`'s inputs and outputs.
 
-    The check costs one reduction over the weights per layer and, on a GPU, a device
-    synchronisation; switch it off for production runs once training is known to be stable.
+    The check costs one reduction over the weights per layer.  On a GPU the layers queue
+    their results and :func:`dwp.check_posteriors` reads them at the step's next
+    synchronisation (:func:`dwp.elbo`, :func:`dwp.predict`), so it adds no synchronisation
+    of its own; switch it off for production runs once training is known to be stable.
     """
     _state.validate = bool(enabled)
 

@@ -34,6 +34,7 @@ import dwp
 from dwp.likelihoods import gaussian_nll
 from dwp.posterior import MeanFieldNormal, reparam_sample
 from dwp.priors import DeepWeightPrior, DeepWeightSitePrior, KLKind, PriorFileError
+from dwp.priors import deep as deep_module
 from dwp.pyro import PriorDistribution, PyroBNN, prior_distribution
 from dwp.vae import KernelVAE, fit_kernel_vae
 
@@ -372,11 +373,19 @@ def _linear_net(**options):
     return net, kl
 
 
+@pytest.mark.parametrize("join", ["small", "none", "all"])
 @pytest.mark.parametrize("chunk_size", [None, 7])
-def test_network_kl_batches_a_group_and_stays_exact(chunk_size):
+def test_network_kl_batches_a_group_and_stays_exact(chunk_size, join, monkeypatch):
     # dwp.kl evaluates both layers of the group in one pass of the VAE (with chunk_size=7
     # the chunks straddle the two layers' 32 + 16 slices); dwp.kl_per_site layer by layer.
     # With the exact encoder both equal the closed-form KL summed over the layers.
+    # "none": every layer counts as large (one call each, as large layers on a CPU);
+    # "all": every layer joins, as on an accelerator.
+    if join == "none":
+        monkeypatch.setattr(deep_module, "_BATCH_BELOW", 0)
+    if join == "all":
+        monkeypatch.setattr(deep_module, "_BATCH_BELOW", 0)
+        monkeypatch.setattr(deep_module, "_joins_every_layer", lambda device: True)
     net, kl = _linear_net(chunk_size=chunk_size)
     batched, se_batched, _ = _mc(lambda: dwp.kl(net), 400)
     per_site, se_per_site, _ = _mc(lambda: sum(dwp.kl_per_site(net).values()), 400, seed=1)

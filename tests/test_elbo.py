@@ -36,6 +36,36 @@ def test_kl_is_the_sum_over_sites():
     assert dwp.kl(nn.Linear(2, 2)).item() == 0.0  # no Bayesian layers
 
 
+def test_shared_normal_prior_kl_is_one_pass_equal_to_the_closed_form():
+    torch.manual_seed(1)
+    prior = dwp.NormalPrior(0.5, 2.0)
+    net = dwp.bayesianize(
+        nn.Sequential(nn.Linear(3, 6), nn.Linear(6, 2)), prior, bias_prior=prior,
+        bayesian_bias=True, init_log_sigma=-1.0,
+    )  # fmt: skip
+    layers = [layer for _, layer in dwp.bayesian_layers(net)]
+    # every layer's weights share one copy of the prior, so one key (the biases another)
+    assert len({layer.weight_prior.batch_key() for layer in layers}) == 1
+    # the twin: torch.distributions' KL of every site, summed
+    twin = sum(
+        torch.distributions.kl_divergence(
+            Normal(q.loc, q.scale), Normal(torch.tensor(0.5), torch.tensor(2.0))
+        ).sum()
+        for layer in layers
+        for _, q in layer.sites()
+    )
+    kl = dwp.kl(net)
+    torch.testing.assert_close(kl, twin)
+    params = [p for p in net.parameters() if p.requires_grad]
+    for got, want in zip(
+        torch.autograd.grad(kl, params), torch.autograd.grad(twin, params), strict=True
+    ):
+        torch.testing.assert_close(got, want)
+    # a learned factor is per site: never joined
+    learned = dwp.NormalPrior(learn_scale=True)
+    assert learned.batch_key() is None and learned.for_site("x", torch.zeros(2), 0) is not learned
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error"),
     [

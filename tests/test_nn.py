@@ -552,6 +552,52 @@ def test_non_finite_posterior_raises_naming_the_layer(site, param, value, traini
         model(x)
 
 
+@pytest.fixture
+def deferred_checks(monkeypatch):
+    """Layers on the CPU queue their finiteness checks, as they do on an accelerator."""
+    monkeypatch.setattr(dwp.nn, "_defers_check", lambda device: True)
+    dwp.check_posteriors()  # nothing left over from another test
+    yield
+    dwp.nn._deferred.clear()
+
+
+@pytest.mark.parametrize("param", ["weight", "weight_log_sigma", "bias_log_sigma"])
+def test_deferred_posterior_check_names_the_layer_at_the_elbo(deferred_checks, param):
+    model = _named_model(bayesian_bias=True)
+    x = torch.randn(2, 2, 4, 4)
+    with torch.no_grad():
+        getattr(model.get_submodule("head"), param).view(-1)[1] = math.nan
+    nll = model(x).sum()  # queued, not raised: no synchronisation in the forward pass
+    assert len(dwp.nn._deferred) == 2  # one entry per Bayesian layer
+    with pytest.raises(dwp.NonFinitePosteriorError, match=re.escape("'head'")) as info:
+        dwp.elbo(nll, model, n_data=4, batch_size=2)  # the cause, not NonFiniteLossError
+    assert repr(param) in str(info.value)
+    assert not dwp.nn._deferred  # read once
+    dwp.check_posteriors()  # and not raised twice
+
+
+def test_deferred_posterior_check_in_predict_and_every_max_calls(deferred_checks, monkeypatch):
+    model = _named_model()
+    x = torch.randn(2, 2, 4, 4)
+    dwp.predict(model, x, n_samples=2, task="classification")  # finite: nothing raised
+    assert not dwp.nn._deferred
+    with torch.no_grad():
+        model.get_submodule("encoder.0").weight.view(-1)[0] = math.inf
+    with pytest.raises(dwp.NonFinitePosteriorError, match=re.escape("'encoder.0'")):
+        dwp.predict(model, x, n_samples=2, task="classification")
+    # a loop that never reaches elbo/predict still hears of it, after a bounded delay
+    monkeypatch.setattr(dwp.nn, "MAX_DEFERRED_CHECKS", 4)
+    model(x)  # 2 queued
+    with pytest.raises(dwp.NonFinitePosteriorError, match=re.escape("'encoder.0'")):
+        model(x)  # 4: read in the forward pass
+    dwp.set_validation(False)
+    try:
+        model(x)  # off: nothing queued
+    finally:
+        dwp.set_validation(True)
+    assert not dwp.nn._deferred
+
+
 # -- 6. KL is summed ------------------------------------------------------------------------
 def _random_posterior(layer, seed=0):
     g = torch.Generator().manual_seed(seed)

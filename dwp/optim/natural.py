@@ -182,13 +182,18 @@ class NaturalVI(torch.optim.Optimizer):
         return loss
 
     def _natural_step(self, group: dict[str, Any], beta: float) -> None:
-        rate = group["lr"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            x = p.grad.mul(rate / beta)
-            # log(1 + x + x^2/2) = log1p(x (1 + x/2)): exact near 0, positive argument always
-            p.sub_(torch.log1p(x * (1 + 0.5 * x)), alpha=0.5)
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        # The same elementwise update for every scale tensor, as a handful of multi-tensor
+        # kernels: on a GPU a per-tensor loop costs launches, not arithmetic.
+        x = torch._foreach_mul([p.grad for p in params], group["lr"] / beta)
+        # log(1 + x + x^2/2) = log1p(x (1 + x/2)): exact near 0, positive argument always
+        half = torch._foreach_mul(x, 0.5)
+        torch._foreach_add_(half, 1.0)
+        torch._foreach_mul_(half, x)
+        torch._foreach_log1p_(half)
+        torch._foreach_add_(params, half, alpha=-0.5)
 
     def _adam_step(self, group: dict[str, Any]) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -109,6 +110,24 @@ class NormalPrior(_LearnedScale, Prior):
 
     def kl(self, posterior: MeanFieldNormal) -> Tensor:
         return gaussian_kl(posterior, self.loc, self.stddev)
+
+    def batch_key(self) -> tuple | None:
+        # Without a per-site factor every site bound to this instance has the same prior:
+        # their KLs are one closed form over the concatenated weights.  A network's ~20
+        # sites then cost a dozen kernel launches instead of a dozen each, which is what
+        # this KL costs on a GPU (launches, not arithmetic).
+        return None if self.learn_scale else ("normal", id(self))
+
+    def kl_batch(self, posteriors: Sequence[MeanFieldNormal]) -> Tensor:
+        """The KL summed over several sites of this prior, in one pass over their
+        concatenated weights (equal to the sum of :meth:`kl` up to float rounding)."""
+        if len(posteriors) == 1 or self.learn_scale:
+            return super().kl_batch(posteriors)
+        joined = MeanFieldNormal(
+            torch.cat([p.loc.reshape(-1) for p in posteriors]),
+            torch.cat([p.log_scale.reshape(-1) for p in posteriors]),
+        )
+        return gaussian_kl(joined, self.loc, self.stddev)
 
     def log_prob(self, value: Tensor) -> Tensor:
         return normal_log_density(value, self.loc, self.stddev).sum()
