@@ -125,6 +125,62 @@ def test_last_pt_keeps_the_swag_collector(folder: Path, tmp_path: Path) -> None:
     assert read_resume_point(older).swag is None
 
 
+def test_last_pt_keeps_the_device_generator_and_the_loss_scale(folder, tmp_path, monkeypatch):
+    from unet3d import devices, train
+
+    model = _network()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+    generator = {"device": "cuda", "state": torch.arange(16, dtype=torch.uint8)}
+    scale = {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+             "growth_interval": 2000, "_growth_tracker": 7}  # fmt: skip
+    save_last(
+        tmp_path / "last.pt", model, optimizer, scheduler, _run(), TrainingState(epoch=1, step=3),
+        device_rng=generator, grad_scaler=scale,
+    )  # fmt: skip
+    point = read_resume_point(tmp_path / "last.pt")
+    assert torch.equal(point.device_rng["state"], generator["state"])
+    assert point.grad_scaler == scale
+    # a resume restores both: the generator (where it ran) and the scale, not 2^16 again
+    restored = []
+    monkeypatch.setattr(devices, "restore_device_rng", lambda *a: restored.append(a))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    config = TrainConfig(widths=WIDTHS, seed=4)
+    train._start(config, tmp_path, True, _network(), optimizer, scheduler, None, scaler)
+    assert scaler.get_scale() == 1024.0 and scaler.state_dict()["_growth_tracker"] == 7
+    ((device, saved, seed, step),) = restored
+    assert device == torch.device("cpu") and (seed, step) == (4, 3)
+    assert torch.equal(saved["state"], generator["state"])
+    # files written before these entries existed hold neither
+    older = _rewritten(folder / "last.pt", tmp_path / "older.pt", device_rng=None, grad_scaler=None)
+    assert read_resume_point(older).device_rng is None
+    assert read_resume_point(older).grad_scaler is None
+
+
+@pytest.mark.parametrize(
+    ("saved", "expected"),
+    [
+        ({"device": "cuda", "state": torch.zeros(8, dtype=torch.uint8)}, "restored"),
+        (None, "reseeded"),  # a file from before the entry existed
+        ({"device": "mps", "state": torch.zeros(8, dtype=torch.uint8)}, "reseeded"),
+    ],
+)
+def test_a_resumed_accelerator_run_continues_its_noise_stream(saved, expected, monkeypatch):
+    from unet3d import devices
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, d: calls.append(("restored", s)))
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda v: calls.append(("reseeded", v)))
+    devices.restore_device_rng(torch.device("cuda", 0), saved, seed=2, step=5)
+    assert [c[0] for c in calls] == [expected]
+    if expected == "restored":
+        assert calls[0][1] is saved["state"]
+    calls.clear()
+    devices.restore_device_rng(torch.device("cpu"), saved, seed=2, step=5)
+    assert calls == []  # the CPU's generator is torch_rng's
+    assert devices.device_rng_state(torch.device("cpu")) is None
+
+
 def test_state_dicts_of_checkpoints_and_raw_files(folder: Path, tmp_path: Path) -> None:
     reference = _network().state_dict()
     raw = tmp_path / "raw.pt"

@@ -195,9 +195,22 @@ class Interrupt(Exception):
     """Raised by a callback to stop a run midway, as a crash would."""
 
 
-def test_resume_equals_uninterrupted(tmp_path, data):
-    # normal_prior samples weight noise: the RNG state must be restored too
-    options = {"strategy_options": {"beta": 1.0, "init_log_sigma": -3.0}, "epochs": 4}
+_NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize(
+    ("device", "precision"),
+    [("cpu", "off"), pytest.param("cuda", "off", marks=_NO_CUDA),
+     pytest.param("cuda", "fp16", marks=_NO_CUDA)],
+)  # fmt: skip
+def test_resume_equals_uninterrupted(tmp_path, data, device, precision, monkeypatch):
+    # normal_prior samples weight noise: the RNG states must be restored too (the device's
+    # generator on a GPU), and fp16's loss scale
+    options = {"strategy_options": {"beta": 1.0, "init_log_sigma": -3.0}, "epochs": 4,
+               "device": device, "amp": precision}  # fmt: skip
+    if device == "cuda":  # bit for bit needs cuDNN's deterministic kernels
+        monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+        monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     full = train(_config(tmp_path / "full", "normal_prior", **options), *data)
 
     def stop_after_two(epoch, record):

@@ -15,8 +15,11 @@ with ``weights_only=True``) holding
 * ``last.pt``: what ``resume=True`` restores: the fields of :class:`TrainingState`,
   ``optimizer``, ``scheduler`` (their state dicts), ``torch_rng`` (torch's RNG state,
   the weight noise) and ``swag``, the state of the run's SWAG collector
-  (:meth:`dwp.SWAGMoments.state_dict`; ``None`` when the run collects no moments, absent
-  in files written before it existed).
+  (:meth:`dwp.SWAGMoments.state_dict`; ``None`` when the run collects no moments),
+  ``device_rng`` (an accelerator's generator, :func:`unet3d.devices.device_rng_state`;
+  ``None`` on the CPU) and ``grad_scaler`` (fp16's loss scale,
+  :meth:`torch.amp.GradScaler.state_dict`; ``None`` without fp16).  These three are
+  absent in files written before they existed.
 
 The moments themselves (``swag.pt``, ``swag_restart{k}.pt``) are :mod:`dwp.swag`'s files,
 not checkpoints.
@@ -150,6 +153,8 @@ class ResumePoint:
     scheduler: dict[str, Any]
     torch_rng: Tensor
     swag: dict[str, Any] | None = None  # the SWAG collector's state, when there is one
+    device_rng: dict[str, Any] | None = None  # an accelerator's generator (devices.py)
+    grad_scaler: dict[str, Any] | None = None  # fp16's loss scale
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,9 +206,12 @@ def save_last(
     run: RunDescription,
     state: TrainingState,
     swag: Mapping[str, Any] | None = None,
+    *,
+    device_rng: Mapping[str, Any] | None = None,
+    grad_scaler: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``last.pt``: everything :func:`read_resume_point` needs to continue the run
-    bit for bit, torch's global RNG state (the weight noise) included.
+    bit for bit, the RNG states (the weight noise) and fp16's loss scale included.
 
     Parameters
     ----------
@@ -217,6 +225,10 @@ def save_last(
         Where the run stands after its last epoch.
     swag
         The SWAG collector's :meth:`~dwp.SWAGMoments.state_dict`, if the run has one.
+    device_rng
+        :func:`unet3d.devices.device_rng_state` of the run's device (``None`` on the CPU).
+    grad_scaler
+        The fp16 loss scaler's ``state_dict`` (``None`` when the run has none).
     """
     entries = {
         **run.entries(),
@@ -227,6 +239,8 @@ def save_last(
         "scheduler": scheduler.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "swag": None if swag is None else dict(swag),
+        "device_rng": None if device_rng is None else dict(device_rng),
+        "grad_scaler": None if grad_scaler is None else dict(grad_scaler),
     }
     return CHECKPOINT.save(entries, path)
 
@@ -313,6 +327,8 @@ def read_resume_point(path: PathLike) -> ResumePoint:
         scheduler=payload["scheduler"],
         torch_rng=payload["torch_rng"],
         swag=payload.get("swag"),
+        device_rng=payload.get("device_rng"),
+        grad_scaler=payload.get("grad_scaler"),
     )
 
 

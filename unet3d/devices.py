@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -35,12 +35,14 @@ __all__ = [
     "available_devices",
     "backend",
     "batch_to",
+    "device_rng_state",
     "distributed_env",
     "mean_over_ranks",
     "process_group",
     "rank_device",
     "reseed_device",
     "resolve_device",
+    "restore_device_rng",
 ]
 
 
@@ -128,13 +130,42 @@ def mean_over_ranks(value: float, world: int, device: torch.device) -> float:
     return float(total) / world
 
 
-def reseed_device(device: torch.device, seed: int, step: int) -> None:
-    """Seed ``device``'s random generator from ``(seed, step)`` (nothing on the CPU).
+def device_rng_state(device: torch.device) -> dict[str, Any] | None:
+    """``device``'s random generator state, for ``last.pt`` (``None`` on the CPU, whose
+    generator ``torch_rng`` holds): ``{"device": "cuda", "state": <uint8 tensor>}``."""
+    if device.type == "cuda":
+        return {"device": "cuda", "state": torch.cuda.get_rng_state(device)}
+    if device.type == "mps":
+        return {"device": "mps", "state": torch.mps.get_rng_state()}
+    return None
 
-    A resumed run restores the CPU generator from ``last.pt``, which does not hold an
-    accelerator's generator: without a fresh seed a resumed GPU run would draw the
-    weight noise of its first steps again.  Resume is bit for bit on the CPU only.
+
+def restore_device_rng(
+    device: torch.device, saved: Mapping[str, Any] | None, seed: int, step: int
+) -> None:
+    """Continue ``device``'s weight-noise stream where ``last.pt`` left it.
+
+    ``saved`` is :func:`device_rng_state` of the interrupted run.  A run resumed on the
+    same kind of accelerator then draws the noise the uninterrupted run would have drawn,
+    bit for bit as on the CPU.  A file without it (written before it was kept, or by a run
+    on another kind of device) reseeds the generator from ``(seed, step)``
+    (:func:`reseed_device`): the resumed run then goes on with new noise, never with the
+    noise of its first steps again.
     """
+    if saved is not None and saved.get("device") == device.type:
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(saved["state"], device)
+            return
+        if device.type == "mps":
+            torch.mps.set_rng_state(saved["state"])
+            return
+    reseed_device(device, seed, step)
+
+
+def reseed_device(device: torch.device, seed: int, step: int) -> None:
+    """Seed ``device``'s random generator from ``(seed, step)`` (nothing on the CPU): what
+    a resumed run does when ``last.pt`` holds no state of this device's generator (see
+    :func:`restore_device_rng`)."""
     value = (seed * 1_000_003 + step + 1) % 2**63
     if device.type == "cuda":
         torch.cuda.manual_seed_all(value)

@@ -174,6 +174,7 @@ def _start(
     optimizer: torch.optim.Optimizer,
     scheduler: Scheduler,
     moments: SWAGMoments | None,
+    scaler: torch.amp.GradScaler,
 ) -> TrainingState:
     """A fresh state, or the one of ``out_dir/last.pt`` with the states it restores (on
     the model's device, whichever device the run was on before)."""
@@ -187,7 +188,9 @@ def _start(
     scheduler.load_state_dict(point.scheduler)
     torch.set_rng_state(point.torch_rng)
     device = next(model.parameters()).device
-    devices.reseed_device(device, config.seed, point.state.step)  # last.pt holds the CPU's RNG only
+    devices.restore_device_rng(device, point.device_rng, config.seed, point.state.step)
+    if point.grad_scaler is not None and scaler.is_enabled():
+        scaler.load_state_dict(point.grad_scaler)  # fp16's loss scale, not 2^16 again
     if moments is not None:
         _restore_moments(moments, point.swag, last)
     return point.state
@@ -367,8 +370,10 @@ def _save(
     if swag is not None and state.finished:
         run.moments.save(run.out_dir / "swag.pt")
     checkpoint.save_last(
-        run.out_dir / "last.pt", run.model, run.optimizer, run.scheduler, described, state, swag
-    )
+        run.out_dir / "last.pt", run.model, run.optimizer, run.scheduler, described, state, swag,
+        device_rng=devices.device_rng_state(run.device),
+        grad_scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None,
+    )  # fmt: skip
     run_files.write_metrics(state.history, run.out_dir)
 
 
@@ -466,7 +471,8 @@ def _train(
     data = load_data(config, train_cases, val_cases, where)
     model, optimizer, moments = _build(config, strategy, device)
     scheduler = _make_scheduler(config, optimizer)
-    state = _start(config, out_dir, resume, model, optimizer, scheduler, moments)
+    scaler = amp.grad_scaler(config.amp, device)
+    state = _start(config, out_dir, resume, model, optimizer, scheduler, moments, scaler)
     if writer and state.history:
         # a resume: the metrics files may lag last.pt by an epoch (a kill between the two
         # writes); last.pt's history is the record, the files are rewritten from it
@@ -477,7 +483,7 @@ def _train(
     log = run_files.RunLog.open(out_dir, config.tensorboard, state.step, rank)
     run = _Run(
         config, strategy, data, model, net, optimizer, scheduler, world, device, out_dir, writer,
-        moments, log=log, scaler=amp.grad_scaler(config.amp, device),
+        moments, log=log, scaler=scaler,
     )  # fmt: skip
     # what rebuilds the network (checkpoint.load_model), in best.pt and last.pt
     described = RunDescription(config.as_dict(), strategy.describe())
