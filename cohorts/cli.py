@@ -37,6 +37,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"binary tumour labels ({', '.join(TUMOUR_COHORTS)} only)",
     )
+    gen.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="subjects generated at a time, in worker processes (default 1); the files are "
+        "the same whatever the number",
+    )
     gen.add_argument("--overwrite", action="store_true", help="regenerate every subject")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     commands.add_parser("list", help="list the cohorts")
@@ -69,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 overwrite=args.overwrite,
                 progress=not args.quiet,
                 whole_tumour=args.whole_tumour,
+                jobs=args.jobs,
             )
         else:
             from cohorts.figure import make_figure

@@ -25,12 +25,16 @@ import csv
 import hashlib
 import io
 import json
+import multiprocessing
 import os
+import sys
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from cohorts import ageing
@@ -143,6 +147,44 @@ def _write_subject(out: Path, record: dict[str, Any], paths: dict[str, str], lab
     write_json(out / paths["meta"], record["meta"], indent=2)
 
 
+def _check_jobs(jobs: int) -> int:
+    if isinstance(jobs, bool) or not isinstance(jobs, (int, np.integer)) or jobs < 1:
+        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
+    return int(jobs)
+
+
+def _make_subject(
+    out: Path, cohort: str, split: str, index: int, res: int, seed: int, labels: str
+) -> dict[str, Any]:
+    """Generate one subject and write its files; returns its metadata.  Module level and
+    with picklable arguments: the worker processes of :func:`generate` run it too."""
+    record = subject(cohort, index, res, seed, split=split)
+    _write_subject(out, record, _paths(cohort, split, index), labels)
+    meta: dict[str, Any] = record["meta"]
+    return meta
+
+
+def _init_worker() -> None:
+    # One torch thread a worker: the workers already use the cores, and with one thread
+    # ATen runs no OpenMP parallel region, which a forked child of a process that already
+    # ran one deadlocks in (GNU OpenMP is not fork-safe; seen here: without this line, the
+    # workers hang once the parent has run grid_sample on 2 threads).  A subject's bytes do
+    # not depend on the thread count (grid_sample computes each voxel on its own).
+    torch.set_num_threads(1)
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    # fork on Linux: a worker starts in milliseconds with the parent's imports and its
+    # cached anatomy (load_anatomy: seconds at 2 mm), where spawn or forkserver would import
+    # torch and SciPy and load the anatomy again in every worker.  It is safe here: the
+    # workers run torch single-threaded (_init_worker) and use no CUDA.  spawn elsewhere
+    # (macOS and Windows, where fork is unsafe or missing).
+    method = "fork" if sys.platform.startswith("linux") else "spawn"
+    return ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context(method), initializer=_init_worker
+    )
+
+
 def generate(
     cohort: str,
     out_dir: str | os.PathLike[str],
@@ -153,6 +195,7 @@ def generate(
     overwrite: bool = False,
     progress: bool = True,
     whole_tumour: bool = False,
+    jobs: int = 1,
 ) -> Path:
     """Generate a synthetic cohort on the MNI152 anatomy, or finish an interrupted one.
 
@@ -177,6 +220,9 @@ def generate(
     whole_tumour : bool
         Tumour cohorts (``tumour_target``, ``tumour_t1``) only: write binary whole-tumour
         labels instead of 1 core, 2 enhancing rim, 3 oedema.
+    jobs : int
+        Subjects generated at a time, in worker processes; the files are the same bit for
+        bit whatever the number.  1 (default): one after the other, in this process.
 
     Returns
     -------
@@ -187,11 +233,12 @@ def generate(
     ------
     ValueError
         Unknown cohort, zero subjects, an unsupported resolution, ``whole_tumour`` for another
-        cohort, or an ``out_dir`` holding something else.
+        cohort, ``jobs`` not an integer >= 1, or an ``out_dir`` holding something else.
     """
     spec = check_cohort(cohort)
     res = check_resolution(resolution)
     _check_counts(n_train, n_test)
+    jobs = _check_jobs(jobs)
     tumour = cohort in TUMOUR_COHORTS
     if whole_tumour and not tumour:
         names = " and ".join(repr(name) for name in TUMOUR_COHORTS)
@@ -214,18 +261,39 @@ def generate(
     anatomy = load_anatomy(res)
     if cohort == "brain_age":
         _save_nifti(ageing.ageing_map(anatomy), out / "ageing_map.nii.gz", anatomy.affine)
-    rows = []
-    jobs = list(_jobs(cohort, int(n_train), int(n_test)))
-    for split, index in tqdm(jobs, desc=cohort, unit="subject", disable=not progress):
-        paths = _paths(cohort, split, index)
-        done = reuse and all((out / paths[k]).exists() for k in ("image", "label", "meta"))
-        if done:
-            meta = json.loads((out / paths["meta"]).read_text())
-        else:
-            record = subject(cohort, index, res, seed, split=split)
-            _write_subject(out, record, paths, labels)
-            meta = record["meta"]
-        rows.append((split, paths, meta))
+    todo = list(_jobs(cohort, int(n_train), int(n_test)))
+    paths_of = [_paths(cohort, split, index) for split, index in todo]
+    # The subjects' metadata in the order of todo, whichever subject finishes first: the
+    # index files are the same as a serial run's.
+    metas: list[dict[str, Any]] = [{} for _ in todo]
+    pending = []
+    with tqdm(total=len(todo), desc=cohort, unit="subject", disable=not progress) as bar:
+        for i, ((split, index), paths) in enumerate(zip(todo, paths_of, strict=True)):
+            done = reuse and all((out / paths[k]).exists() for k in ("image", "label", "meta"))
+            if done:
+                metas[i] = json.loads((out / paths["meta"]).read_text())
+            elif jobs == 1:
+                metas[i] = _make_subject(out, cohort, split, index, res, seed, labels)
+            else:
+                pending.append(i)
+                continue
+            bar.update()
+        if pending:
+            with _pool(min(jobs, len(pending))) as pool:
+                futures = {
+                    pool.submit(_make_subject, out, cohort, *todo[i], res, seed, labels): i
+                    for i in pending
+                }
+                try:
+                    for future in as_completed(futures):
+                        metas[futures[future]] = future.result()
+                        bar.update()
+                except BaseException:
+                    # A failed subject, or an interruption: start no other one.  The
+                    # finished subjects stay; a later run resumes from them.
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+    rows = [(split, p, meta) for (split, _), p, meta in zip(todo, paths_of, metas, strict=True)]
 
     if spec.task == "segmentation":
         label_names = {"0": "background", "1": "tumour"} if whole_tumour else spec.labels

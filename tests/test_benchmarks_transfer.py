@@ -279,8 +279,13 @@ def test_merge_of_two_work_folders_gives_the_same_table(
     ci_run: SimpleNamespace, capsys: pytest.CaptureFixture[str]
 ) -> None:
     machines = [ci_run.root / "machine_a", ci_run.root / "machine_b"]
-    for path in ci_run.work.glob("runs/*/n*/split*/result.json"):  # tuning candidates too
-        split = json.loads(path.read_text())["split"]
+    # the scored cells, and the candidates not chosen, which were trained and validated only
+    found = [*ci_run.work.glob("runs/*/n*/split*/result.json")]
+    found += [p for p in ci_run.work.glob("runs/*/n*/split*/training.json")
+              if not (p.parent / "result.json").exists()]  # fmt: skip
+    assert any(p.name == "training.json" for p in found)
+    for path in found:
+        split = int(path.parent.name.removeprefix("split"))
         target = machines[split % 2] / path.relative_to(ci_run.work)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, target)
@@ -301,6 +306,15 @@ def test_merge_of_two_work_folders_gives_the_same_table(
     # not even the cells its KL weight would be chosen on.
     assert transfer.main([*args, "--seed", "1", "--merge", *map(str, machines)]) == 2
     assert "no validation result" in capsys.readouterr().err
+
+
+def test_only_the_chosen_candidate_is_scored_on_the_test_set(ci_run: SimpleNamespace) -> None:
+    # every KL-weight candidate of the tuning cell trained and validated, in each regime;
+    # the test set scored the chosen one only (as its grid cell)
+    tuned = sorted(ci_run.work.glob(f"runs/dwp-*/n{min(CI.sizes)}/split0"))
+    assert len(tuned) == len(CI.beta_grid) * len(CI.regimes) > len(CI.regimes)
+    assert all((folder / "training.json").exists() for folder in tuned)
+    assert sum((folder / "result.json").exists() for folder in tuned) == len(CI.regimes)
 
 
 def test_settings_are_chosen_on_validation(ci_run: SimpleNamespace) -> None:
@@ -337,7 +351,7 @@ def test_every_method_gets_the_same_validation_budget() -> None:
     for name in ("quick", "full", "paper"):
         preset = transfer.PRESETS[name]
         runs = budget(preset, preset.methods)
-        assert set(runs.values()) == {3}, (name, runs)
+        assert set(runs.values()) == {5}, (name, runs)
 
 
 def test_the_priors_are_chosen_after_fine_tuning_whose_learning_rate_they_share() -> None:

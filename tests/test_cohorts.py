@@ -95,6 +95,34 @@ def test_generate_is_bit_identical(tmp_path):
     assert paths[0].name == other.name == "dataset.json"
 
 
+def test_parallel_generation_writes_the_same_bytes(tmp_path, capsys):
+    serial = tmp_path / "serial"
+    cohorts.generate("ms_source", serial, 2, 1, resolution=RES, seed=5, progress=False)
+    parallel = tmp_path / "parallel"
+    cohorts.generate("ms_source", parallel, 2, 1, resolution=RES, seed=5, progress=False, jobs=2)
+    expected = _digests(serial)
+    assert {"dataset.json", "labelsTs/ms_source_ts0000.nii.gz"} <= set(expected)
+    assert sum(name.startswith(".subjects/") for name in expected) == 3
+    assert _digests(parallel) == expected
+    # a grown cohort: the finished subject is read back, the others made by the workers
+    grown = tmp_path / "grown"
+    cohorts.generate("ms_source", grown, 1, resolution=RES, seed=5, progress=False)
+    cohorts.generate("ms_source", grown, 2, 1, resolution=RES, seed=5, progress=False, jobs=3)
+    assert _digests(grown) == expected
+
+    for jobs in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="jobs"):
+            cohorts.generate("ms_source", tmp_path / "x", 1, resolution=RES, jobs=jobs)
+    assert not (tmp_path / "x").exists()
+    from cohorts.cli import main
+
+    argv = ["generate", "--cohort", "ms_source", "--n-train", "1", "--out", str(tmp_path / "x")]
+    with pytest.raises(SystemExit) as error:
+        main([*argv, "--resolution", "4", "--jobs", "0"])
+    assert error.value.code == 2
+    assert "jobs must be an integer >= 1" in capsys.readouterr().err
+
+
 def test_ms_labels_align_with_drawn_lesions():
     flat = cohorts.subject("ms_source", 0, RES, seed=0, deformed=False)
     centres = flat["meta"]["lesion_centres"]

@@ -28,7 +28,8 @@ Stages, each a folder under ``--work-dir`` named by a hash of everything it depe
    (:meth:`dwp.DeepWeightPrior.fit`) and one Gaussian per group
    (:meth:`dwp.KernelGaussianPrior.fit`), the SWAG prior, their held-out fit report;
 4. ``runs/<method>-<hash>/n<size>/split<k>/``: one training run per grid cell, resumable
-   (``last.pt``), finished when ``result.json`` exists.
+   (``last.pt``), trained when ``training.json`` exists (all a tuning candidate needs:
+   its validation scores) and finished when ``result.json`` does (scored on the test set).
 
 Stages 2 and 3 of the quick preset are committed (:mod:`.artefact`, a few MB in
 ``benchmarks/artefacts/``, checked against their SHA-256 before use), so a fresh clone

@@ -19,6 +19,7 @@ from torch.utils.data import Subset
 import dwp
 from dwp.io import write_json
 from unet3d.checkpoint import read_state_dict
+from unet3d.config import TrainConfig
 from unet3d.data import SegmentationDataset
 from unet3d.inference import VolumePrediction, predict_volume, predict_volume_tta
 from unet3d.metrics import evaluate, voxel_uncertainty
@@ -228,10 +229,18 @@ def run_cell(
     options: dict[str, Any],
     seed: int,
     tensorboard: Path | None = None,
+    *,
+    evaluate: bool = True,
 ) -> dict[str, Any]:
     """Train one cell (resuming an interrupted run) and score it on the test set;
     ``tensorboard``: the run's TensorBoard folder (not in the record, the config's
-    :meth:`~unet3d.config.TrainConfig.as_dict` leaves it out)."""
+    :meth:`~unet3d.config.TrainConfig.as_dict` leaves it out).
+
+    ``evaluate=False`` (a tuning candidate) trains only: ``training.json`` then holds what
+    the selection reads (the validation scores) and the record is that alone.  The test
+    set is scored only for the candidate that is chosen, when its grid cell runs: it
+    finds the training finished and evaluates ``best.pt``.
+    """
     result_file = folder / "result.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
@@ -248,9 +257,9 @@ def run_cell(
         seed=seed * 1000 + 100 * cell.split + cell.size,
         tensorboard=tensorboard,
     )
-    started = time.perf_counter()
-    result = train(config, Subset(datasets.pool, train_idx), datasets.val, resume=True)
-    seconds = time.perf_counter() - started
+    trained = _trained(config, datasets, train_idx, folder)
+    if not evaluate:
+        return trained
     strategy = get_strategy(strategy_name(cell.method), **options)
     model = strategy.build_model(ModelSpec(widths=preset.widths))
     model.load_state_dict(read_state_dict(folder / "best.pt"))
@@ -258,7 +267,7 @@ def run_cell(
     tta = cell.method not in BAYESIAN and cell.size in preset.tta_sizes
     scores = evaluate_model(model, datasets.test, preset, strategy.bayesian, seed, tta)
     eval_seconds = time.perf_counter() - started
-    best = result.history[result.best_epoch]
+    best = trained["best"]
     posterior = None
     if strategy.bayesian:
         torch.manual_seed(config.seed)  # the network the run started from
@@ -274,10 +283,7 @@ def run_cell(
         "hd95_mm": scores["hd95_mean"],
         "val_dice": best["val_dice"],
         "val_loss": best["val_loss"],
-        "best_epoch": result.best_epoch,
-        "epochs": len(result.history),
-        "stop_reason": result.stop_reason,
-        "train_seconds": seconds,
+        **{k: trained[k] for k in ("best_epoch", "epochs", "stop_reason", "train_seconds")},
         "eval_seconds": eval_seconds,
         "test": {
             **{k: scores[k] for k in ("dice", "iou", "hd95")},
@@ -290,6 +296,30 @@ def run_cell(
         "config": config.as_dict(),
     }
     write_json(result_file, record, default=str)
+    return record
+
+
+def _trained(
+    config: TrainConfig, datasets: Datasets, train_idx: list[int], folder: Path
+) -> dict[str, Any]:
+    """Train the run (resuming an interrupted one) unless ``training.json`` says it is
+    done; that file's content: the best epoch's record (``val_dice``, ``val_loss``, ...),
+    ``best_epoch``, ``epochs``, ``stop_reason`` and ``train_seconds``."""
+    summary_file = folder / "training.json"
+    if summary_file.exists():
+        return json.loads(summary_file.read_text())
+    started = time.perf_counter()
+    result = train(config, Subset(datasets.pool, train_idx), datasets.val, resume=True)
+    best = result.history[result.best_epoch]
+    summary = {
+        "best": best,
+        "val_dice": best["val_dice"],  # what the selection reads
+        "best_epoch": result.best_epoch,
+        "epochs": len(result.history),
+        "stop_reason": result.stop_reason,
+        "train_seconds": time.perf_counter() - started,
+    }
+    write_json(summary_file, summary, default=str)
     # The run's checkpoints are large and no longer needed (``best.pt`` stays).
     (folder / "last.pt").unlink(missing_ok=True)
-    return record
+    return summary

@@ -60,8 +60,12 @@ def prepare_data(
     source_data: Path | None = None,
     target_data: Path | None = None,
     progress: bool = True,
+    jobs: int = 1,
 ) -> Data:
-    """Stage 1: generate (or reuse) the cohorts, or list the user's Decathlon folders."""
+    """Stage 1: generate (or reuse) the cohorts, or list the user's Decathlon folders.
+
+    ``jobs``: subjects generated at a time (:func:`cohorts.generate`); the files, and so
+    the stage's key (:func:`data_key`), do not depend on it."""
     import cohorts
 
     def generated(cohort: str, n_train: int, n_test: int, **options: Any) -> Path:
@@ -74,6 +78,7 @@ def prepare_data(
             resolution=preset.resolution,
             seed=seed,
             progress=progress,
+            jobs=jobs,
             **options,
         )
         return folder

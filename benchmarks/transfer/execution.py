@@ -57,13 +57,19 @@ class Task:
     options: dict[str, Any]
     seed: int
     tensorboard: Path | None = None  # the run's TensorBoard folder; no part of its result
+    evaluate: bool = True  # False: a tuning candidate, trained and validated only
 
     def finished(self) -> bool:
-        return (self.folder / "result.json").exists()
+        done = self.folder / ("result.json" if self.evaluate else "training.json")
+        return done.exists() or (self.folder / "result.json").exists()
 
     def record(self) -> dict[str, Any]:
-        """The finished cell's record."""
-        return json.loads((self.folder / "result.json").read_text())
+        """The finished cell's record (a tuning candidate's: its training summary, unless
+        its cell was scored too)."""
+        result = self.folder / "result.json"
+        return json.loads(
+            (result if result.exists() else self.folder / "training.json").read_text()
+        )
 
     def name(self) -> str:
         """The cell and its folder (the tuning candidates of one cell differ by folder)."""
@@ -86,7 +92,7 @@ def _run_task(task: Task, worker: tuple[Data, Datasets] | None = None) -> dict[s
     data, datasets = worker
     return run_cell(
         task.cell, task.preset, data, datasets, task.folder, task.options, task.seed,
-        tensorboard=task.tensorboard,
+        tensorboard=task.tensorboard, evaluate=task.evaluate,
     )  # fmt: skip
 
 
@@ -217,7 +223,8 @@ def run(
     if not cells:
         raise ValueError(f"--only {only} selects no cell of the grid")
     methods = {c.method for c in cells}
-    data = prepare_data(preset, work, seed, source_data, target_data, progress)
+    # the cohorts generate a subject per thread given (the same files whatever the count)
+    data = prepare_data(preset, work, seed, source_data, target_data, progress, jobs=threads)
 
     def stage(cache: Stage, key: dict[str, Any], fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` here, or as one job when the stage is not cached yet."""
@@ -260,17 +267,18 @@ def run(
             PRIOR_STAGE, keys[PRIOR], fit_prior, preset, data.key, sources, work, seed, show
         )
 
-    def task(candidate: Preset, cell: Cell) -> Task:
+    def task(candidate: Preset, cell: Cell, evaluate: bool = True) -> Task:
         key = stage_key(candidate, cell.method, seed, data.key)
         folder = stage_folder(work / "runs", cell.method, key)
         options = strategy_options(candidate, cell.method, sources, prior)
         # TensorBoard: the run folder's path under work/runs (None: no logging)
         events = tensorboard and Path(tensorboard).absolute() / folder.name / cell.folder()
-        return Task(cell, candidate, folder / cell.folder(), options, seed, events)
+        return Task(cell, candidate, folder / cell.folder(), options, seed, events, evaluate)
 
     def tuning_tasks(candidate: Preset, tuned: set[str]) -> list[Task]:
+        # trained and validated only: the test set scores the chosen one, as a grid cell
         return [
-            task(candidate.replace(**option), tuning_cell(candidate, method))
+            task(candidate.replace(**option), tuning_cell(candidate, method), evaluate=False)
             for method in sorted(tuned)
             for option in candidates(candidate, method)
         ]
@@ -290,7 +298,7 @@ def run(
     def score(candidate: Preset, method: str) -> float:
         # The folder hash holds this method's settings only, so the other method's
         # choice (already in ``candidate``) does not move it.
-        return task(candidate, tuning_cell(candidate, method)).record()["val_dice"]
+        return task(candidate, tuning_cell(candidate, method), False).record()["val_dice"]
 
     runner = None if submitter else CellRunner(preset, data, jobs or 1, per_run)
     failures: list[Failure] = []
@@ -406,9 +414,19 @@ def merge(
         return found
 
     def score(candidate: Preset, method: str) -> float | None:
+        """The tuning candidate's validation Dice, from its cell's record or, when that
+        cell was not scored (a candidate not chosen), its training summary."""
         cell = tuning_cell(candidate, method)
         record = records(candidate, method).get((method, cell.size, cell.split))
-        return None if record is None else record["val_dice"]
+        if record is not None:
+            return record["val_dice"]
+        key = stage_key(candidate, method, seed, data)
+        for work in work_dirs:
+            folder = stage_folder(work / "runs", method, key, create=False)
+            summary = folder / cell.folder() / "training.json"
+            if summary.exists():
+                return json.loads(summary.read_text())["val_dice"]
+        return None
 
     roots = list(work_dirs)
     if source_data is None:  # the committed artefact of this configuration, if any

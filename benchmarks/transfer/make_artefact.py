@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     progress = not args.no_progress
-    data = prepare_data(preset, args.work_dir, args.seed, progress=progress)
+    data = prepare_data(preset, args.work_dir, args.seed, progress=progress, jobs=args.threads)
     sources = train_sources(preset, data, args.work_dir, args.seed, progress=progress)
     fit_prior(preset, data.key, sources, args.work_dir, args.seed, progress=progress)
     if args.check:
