@@ -43,8 +43,11 @@ def _copy_stages(work: Path, to: Path) -> Path:
 
 
 def _results(work: Path) -> dict[Path, Path]:
-    """Every cell's result file (tuning candidates included), by its folder under work."""
-    return {p.parent.relative_to(work): p for p in work.glob("runs/*/n*/split*/result.json")}
+    """Every finished run's file by its folder under work: a scored cell's ``result.json``,
+    or the ``training.json`` of a tuning candidate that was only trained and validated."""
+    found = {p.parent.relative_to(work): p for p in work.glob("runs/*/n*/split*/training.json")}
+    found.update({p.parent.relative_to(work): p for p in work.glob("runs/*/n*/split*/result.json")})
+    return found
 
 
 def _jobs(work: Path) -> set[str]:
@@ -100,9 +103,10 @@ def test_local_executor_gives_the_serial_report(
     assert _flat(config["summary"]) == pytest.approx(_flat(serial_config["summary"]), nan_ok=True)
     assert config["execution"]["engine"] == "submitit/local"
     assert config["execution"]["threads_per_run"] == 1
-    # one job per cell; what travels is paths and settings, not tensors
+    # one job per run: the two candidates, the chosen one's scoring on the test set (its
+    # training is done), the n=3 cell; what travels is paths and settings, not tensors
     pickles = list((submitted.work / "submitit").glob("*/*_submitted.pkl"))
-    assert len(pickles) == 3
+    assert len(pickles) == 4
     assert max(p.stat().st_size for p in pickles) < 64_000
 
 
@@ -131,10 +135,12 @@ def test_a_failed_job_is_named_with_its_log_and_the_others_finish(
     (line,) = [line for line in error.splitlines() if line.startswith("  normal_prior")]
     log = Path(line.rsplit("(log: ", 1)[1].removesuffix(")"))
     assert log.is_relative_to(work / "submitit") and "FileExistsError" in log.read_text()
-    # the other candidate ran to the end, with the serial run's numbers
-    done = json.loads((work / fine / "result.json").read_text())
-    twin = json.loads((serial.work / fine / "result.json").read_text())
-    assert done["test"]["dice"] == pytest.approx(twin["test"]["dice"], abs=1e-6)
+    # the other candidate trained to the end, with the serial run's numbers (validation
+    # only: no setting was chosen, so no candidate was scored on the test set)
+    done = json.loads((work / fine / "training.json").read_text())
+    twin = json.loads(_results(serial.work)[fine].read_text())
+    assert not (work / fine / "result.json").exists()
+    assert done["val_dice"] == pytest.approx(twin["val_dice"], abs=1e-6)
     # no grid cell of a method whose settings could not be chosen
     assert set(_results(work)) == {fine}
 
