@@ -87,7 +87,8 @@ def run_all(
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     transfer = transfer_preset(preset, device, amp)
-    data: Data = prepare_data(transfer, work, seed, progress=progress)
+    # the cohorts generate a subject per thread given (the same files whatever the count)
+    data: Data = prepare_data(transfer, work, seed, progress=progress, jobs=threads)
     sources = train_sources(transfer, data, work, seed)
     prior = fit_prior(transfer, data.key, sources, work, seed, progress)
     stages = {"sources": sources, "prior": prior}
