@@ -43,7 +43,8 @@ VARIANTS = {
     ],
     "precision": [
         "random_init off", "random_init bf16", "normal_prior off", "normal_prior bf16",
-        "normal_prior kl", "dwp off", "dwp bf16", "dwp kl",
+        "normal_prior bf16 unchecked", "normal_prior kl", "dwp off", "dwp bf16",
+        "dwp bf16 unchecked", "dwp kl",
     ],
 }  # fmt: skip
 HEADINGS = {s: f"## {speed.TITLES[s]}" for s in speed.SECTIONS}
@@ -281,8 +282,9 @@ def test_precision_rows(quick_run: tuple[Path, dict]) -> None:
         assert mixed["saved_for_backward_mib"] < full["saved_for_backward_mib"]
         assert full["device"] == "cpu" and full["peak_device_mib"] is None  # CUDA's only
         assert full["target_ratio"] is None  # the GPU's targets are not judged on the CPU
-    for name in ("normal_prior", "dwp"):  # the KL bound's share of the bf16 step
+    for name in ("normal_prior", "dwp"):  # the KL bound's and the checks' share of a step
         assert rows[f"{name} kl"]["baseline"] == f"{name} bf16"
+        assert rows[f"{name} bf16 unchecked"]["baseline"] == f"{name} bf16"
     config = result["config"]["precision"]
     assert config["amp"] == "bf16" and config["input_shape"] == [2, 1, *[speed.QUICK.amp_size] * 3]
     markdown = (quick_run[0] / "speed_quick.md").read_text()

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 import dwp
 from dwp.amp import guard_cpu_bf16_conv3d
+from dwp.settings import validation_enabled
 
 from ..report import markdown_table
 from .settings import (
@@ -70,6 +71,27 @@ def _kl_only(model: nn.Module, device: torch.device) -> tuple[Callable[[], Tenso
         sync()
 
     return forward, backward
+
+
+def _unchecked(
+    forward: Callable[[], Tensor], backward: Callable[[Tensor], None]
+) -> tuple[Callable[[], Tensor], Callable[[Tensor], None]]:
+    """The same step with dwp's finiteness checks off (``dwp.set_validation(False)``): what
+    the checks cost, which on a GPU was a synchronisation per layer before they were
+    deferred (:func:`dwp.check_posteriors`)."""
+
+    def off(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any) -> Any:
+            enabled = validation_enabled()
+            dwp.set_validation(False)
+            try:
+                return fn(*args)
+            finally:
+                dwp.set_validation(enabled)
+
+        return run
+
+    return off(forward), off(backward)
 
 
 def _peak_mib(variant: Variant, device: torch.device) -> float | None:
@@ -114,6 +136,17 @@ def run_precision(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[
                 )
             )
         if strategy.bayesian:
+            step = strategy_step(strategy, model, x, target, STRATEGY_N_DATA, precision)
+            variants.append(
+                Variant(
+                    "precision",
+                    f"{name} {precision} unchecked",
+                    *_unchecked(*step),
+                    args.steps,
+                    baseline=f"{name} {precision}",
+                    info={**info, "kind": "precision_unchecked", "precision": precision},
+                )
+            )
             variants.append(
                 Variant(
                     "precision",
@@ -137,7 +170,8 @@ def run_precision(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[
         "strategies": list(PRECISION_STRATEGIES),
         "timed": "one step of unet3d.train's loop: zero_grad, forward under dwp.amp.autocast, "
         "strategy.loss on float32 logits, GradScaler backward and step "
-        f"(make_optimizer(model, 'auto', {ADAM_LR})); 'kl': dwp.kl(model) forward + backward",
+        f"(make_optimizer(model, 'auto', {ADAM_LR})); 'kl': dwp.kl(model) forward + backward; "
+        "'unchecked': the mixed-precision step with dwp.set_validation(False)",
         "targets": {
             "bayesian_over_deterministic": GPU_BAYES_TARGET,
             "kl_share": GPU_KL_SHARE_TARGET,
@@ -163,6 +197,7 @@ def render_precision(rows: list[dict[str, Any]]) -> str:
             next(r for r in steps if r["variant"] == f"{name} {p}") for p in ("off", amp)
         )
         kl = medians.get(f"{name} kl")
+        unchecked = medians.get(f"{name} {amp} unchecked")
         speedup = full["median_s"] / mixed["median_s"]
         peak = [r.get("peak_device_mib") for r in (full, mixed)]
         table.append(
@@ -173,6 +208,7 @@ def render_precision(rows: list[dict[str, Any]]) -> str:
                 f"{full['ratio']:.2f}x / {mixed['ratio']:.2f}x",
                 f"{speedup:.2f}x" + (" (met)" if on_gpu and speedup >= GPU_AMP_TARGET else ""),
                 "-" if kl is None else f"{kl / mixed['median_s']:.1%}",
+                "-" if unchecked is None else f"{1 - unchecked / mixed['median_s']:.1%}",
                 " / ".join("-" if p is None else f"{p:.0f}" for p in peak),
                 f"{full['saved_for_backward_mib']:.0f} / {mixed['saved_for_backward_mib']:.0f}",
             ]
@@ -180,7 +216,8 @@ def render_precision(rows: list[dict[str, Any]]) -> str:
     header = [
         "strategy", "float32 step (s)", f"{amp} step (s)",
         f"vs {BASELINE_STRATEGY} (float32 / {amp})", f"{amp} speed-up",
-        f"KL share of a {amp} step", f"peak device MiB (float32 / {amp})",
+        f"KL share of a {amp} step", f"NaN checks' share of a {amp} step",
+        f"peak device MiB (float32 / {amp})",
         "saved for backward MiB (float32 / amp)",
     ]  # fmt: skip
     targets = (
