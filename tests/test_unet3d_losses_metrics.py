@@ -251,3 +251,16 @@ def test_metrics_reject_bad_inputs():
         evaluate([a], [a], spacing=(1.0, 0.0, 1.0))
     with pytest.raises(ValueError, match="one 3D volume"):
         evaluate(a, a)
+
+
+def test_bad_target_labels_are_listed_once_each():
+    from unet3d.losses import check_segmentation_inputs
+
+    logits = torch.zeros(1, 3, 2, 2, 2)
+    good = torch.tensor([0, 1, 2, 1, 0, 2, 1, 0]).reshape(1, 2, 2, 2)
+    assert torch.equal(check_segmentation_inputs(logits, good.float()), good)
+    bad = torch.tensor([0.0, 3.0, 0.5, 3.0, -1.0, 1.0, 0.5, 2.0]).reshape(1, 2, 2, 2)
+    with pytest.raises(ValueError, match=r"in \{0, \.\.\., 2\} for 3 classes, got -1, 0\.5, 3$"):
+        check_segmentation_inputs(logits, bad)
+    with pytest.raises(ValueError, match="got nan"):
+        check_segmentation_inputs(logits, torch.full((1, 2, 2, 2), float("nan")))

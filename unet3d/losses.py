@@ -118,12 +118,13 @@ def check_segmentation_inputs(logits: Tensor, target: Tensor) -> Tensor:
                 f"logits contain {n_nan} NaN value(s): check the input batch and the network "
                 f"for divergence (dwp.set_validation(False) skips this check)"
             )
-        values = torch.unique(target)
-        invalid = (values < 0) | (values >= n_classes)
-        if torch.is_floating_point(values):
-            invalid |= values != values.round()  # also catches NaN
-        bad = values[invalid]
-        if bad.numel():
+        # one elementwise pass and one reduction (torch.unique would sort every voxel);
+        # the distinct bad values are looked up only for the message
+        invalid = (target < 0) | (target >= n_classes)
+        if torch.is_floating_point(target):
+            invalid |= target != target.round()  # also catches NaN
+        if invalid.any():
+            bad = torch.unique(target[invalid])
             shown = ", ".join(f"{v:g}" for v in bad[:10].tolist())
             more = f" (and {bad.numel() - 10} more)" if bad.numel() > 10 else ""
             raise ValueError(
