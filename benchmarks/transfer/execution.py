@@ -60,8 +60,9 @@ class Task:
     evaluate: bool = True  # False: a tuning candidate, trained and validated only
 
     def finished(self) -> bool:
-        done = self.folder / ("result.json" if self.evaluate else "training.json")
-        return done.exists() or (self.folder / "result.json").exists()
+        if (self.folder / "result.json").exists():
+            return True
+        return not self.evaluate and (self.folder / "training.json").exists()
 
     def record(self) -> dict[str, Any]:
         """The finished cell's record (a tuning candidate's: its training summary, unless
