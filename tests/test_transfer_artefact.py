@@ -40,6 +40,18 @@ def test_the_quick_preset_has_its_committed_artefact_and_its_checksums_hold() ->
     assert artefact.locate(QUICK, 1, transfer.data_key(QUICK, 1)) is None
 
 
+def test_the_full_preset_trains_the_quick_presets_artefact_to_convergence() -> None:
+    """``full`` changes only the target runs: it reads quick's committed source nets and
+    priors, trains every run until the learning rate reaches its floor, and draws its
+    10-volume subsets from a pool large enough that the splits differ."""
+    full = transfer.PRESETS["full"]
+    assert artefact.artefact_name(full, 0, transfer.data_key(full, 0)) == (
+        artefact.artefact_name(QUICK, 0, transfer.data_key(QUICK, 0))
+    )
+    assert full.steps == 0 and full.epochs >= 100  # no step budget: ReduceLROnPlateau ends
+    assert full.pool >= 2 * max(full.sizes)
+
+
 def _fake_stages(work: Path) -> None:
     """The files an artefact keeps, in the ci preset's stage folders (contents made up:
     the artefact only copies and checks them)."""
