@@ -225,6 +225,38 @@ def test_uncertainty_summary_means_over_splits() -> None:
     assert lines["| UNet-RI + TTA"].endswith("| 0.500 | - |")
 
 
+def test_training_summary_says_how_the_runs_ended(ci_run: SimpleNamespace) -> None:
+    """Medians of epochs, best epoch and seconds; runs at the learning-rate floor counted
+    out of the runs that kept these fields; the ci report shows the table."""
+    preset = CI.replace(methods=("pretrained",), sizes=(2,), splits=3)
+
+    def record(split: int, epochs: int, best: int, reason: str, seconds: float) -> dict:
+        return {"method": "pretrained", "size": 2, "split": split, "epochs": epochs,
+                "best_epoch": best, "stop_reason": reason, "train_seconds": seconds}  # fmt: skip
+
+    records = [
+        record(0, 10, 4, "min_lr", 30.0),
+        record(1, 40, 9, "max_epochs", 90.0),
+        record(2, 20, 5, "min_lr", 60.0),
+        {"method": "pretrained", "size": 2, "split": 3},  # cached before they were kept
+    ]
+    row = summary.training_table(records)["pretrained", 2]
+    assert row == {"n": 3, "epochs_median": 20.0, "best_epoch_median": 5.0, "at_floor": 2,
+                   "train_seconds_median": 60.0}  # fmt: skip
+    text = report._training_table({"training": {("pretrained", 2): row}}, preset)
+    assert "| UNet-PR | 2 | 20 | 5 | 2 of 3 | 60 |" in text
+    assert f"{preset.steps} optimiser steps per run" in text
+    converged = report._training_table({"training": {("pretrained", 2): row}},
+                                       preset.replace(steps=0))  # fmt: skip
+    assert "until ReduceLROnPlateau reaches its floor" in converged
+    assert (
+        "| method | train size | epochs | best epoch |"
+        in (ci_run.out / "transfer_ci.md").read_text()
+    )
+    for item in ci_run.payload["config"]["regimes"].values():
+        assert {r["method"] for r in item["summary"]["training"]} == set(CI.methods)
+
+
 def test_subsets_are_nested_and_shared(ci_run: SimpleNamespace) -> None:
     by = {_cell(r): r for r in ci_run.payload["rows"]}
     for regime in CI.regimes:

@@ -210,6 +210,32 @@ def _posterior_table(summary: Mapping[str, Any], preset: Preset) -> str | None:
     )
 
 
+def _training_table(summary: Mapping[str, Any], preset: Preset) -> str | None:
+    table = summary.get("training") or {}
+    rows = [
+        [LABELS[m], n, f"{v['epochs_median']:g}", f"{v['best_epoch_median']:g}",
+         f"{v['at_floor']} of {v['n']}", f"{v['train_seconds_median']:.0f}"]
+        for m in preset.methods
+        for n in preset.sizes
+        if (v := table.get((m, n)))
+    ]  # fmt: skip
+    if not rows:
+        return None
+    budget = (
+        f"{preset.steps} optimiser steps per run"
+        if preset.steps > 0
+        else f"until ReduceLROnPlateau reaches its floor (at most {preset.epochs} epochs)"
+    )
+    return (
+        f"How the runs ended (trained {budget}; medians over splits): the epochs run, the "
+        "best validation epoch (the weights scored), the runs stopped because the learning "
+        "rate reached its floor (converged) and the training time.\n\n"
+        + markdown_table(
+            ["method", "train size", "epochs", "best epoch", "at the floor", "seconds"], rows
+        )
+    )
+
+
 def _selection_tables(selections: Sequence[Mapping[str, Any]], preset: Preset) -> str:
     parts = []
     runs = budget(preset, preset.methods)
@@ -249,6 +275,9 @@ def render_regime(regime: str, summary: Mapping[str, Any], plan: Plan) -> str:
     posterior = _posterior_table(summary, preset)
     if posterior:
         parts.append(posterior)
+    training = _training_table(summary, preset)
+    if training:
+        parts.append(training)
     parts.append(_selection_tables(plan.selections, preset))
     return "\n\n".join(p for p in parts if p)
 
@@ -397,6 +426,7 @@ def write_report(
                     "paired": summaries[regime]["paired"],
                     "posterior": _json_table(summaries[regime]["posterior"]),
                     "uncertainty": _json_table(summaries[regime]["uncertainty"]),
+                    "training": _json_table(summaries[regime]["training"]),
                 },
             }
             for regime, plan in plans.items()

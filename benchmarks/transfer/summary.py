@@ -142,6 +142,28 @@ def summarise_uncertainty(
     return {key: {**finite_means(rows), "n": len(rows)} for key, rows in grouped.items()}
 
 
+def training_table(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+    """Per (method, size): how its runs ended, the evidence that a preset trains to
+    convergence or does not: the median epochs run and best (validation) epoch, the runs
+    stopped because the learning rate reached its floor (``min_lr``, converged) out of
+    ``n``, and the median training time in seconds.  Records without these fields (runs
+    cached before they were kept) are left out."""
+    grouped: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
+    for r in records:
+        if all(k in r for k in ("epochs", "best_epoch", "stop_reason", "train_seconds")):
+            grouped.setdefault((r["method"], r["size"]), []).append(r)
+    return {
+        key: {
+            "n": len(rows),
+            "epochs_median": float(np.median([r["epochs"] for r in rows])),
+            "best_epoch_median": float(np.median([r["best_epoch"] for r in rows])),
+            "at_floor": sum(r["stop_reason"] == "min_lr" for r in rows),
+            "train_seconds_median": float(np.median([r["train_seconds"] for r in rows])),
+        }
+        for key, rows in grouped.items()
+    }
+
+
 def summarise(records: Sequence[Mapping[str, Any]], preset: Preset) -> dict[str, Any]:
     """Everything the report shows of one regime's records."""
     return {
@@ -149,4 +171,5 @@ def summarise(records: Sequence[Mapping[str, Any]], preset: Preset) -> dict[str,
         "paired": paired_table(records, preset),
         "posterior": posterior_table(records, preset),
         "uncertainty": summarise_uncertainty(records),
+        "training": training_table(records),
     }
