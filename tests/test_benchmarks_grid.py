@@ -100,7 +100,13 @@ def test_local_executor_gives_the_serial_report(
     serial_config = serial.payload["config"]["regimes"]["near"]
     config = submitted.payload["config"]["regimes"]["near"]
     assert _flat(config["selections"]) == pytest.approx(_flat(serial_config["selections"]))
-    assert _flat(config["summary"]) == pytest.approx(_flat(serial_config["summary"]), nan_ok=True)
+    # training times are measurements, not results: every other number must agree
+    timing = "train_seconds_median"
+    summary, serial = (
+        {k: v for k, v in _flat(c["summary"]).items() if timing not in k}
+        for c in (config, serial_config)
+    )
+    assert summary == pytest.approx(serial, nan_ok=True)
     assert config["execution"]["engine"] == "submitit/local"
     assert config["execution"]["threads_per_run"] == 1
     # one job per run: the two candidates, the chosen one's scoring on the test set (its
