@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -187,15 +187,20 @@ def _paired_table(summary: Mapping[str, Any]) -> str:
     )
 
 
+def _method_size_rows(table: Mapping, preset: Preset, cells: Callable) -> list[list[Any]]:
+    """Rows ``[label, train size, *cells(entry)]`` per (method, size), in report order."""
+    ms = [(m, n) for m in preset.methods for n in preset.sizes if table.get((m, n))]
+    return [[LABELS[m], n, *cells(table[m, n])] for m, n in ms]
+
+
 def _posterior_table(summary: Mapping[str, Any], preset: Preset) -> str | None:
-    table = summary.get("posterior") or {}
-    rows = [
-        [LABELS[m], n, _optional(v.get("kl_share"), 4), _optional(v.get("sigma_median"), 4),
-         _optional(v.get("snr_median"), 2), _optional(v.get("log_sigma_change_median"), 3)]
-        for m in preset.methods
-        for n in preset.sizes
-        if (v := table.get((m, n)))
-    ]  # fmt: skip
+    rows = _method_size_rows(
+        summary.get("posterior") or {},
+        preset,
+        lambda v: [_optional(v.get("kl_share"), 4), _optional(v.get("sigma_median"), 4),
+                   _optional(v.get("snr_median"), 2),
+                   _optional(v.get("log_sigma_change_median"), 3)],
+    )  # fmt: skip
     if not rows:
         return None
     return (
@@ -211,14 +216,12 @@ def _posterior_table(summary: Mapping[str, Any], preset: Preset) -> str | None:
 
 
 def _training_table(summary: Mapping[str, Any], preset: Preset) -> str | None:
-    table = summary.get("training") or {}
-    rows = [
-        [LABELS[m], n, f"{v['epochs_median']:g}", f"{v['best_epoch_median']:g}",
-         f"{v['at_floor']} of {v['n']}", f"{v['train_seconds_median']:.0f}"]
-        for m in preset.methods
-        for n in preset.sizes
-        if (v := table.get((m, n)))
-    ]  # fmt: skip
+    rows = _method_size_rows(
+        summary.get("training") or {},
+        preset,
+        lambda v: [f"{v['epochs_median']:g}", f"{v['best_epoch_median']:g}",
+                   f"{v['at_floor']} of {v['n']}", f"{v['train_seconds_median']:.0f}"],
+    )  # fmt: skip
     if not rows:
         return None
     budget = (
