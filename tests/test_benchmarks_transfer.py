@@ -226,25 +226,29 @@ def test_uncertainty_summary_means_over_splits() -> None:
 
 
 def test_training_summary_says_how_the_runs_ended(ci_run: SimpleNamespace) -> None:
-    """Medians of epochs, best epoch and seconds; runs at the learning-rate floor counted
-    out of the runs that kept these fields; the ci report shows the table."""
+    """Medians of epochs, best epoch and seconds; runs at the learning-rate floor and runs
+    trapped at validation Dice 0 counted out of the runs that kept these fields; the ci
+    report shows the table."""
     preset = CI.replace(methods=("pretrained",), sizes=(2,), splits=3)
 
-    def record(split: int, epochs: int, best: int, reason: str, seconds: float) -> dict:
+    def record(
+        split: int, epochs: int, best: int, reason: str, seconds: float, val_dice: float = 0.5
+    ) -> dict:
         return {"method": "pretrained", "size": 2, "split": split, "epochs": epochs,
-                "best_epoch": best, "stop_reason": reason, "train_seconds": seconds}  # fmt: skip
+                "best_epoch": best, "stop_reason": reason, "train_seconds": seconds,
+                "val_dice": val_dice}  # fmt: skip
 
     records = [
         record(0, 10, 4, "min_lr", 30.0),
-        record(1, 40, 9, "max_epochs", 90.0),
-        record(2, 20, 5, "min_lr", 60.0),
+        record(1, 40, 9, "max_epochs", 90.0, val_dice=0.0),
+        record(2, 20, 5, "min_lr", 60.0, val_dice=1e-6),  # poor, not trapped
         {"method": "pretrained", "size": 2, "split": 3},  # cached before they were kept
     ]
     row = summary.training_table(records)["pretrained", 2]
     assert row == {"n": 3, "epochs_median": 20.0, "best_epoch_median": 5.0, "at_floor": 2,
-                   "train_seconds_median": 60.0}  # fmt: skip
+                   "val_dice_zero": 1, "train_seconds_median": 60.0}  # fmt: skip
     text = report._training_table({"training": {("pretrained", 2): row}}, preset)
-    assert "| UNet-PR | 2 | 20 | 5 | 2 of 3 | 60 |" in text
+    assert "| UNet-PR | 2 | 20 | 5 | 2 of 3 | 1 of 3 | 60 |" in text
     assert f"{preset.steps} optimiser steps per run" in text
     converged = report._training_table({"training": {("pretrained", 2): row}},
                                        preset.replace(steps=0))  # fmt: skip
@@ -379,6 +383,22 @@ def test_settings_are_chosen_on_validation(ci_run: SimpleNamespace) -> None:
             assert row["val_dice"] == best  # the chosen run is the grid's cell
     text = (ci_run.out / "transfer_ci.md").read_text()
     assert "chosen on the validation Dice" in text and "| swag_scale |" in text
+
+
+def test_a_choice_among_trapped_candidates_says_so() -> None:
+    """When every candidate has validation Dice 0 (all in the all-background trap), the
+    grid's first value is taken by the tie rule: the report says it is no measurement."""
+    preset = CI.replace(methods=("dwp",))
+
+    def selection(scores: tuple[float, ...]) -> dict:
+        pairs = zip((0.1, 1.0), scores, strict=True)
+        candidates = [{"dwp_beta": b, "val_dice": v} for b, v in pairs]
+        return {"method": "dwp", "size": 2, "split": 0, "chosen": {"dwp_beta": 0.1},
+                "candidates": candidates}  # fmt: skip
+
+    blind = report._selection_tables([selection((0.0, 0.0))], preset)
+    assert "every candidate has Dice 0: the first is taken" in blind
+    assert "every candidate" not in report._selection_tables([selection((0.0, 0.2))], preset)
 
 
 def test_every_method_gets_the_same_validation_budget() -> None:

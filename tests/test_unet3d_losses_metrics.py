@@ -55,7 +55,7 @@ def test_elbo_data_term_is_summed_ce_plus_dice_per_voxel_by_hand():
     voxels = target[0].numel()
     ce = _hand_ce(logits, target).sum()
     dice = _hand_dice_loss(logits, target).sum()
-    expected = 0.01 * ce + 1e-3 * voxels * dice
+    expected = 0.01 * ce + 1.0 * voxels * dice
     torch.testing.assert_close(elbo_data_term(logits, target), expected)
     torch.testing.assert_close(elbo_data_term(logits, target.unsqueeze(1)), expected)
     parts = elbo_data_terms(logits, target, ce_weight=1.0, dice_weight=0.5)
@@ -69,6 +69,26 @@ def test_elbo_data_term_is_summed_ce_plus_dice_per_voxel_by_hand():
     elbo_data_term(logits, target).backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
     assert (logits.grad != 0).all()
+
+
+def test_elbo_data_term_is_the_paper_loss_summed_over_voxels_and_volumes():
+    """The Bayesian and deterministic strategies fit the same data objective: with the
+    default weights the ELBO's data term is MONAI's mean-reduced DiceCELoss (the paper's
+    loss) times batch x voxels, its gradient too.  A weaker Dice term traps runs in an
+    all-background prediction (unet3d.losses)."""
+    logits, target = _case(seed=4, batch=3, shape=(4, 5, 6))
+    logits.requires_grad_(True)
+    summed = elbo_data_term(logits, target)
+    mean = paper_loss()(logits, target)
+    torch.testing.assert_close(summed, target.numel() * mean)
+    (g_summed,) = torch.autograd.grad(summed, logits)
+    (g_mean,) = torch.autograd.grad(mean, logits)
+    torch.testing.assert_close(g_summed, target.numel() * g_mean)
+    # the weights pass through alike
+    torch.testing.assert_close(
+        elbo_data_term(logits, target, ce_weight=0.3, dice_weight=2.0),
+        target.numel() * paper_loss(0.3, 2.0)(logits, target),
+    )
 
 
 def test_elbo_data_term_scales_with_voxels_and_batch_while_paper_loss_does_not():

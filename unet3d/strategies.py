@@ -344,7 +344,9 @@ class BayesianStrategy(Strategy):
         epoch as ``train_prior_scale:<site>``.  An alternative to the KL-weight grid.
     ce_weight, dice_weight
         Weights per voxel of the summed data term (:func:`unet3d.losses.elbo_data_term`):
-        its cross-entropy and its share of the volume's Dice loss.
+        its cross-entropy and its share of the volume's Dice loss.  The defaults are the
+        deterministic strategies' loss, summed (a weaker Dice term traps runs in an
+        all-background prediction: :mod:`unet3d.losses`).
     """
 
     beta: float | dwp.KLSchedule = 1.0
@@ -353,7 +355,7 @@ class BayesianStrategy(Strategy):
     estimator: str = "reparam"
     mode: str = "auto"
     ce_weight: float = 0.01
-    dice_weight: float = 1e-3
+    dice_weight: float = 1.0
     init: Literal["pretrained", "prior", "fresh"] = "pretrained"
     source: str | os.PathLike | None = None
     learn_scale: bool = False

@@ -114,7 +114,9 @@ class Preset:
     validation every ``val_every_steps`` steps (0: every epoch).  Learning rates: ``lr``
     (the source nets), ``ri_lr``, ``prf_lr`` and ``pr_lr``, which the priors and L2-SP
     share (:data:`LR_FROM`: they are fine-tuning plus a penalty); ``l2sp_alpha`` the L2-SP
-    strength; ``*_beta`` the KL weights; ``dwp_init`` how DWP posterior means start
+    strength; ``*_beta`` the KL weights (the data term is the deterministic loss summed
+    over voxels, :func:`unet3d.losses.elbo_data_term`; 1 is the plain ELBO, and SWAG's
+    strength is tuned by its scale at that weight); ``dwp_init`` how DWP posterior means start
     (``"prior"``: samples of the prior, the original paper's DWP initialisation;
     ``"fresh"``: He init; ``"pretrained"``: the source network's weights, as fine-tuning
     does), ``normal_init`` the same for the N(0, 1) control and ``learned_init`` for the
@@ -183,13 +185,13 @@ class Preset:
     alpha_grid: tuple[float, ...] = setting((1e-4, 1e-3, 1e-2, 1e-1, 1.0), stages=())
     patience: int = setting(10, stages=RUNS)
     min_lr: float = setting(1e-6, stages=(SOURCE, *RUNS))
-    dwp_beta: float = setting(1e-3, stages=("dwp",))
-    kg_beta: float = setting(1e-3, stages=("kernel_gaussian",))
-    swag_beta: float = setting(1e-3, stages=("swag",))
+    dwp_beta: float = setting(0.1, stages=("dwp",))
+    kg_beta: float = setting(0.1, stages=("kernel_gaussian",))
+    swag_beta: float = setting(1.0, stages=("swag",))
     swag_scale: float = setting(1e3, stages=("swag",))
     swag_scale_grid: tuple[float, ...] = setting((1e2, 1e3, 1e4, 1e5, 1e6), stages=())
-    normal_beta: float = setting(1e-3, stages=("normal_prior",))
-    beta_grid: tuple[float, ...] = setting((1e-5, 1e-4, 1e-3, 1e-2, 1e-1), stages=())
+    normal_beta: float = setting(0.1, stages=("normal_prior",))
+    beta_grid: tuple[float, ...] = setting((1e-3, 1e-2, 0.1, 1.0, 10.0), stages=())
     dwp_init: str = setting("pretrained", stages=("dwp",))
     normal_init: str = setting("pretrained", stages=("normal_prior",))
     learned_init: str = setting("pretrained", stages=("kernel_gaussian", "swag"))
@@ -293,7 +295,7 @@ PRESETS: dict[str, Preset] = {
         val_every_steps=0,
         lr_grid=(1e-3,),
         alpha_grid=(1e-2,),
-        beta_grid=(1e-3, 1e-2),
+        beta_grid=(0.1, 1.0),
         swag_scale_grid=(1e3,),
         tta_sizes=(2,),
         bootstrap=200,

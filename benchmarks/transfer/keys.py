@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..stages import digest
-from .config import PRIOR, RUNS, SOURCE, Preset
+from .config import BAYESIAN, PRIOR, RUNS, SOURCE, Preset
 
 #: The data each stage reads (:func:`~.data.data_key`'s entries).
 STAGE_DATA = {SOURCE: "source", **dict.fromkeys(RUNS, "target")}
@@ -25,8 +25,15 @@ OPTION_STAGES = {"source": SOURCE, "prior_path": PRIOR}
 #: ``DeepWeightPrior.fit`` (3-way split, IWAE); Bayesian runs 2: the natural-gradient
 #: optimiser, fan-in initial scales and the per-voxel Dice weight of the ELBO.  Source 2,
 #: prior 3, runs 3: SWAG moments and kernel displacement of the source nets, the kernel
-#: Gaussian and SWAG priors, per-volume uncertainty scores in every run's record.
-STAGE_VERSIONS: dict[str, int] = {SOURCE: 2, PRIOR: 3, **dict.fromkeys(RUNS, 3)}
+#: Gaussian and SWAG priors, per-volume uncertainty scores in every run's record.  Bayesian
+#: runs 4: the ELBO's data term is the deterministic loss summed (Dice weight 1 per voxel,
+#: was 1e-3: the all-background trap, :mod:`unet3d.losses`).
+STAGE_VERSIONS: dict[str, int] = {
+    SOURCE: 2,
+    PRIOR: 3,
+    **dict.fromkeys(RUNS, 3),
+    **dict.fromkeys(BAYESIAN, 4),
+}
 
 
 def strategy_options(

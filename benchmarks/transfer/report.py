@@ -38,6 +38,7 @@ METRIC_HEADERS = {
     "ece_roi": "ECE",
     "auroc_entropy_roi": "error AUROC",
 }
+TRAINING_COLUMNS = ("epochs", "best epoch", "at the floor", "val Dice 0", "seconds")
 
 
 #: The uncertainty table's columns: a key of ``record["uncertainty"][variant]`` and its
@@ -220,7 +221,8 @@ def _training_table(summary: Mapping[str, Any], preset: Preset) -> str | None:
         summary.get("training") or {},
         preset,
         lambda v: [f"{v['epochs_median']:g}", f"{v['best_epoch_median']:g}",
-                   f"{v['at_floor']} of {v['n']}", f"{v['train_seconds_median']:.0f}"],
+                   f"{v['at_floor']} of {v['n']}", f"{v.get('val_dice_zero', 0)} of {v['n']}",
+                   f"{v['train_seconds_median']:.0f}"],
     )  # fmt: skip
     if not rows:
         return None
@@ -232,10 +234,9 @@ def _training_table(summary: Mapping[str, Any], preset: Preset) -> str | None:
     return (
         f"How the runs ended (trained {budget}; medians over splits): the epochs run, the "
         "best validation epoch (the weights scored), the runs stopped because the learning "
-        "rate reached its floor (converged) and the training time.\n\n"
-        + markdown_table(
-            ["method", "train size", "epochs", "best epoch", "at the floor", "seconds"], rows
-        )
+        "rate reached its floor (converged), the runs whose scored weights find no lesion "
+        "on validation (Dice 0: the all-background trap) and the training time.\n\n"
+        + markdown_table(["method", "train size", *TRAINING_COLUMNS], rows)
     )
 
 
@@ -257,9 +258,12 @@ def _selection_tables(selections: Sequence[Mapping[str, Any]], preset: Preset) -
             ]
             for c in sel["candidates"]
         ]
+        blind = all(c["val_dice"] == 0 for c in sel["candidates"])  # all trapped: no choice
         parts.append(
             f"{LABELS[sel['method']]}: chosen on the validation Dice of n={sel['size']}, "
-            f"split {sel['split']} (never the test set):\n\n"
+            f"split {sel['split']} (never the test set)"
+            + (", where every candidate has Dice 0: the first is taken" if blind else "")
+            + ":\n\n"
             + markdown_table([*names, "validation Dice", ""], rows)
         )
     return "\n\n".join(parts)

@@ -146,8 +146,10 @@ def training_table(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int]
     """Per (method, size): how its runs ended, the evidence that a preset trains to
     convergence or does not: the median epochs run and best (validation) epoch, the runs
     stopped because the learning rate reached its floor (``min_lr``, converged) out of
-    ``n``, and the median training time in seconds.  Records without these fields (runs
-    cached before they were kept) are left out."""
+    ``n``, the runs whose scored weights have validation Dice 0 (``val_dice_zero``: no
+    lesion voxel found, the all-background trap of :mod:`unet3d.losses`) and the median
+    training time in seconds.  Records without these fields (runs cached before they
+    were kept) are left out."""
     grouped: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
     for r in records:
         if all(k in r for k in ("epochs", "best_epoch", "stop_reason", "train_seconds")):
@@ -158,6 +160,7 @@ def training_table(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, int]
             "epochs_median": float(np.median([r["epochs"] for r in rows])),
             "best_epoch_median": float(np.median([r["best_epoch"] for r in rows])),
             "at_floor": sum(r["stop_reason"] == "min_lr" for r in rows),
+            "val_dice_zero": sum(r.get("val_dice") == 0 for r in rows),
             "train_seconds_median": float(np.median([r["train_seconds"] for r in rows])),
         }
         for key, rows in grouped.items()

@@ -92,7 +92,9 @@ def scale_movement(start: Tensor, end: Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def negative_elbo(model: nn.Module, volumes: Subset, beta: float, samples: int) -> dict:
+def negative_elbo(
+    model: nn.Module, volumes: Subset, beta: float, samples: int, dice_weight: float
+) -> dict:
     """``E_q[data term] + beta * KL`` on the training volumes (the data term summed over
     them: every path's objective at ``N / B = 1``), averaged over ``samples`` draws."""
     loader = DataLoader(volumes, batch_size=len(volumes), collate_fn=collate)
@@ -101,7 +103,8 @@ def negative_elbo(model: nn.Module, volumes: Subset, beta: float, samples: int) 
     model.eval()
     with dwp.sampling(True, model):
         for _ in range(samples):
-            data.append(float(elbo_data_terms(model(batch["image"]), batch["label"]).total))
+            terms = elbo_data_terms(model(batch["image"]), batch["label"], dice_weight=dice_weight)
+            data.append(float(terms.total))
             kls.append(float(dwp.kl(model)))
     data_term, kl = sum(data) / samples, sum(kls) / samples
     return {"neg_elbo": data_term + beta * kl, "data_term": data_term, "kl": kl}
@@ -187,7 +190,7 @@ def _train_ivon(
             with optimizer.sampled_params(train=True):
                 with amp.autocast(precision, device):  # the network alone (dwp.amp)
                     logits = model(image)
-                total = elbo_data_terms(logits.float(), label).total
+                total = elbo_data_terms(logits.float(), label, dice_weight=preset.dice_weight).total
                 scaler.scale(total / (preset.beta * image.shape[0])).backward()
             scaled_step(optimizer, scaler)
             steps += 1
@@ -232,7 +235,7 @@ def run(
     run_seed = seed * 1000 + 100 * job.split + preset.size
     options: dict[str, Any] = {"source": source}
     if job.method != "pretrained":
-        options.update(beta=preset.beta, init=preset.init)
+        options.update(beta=preset.beta, init=preset.init, dice_weight=preset.dice_weight)
     if job.method == "dwp":
         options["prior_path"] = stages["prior"]["prior"]
     started = time.perf_counter()
@@ -276,7 +279,13 @@ def run(
     if bayesian:
         record.update(scale_movement(start, _log_scales(model)))
         record.update(
-            negative_elbo(model, Subset(datasets.pool, idx), preset.beta, preset.elbo_samples)
+            negative_elbo(
+                model,
+                Subset(datasets.pool, idx),
+                preset.beta,
+                preset.elbo_samples,
+                preset.dice_weight,
+            )
         )
     evaluation = transfer.replace(eval_samples=preset.eval_samples)
     scores = evaluate_model(model, datasets.test, evaluation, bayesian, seed, tta=not bayesian)

@@ -263,8 +263,8 @@ def add_train_options(train: argparse.ArgumentParser) -> None:
     strategy.add_argument(
         "--dice-weight",
         type=non_negative_float,
-        help="Dice weight (default 1 for the deterministic strategies; 1e-3 per voxel in the "
-        "Bayesian ones' summed ELBO, see unet3d.losses)",
+        help="Dice weight (default 1; per voxel in the Bayesian strategies' summed ELBO, "
+        "see unet3d.losses)",
     )
 
     optim = train.add_argument_group("training")
