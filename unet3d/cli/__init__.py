@@ -28,7 +28,7 @@ Examples
 
     unet3d train --data data/tumour --val-fraction 0.2 --strategy random_init --out runs/ri
     unet3d train --data data/tumour --val-fraction 0.2 --strategy dwp --prior prior.pt \\
-        --beta 1e-3 --out runs/dwp
+        --beta 1 --out runs/dwp
     unet3d predict --checkpoint runs/dwp/best.pt --input data/tumour --samples 8 --out pred/
 """
 
