@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
+from summaries import flat, summary_results
 
 from benchmarks import transfer
 from benchmarks.stages import digest
@@ -296,19 +297,7 @@ def test_rerun_is_cached_and_one_cell_recomputes_identically(ci_run: SimpleNames
     assert after["dice"] == pytest.approx(before["dice"], abs=1e-6)
     assert after["test"]["dice"] == pytest.approx(before["test"]["dice"], abs=1e-6)
     # the posterior samples of the uncertainty scores are seeded too
-    assert _flat(after["uncertainty"]) == pytest.approx(_flat(before["uncertainty"]), abs=1e-6)
-
-
-def _flat(value: object, path: tuple = ()) -> dict[tuple, object]:
-    """Nested dicts and lists as one flat ``{path: leaf}`` dict (``pytest.approx`` compares
-    flat mappings only)."""
-    if isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, list):
-        items = enumerate(value)
-    else:
-        return {path: value}
-    return {k: v for key, item in items for k, v in _flat(item, (*path, key)).items()}
+    assert flat(after["uncertainty"]) == pytest.approx(flat(before["uncertainty"]), abs=1e-6)
 
 
 def test_merge_of_two_work_folders_gives_the_same_table(
@@ -333,13 +322,10 @@ def test_merge_of_two_work_folders_gives_the_same_table(
     merged = json.loads((out / "transfer_ci.json").read_text())
     assert sorted(map(_cell, merged["rows"])) == sorted(map(_cell, ci_run.payload["rows"]))
 
-    def results(summary: dict) -> dict:  # training times are measurements, not results
-        return {k: v for k, v in _flat(summary).items() if "train_seconds_median" not in k}
-
     for regime in CI.regimes:
         summary = merged["config"]["regimes"][regime]["summary"]
-        assert results(summary) == pytest.approx(
-            results(ci_run.payload["config"]["regimes"][regime]["summary"]), nan_ok=True
+        assert summary_results(summary) == pytest.approx(
+            summary_results(ci_run.payload["config"]["regimes"][regime]["summary"]), nan_ok=True
         )
     assert merged["config"]["prior"]["n_kernels"] == ci_run.payload["config"]["prior"]["n_kernels"]
     # Another configuration's folders are not mixed in: with another seed nothing matches,
