@@ -12,12 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from processes import assert_sigterm_ends_the_workers
 from scipy import stats
 from summaries import flat, summary_results
 
@@ -80,6 +82,7 @@ def test_ci_preset_writes_every_file(ci_run: SimpleNamespace) -> None:
         for metric in ("dice", "iou", "hd95", *cells.PER_VOLUME_UNCERTAINTY):
             assert len(r["test"][metric]) == CI.n_test, metric  # per test volume
         assert r["config"]["strategy"] == cells.strategy_name(r["method"])
+        assert r["config"]["out_bias"] is True  # every method's network has the output bias
         chosen = ci_run.payload["config"]["regimes"][r["regime"]]["preset"]
         # the priors and L2-SP train at the learning rate chosen for fine-tuning
         owner = LR_FROM.get(r["method"], r["method"])
@@ -470,6 +473,17 @@ def test_parallel_jobs_give_the_same_numbers(ci_run: SimpleNamespace) -> None:
     assert not serial, sorted(serial)  # every serial cell of split 0 was reproduced
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_worker_processes_end_with_the_command_on_sigterm(ci_run: SimpleNamespace) -> None:
+    """SIGTERM (kill, a scheduler) reaches the command alone; its cells' workers must not
+    train on, orphaned.  Other steps make every cell new; the stages before are cached."""
+    work = ci_run.root / "terminated"
+    shutil.copytree(ci_run.work, work, ignore=shutil.ignore_patterns("runs"))
+    argv = [sys.executable, "-m", "benchmarks.transfer", "--preset", "ci", "--work-dir",
+            str(work), "--out", str(work), "--set", "steps=50", "--jobs", "2", "--no-progress"]  # fmt: skip
+    assert_sigterm_ends_the_workers(argv)
+
+
 def test_paired_differences_match_scipy_and_closed_form() -> None:
     """Per-volume Dice of two methods on 3 splits x 4 test volumes: the paired table's
     mean, t-interval and p-value across splits are scipy's on the per-split means."""
@@ -513,6 +527,7 @@ def test_paired_differences_match_scipy_and_closed_form() -> None:
         (["--set", "normal_init_grid=prior"], "normal_init"),
         (["--set", "regime=middle"], "unknown regime 'middle'"),
         (["--set", "regimes=near,middle"], "unknown regime 'middle'"),
+        (["--set", "out_bias=maybe"], "out_bias is true or false, got 'maybe'"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_message(
@@ -595,7 +610,7 @@ def test_changing_a_field_changes_the_keys_of_its_stages_and_of_no_other(
         assert {s for s in transfer.STAGES if after[s] != before[s]} == expected, f.name
 
 
-WHERE = ("device", "amp")
+WHERE = ("device", "amp", "out_bias")
 
 
 def test_device_is_in_no_key_and_mixed_precision_in_every_training_stage(
@@ -619,6 +634,19 @@ def test_device_is_in_no_key_and_mixed_precision_in_every_training_stage(
     ):
         assert transfer.main(["--preset", "ci", *argv]) == 2
         assert capsys.readouterr().err.startswith(message)
+
+
+def test_the_output_bias_is_in_the_keys_of_the_runs_only_and_only_when_on() -> None:
+    biased, plain = _keys(CI), _keys(CI.replace(out_bias=False))
+    assert CI.out_bias and transfer.PRESETS["quick"].out_bias
+    # the source nets (the committed artefact) and the prior fitted on them are shared
+    assert {s for s in transfer.STAGES if biased[s] != plain[s]} == set(transfer.METHODS)
+    # the bias-free runs' keys hold no "out_bias": caches made before the option stay valid
+    assert "out_bias" not in transfer.stage_key(CI.replace(out_bias=False), "dwp", 0, DATA)
+    # the variational benchmark's preset is bias-free, as its committed runs were trained
+    assert not transfer.PRESETS["single_source"].out_bias
+    for value, expected in (("false", False), ("No", False), ("0", False), ("true", True)):
+        assert transfer.override(CI, [f"out_bias={value}"]).out_bias is expected
 
 
 def test_a_changed_source_invalidates_the_prior_and_the_runs_that_read_it() -> None:

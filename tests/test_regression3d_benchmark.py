@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from processes import assert_sigterm_ends_the_workers
 
 from benchmarks import regression
 
@@ -349,52 +351,11 @@ def test_a_failed_job_is_named_with_its_log_and_the_others_finish(
     assert (folder / "hydranet_n12_seed1_base.json").exists()  # the other run finished
 
 
-def _alive(pid: int) -> bool:
-    try:  # a zombie has exited, only its parent has not read its status yet
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _workers(pid: int) -> set[int]:
-    """Live pool workers (multiprocessing's spawn_main) whose parent is ``pid``."""
-    kids = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            spawned = b"spawn_main" in (stat.parent / "cmdline").read_bytes()
-        except OSError:  # gone meanwhile
-            continue
-        if parent == pid and spawned and _alive(int(stat.parent.name)):
-            kids.add(int(stat.parent.name))
-    return kids
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 def test_worker_processes_end_with_the_command_on_sigterm(tmp_path) -> None:
-    import signal
-    import subprocess
-    import sys
-    import time
-
     argv = [sys.executable, "-m", "benchmarks.regression", *SERIAL, "--jobs", "2",
             "--threads", "2", "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path)]  # fmt: skip
-    command = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while len(_workers(command.pid)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        workers = _workers(command.pid)
-        assert len(workers) == 2, "the pool never started"
-        command.send_signal(signal.SIGTERM)
-        assert command.wait(timeout=60) == 128 + signal.SIGTERM
-        deadline = time.monotonic() + 10
-        while any(map(_alive, workers)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not any(map(_alive, workers))  # none outlives the command
-    finally:
-        command.kill()
-        command.wait()
+    assert_sigterm_ends_the_workers(argv)
 
 
 def test_worker_processes_give_the_serial_report(ci_run, tmp_path) -> None:

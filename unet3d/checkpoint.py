@@ -383,6 +383,8 @@ def _network(model: nn.Module) -> str:
         for name in ("in_channels", "n_classes", "widths")
         if hasattr(model, name)
     )
+    if getattr(model, "out_bias", False):
+        shape += ", out_bias=True"
     return f"{type(model).__name__}({shape})"
 
 
@@ -452,8 +454,25 @@ def load_source(
     CheckpointError
         An unreadable file (:func:`read_state_dict`), or weights of another architecture:
         the message names the file, the network and the first entries at fault.
+
+    Notes
+    -----
+    A source without an output bias loads into a ``UNet3D(out_bias=True)``: its bias is
+    set to zero, so the model computes the source's function (the reverse, a bias the
+    model has no room for, is an error).
     """
-    return _load_weights(model, read_state_dict(path), path, advice=advice)
+    state = read_state_dict(path)
+    bias = getattr(getattr(getattr(model, "out", None), "conv", None), "bias", None)
+    added = _OUT_BIAS if isinstance(bias, Tensor) and _OUT_BIAS not in state else None
+    _load_weights(model, state, path, skip=lambda key: key == added, advice=advice)
+    if added is not None:
+        with torch.no_grad():
+            bias.zero_()
+    return model
+
+
+#: The output conv's bias of ``UNet3D(out_bias=True)``, which bias-free sources lack.
+_OUT_BIAS = "out.conv.bias"
 
 
 @dataclass(frozen=True)
@@ -528,7 +547,12 @@ def load_model(checkpoint: PathLike) -> TrainedModel:
     run = _run_description(path, payload)
     config, state = run.config, payload["model"]
     try:
-        base = UNet3D(int(config["in_channels"]), int(config["n_classes"]), tuple(config["widths"]))
+        base = UNet3D(
+            int(config["in_channels"]),
+            int(config["n_classes"]),
+            tuple(config["widths"]),
+            out_bias=bool(config.get("out_bias", False)),  # absent before the option
+        )
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(
             f"{path}: the training config does not describe a UNet3D ({error!r})"

@@ -124,8 +124,10 @@ class TrainConfig:
         last cycle's).
     seed : int
         Seeds model initialisation, data order and weight noise.
-    in_channels, n_classes, widths
-        The U-Net (:class:`unet3d.model.UNet3D`).
+    in_channels, n_classes, widths, out_bias
+        The U-Net (:class:`unet3d.model.UNet3D`); ``out_bias`` gives its output conv a
+        bias (not in the reference network; the all-background trap,
+        :mod:`unet3d.losses`).
     size, binarise, modality, normalise, label_map
         :class:`unet3d.data.SegmentationDataset` options for :class:`~unet3d.data.Case`
         lists (ignored for ready datasets).  ``modality`` is one channel of 4D images
@@ -208,6 +210,7 @@ class TrainConfig:
     in_channels: int = 1
     n_classes: int = 2
     widths: tuple[int, ...] = (16, 32, 32, 64)
+    out_bias: bool = False
     size: int | tuple[int, int, int] | None = None
     binarise: bool = True
     modality: int | tuple[int, ...] | None = None

@@ -23,8 +23,10 @@ That is 26,640 3x3x3 kernel slices (``C_out * C_in`` summed over the 3x3x3 convs
 719,280 weights) plus 7,200 weights in 1x1x1 convs (3,584 in the shortcuts, 3,584 in
 the decoder's width reductions, 32 in the output layer).  The count is exact only
 because every conv is bias-free and ``InstanceNorm3d`` is used with ``affine=False``
-(torch's default): a bias on the output layer alone would add ``n_classes``
-parameters, so the reference count rules it out.
+(torch's default): a bias on the output layer alone adds ``n_classes`` parameters
+(726,482 in the default size): ``UNet3D(out_bias=True)`` is a documented deviation.  It
+exists because the bias-free output maps a silent feature map to p = 1/2 for every
+class, a fixed point small-data runs can get stuck in (:mod:`unet3d.losses`).
 
 The paper makes the 3x3x3 convs Bayesian (:func:`kernel3_layers` lists them for
 :func:`dwp.bayesianize`) and keeps the 1x1x1 convs deterministic.
@@ -65,6 +67,9 @@ class ConvBlock(nn.Sequential):
         halves an even size, like the 1x1x1 stride-2 shortcut it is added to.
     stride
         1, or 2 to halve every spatial size (sizes must be even).
+    bias
+        Give the conv a bias (zero-initialised).  Only the output unit may want one: every
+        other unit's output is normalised per channel by the next, which cancels a bias.
 
     Notes
     -----
@@ -74,7 +79,12 @@ class ConvBlock(nn.Sequential):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        bias: bool = False,
     ) -> None:
         if kernel_size not in (1, 3):
             raise ValueError(f"kernel_size must be 1 or 3, got {kernel_size}")
@@ -83,14 +93,13 @@ class ConvBlock(nn.Sequential):
         self.norm = nn.InstanceNorm3d(in_channels)
         # in place: the norm's backward needs its input and saved statistics, not its output
         self.act = nn.ReLU(inplace=True)
-        # no bias: the next unit normalises its input per channel anyway
         self.conv = nn.Conv3d(
             in_channels,
             out_channels,
             kernel_size,
             stride=stride,
             padding=kernel_size // 2,
-            bias=False,
+            bias=bias,
         )
 
 
@@ -172,7 +181,7 @@ class UNet3D(nn.Module):
     strided, ``w2 -> w2``, ``w2 -> w3`` strided, ``w3 -> w3``).  Decoder: ``up1``..``up3``
     (``w3 -> w2``, ``w2 -> w1``, ``w1 -> w0``), each adding the encoder map of its
     resolution (outputs of ``down4``, ``down2``, ``init_conv``).  Output: ``out``, a
-    pre-activated, bias-free 1x1x1 conv to ``n_classes`` logits.
+    pre-activated 1x1x1 conv to ``n_classes`` logits, bias-free unless ``out_bias``.
 
     With the defaults the model has exactly **726,480 parameters** and **26,640 3x3x3
     kernel slices** (see the module docstring for the per-block breakdown).  The "4x
@@ -194,6 +203,15 @@ class UNet3D(nn.Module):
         the residual branch and the shortcut it is added to start on the same scale;
         ``fan_out`` would shrink the widening convs' outputs instead.  ``"torch"`` keeps
         torch's default (Kaiming-uniform with ``a = sqrt(5)``).
+    out_bias
+        Give the output conv a bias (``n_classes`` more parameters, zero-initialised).  The
+        reference network has none, so ``False`` is the default; but without one a
+        feature map that is all zero after the last ReLU gives every class the same logit,
+        and a run that switches off its foreground channels inside the lesion sits at
+        p = 1/2 there, at the ceiling of its soft Dice, with no gradient out
+        (:mod:`unet3d.losses`).  A source network without the bias loads into a model with
+        it (:func:`unet3d.checkpoint.load_source`): the bias starts at zero, so the model
+        computes the source's function.
 
     Notes
     -----
@@ -208,6 +226,7 @@ class UNet3D(nn.Module):
         n_classes: int = 2,
         widths: Sequence[int] = (16, 32, 32, 64),
         init: Init = "he",
+        out_bias: bool = False,
     ) -> None:
         super().__init__()
         widths = tuple(int(w) for w in widths)
@@ -223,6 +242,7 @@ class UNet3D(nn.Module):
         self.n_classes = n_classes
         self.widths = widths
         self.init = init
+        self.out_bias = bool(out_bias)
         w0, w1, w2, w3 = widths
 
         self.init_conv = nn.Conv3d(in_channels, w0, 3, padding=1, bias=False)
@@ -235,17 +255,20 @@ class UNet3D(nn.Module):
         self.up1 = BasicUpBlock(w3, w2)
         self.up2 = BasicUpBlock(w2, w1)
         self.up3 = BasicUpBlock(w1, w0)
-        self.out = ConvBlock(w0, n_classes, kernel_size=1)
+        self.out = ConvBlock(w0, n_classes, kernel_size=1, bias=self.out_bias)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Re-initialise every conv weight according to ``self.init``."""
+        """Re-initialise every conv weight according to ``self.init``; the output bias (if
+        any) to zero, so that it starts neutral between the classes."""
         for module in self.modules():
             if isinstance(module, nn.Conv3d):  # a dwp.BayesConv3d too (its posterior mean)
                 if self.init == "he":
                     nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
                 else:
                     module.reset_parameters()
+        if self.out.conv.bias is not None:
+            nn.init.zeros_(self.out.conv.bias)
 
     def check_input(self, x: Tensor) -> None:
         """Raise ``ValueError`` naming ``x.shape`` if the network cannot take ``x``."""

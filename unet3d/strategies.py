@@ -69,11 +69,19 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The U-Net's shape: what :meth:`Strategy.build_model` needs from the training config."""
+    """The U-Net's shape: what :meth:`Strategy.build_model` needs from the training config
+    (the arguments of :class:`unet3d.model.UNet3D`)."""
 
     in_channels: int = 1
     n_classes: int = 2
     widths: tuple[int, ...] = (16, 32, 32, 64)
+    out_bias: bool = False
+
+    def build(self) -> UNet3D:
+        """A He-initialised :class:`~unet3d.model.UNet3D` of this shape."""
+        return UNet3D(
+            self.in_channels, self.n_classes, self.widths, init="he", out_bias=self.out_bias
+        )
 
 
 def block_names(model: nn.Module) -> list[str]:
@@ -153,7 +161,7 @@ class RandomInitStrategy(Strategy):
         self._loss = paper_loss(self.ce_weight, self.dice_weight)
 
     def build_model(self, spec: ModelSpec) -> nn.Module:
-        return UNet3D(spec.in_channels, spec.n_classes, spec.widths, init="he")
+        return spec.build()
 
     def loss(
         self,
@@ -368,7 +376,7 @@ class BayesianStrategy(Strategy):
     def base_model(self, spec: ModelSpec) -> nn.Module:
         """The deterministic U-Net whose 3x3x3 convs become Bayesian (the source
         network when ``source`` is set)."""
-        model = UNet3D(spec.in_channels, spec.n_classes, spec.widths, init="he")
+        model = spec.build()
         return model if self.source is None else load_source(model, self.source)
 
     def build_model(self, spec: ModelSpec) -> nn.Module:

@@ -142,7 +142,7 @@ def _build(
     """The strategy's network (seeded by ``config.seed``) on ``device``, its optimiser and
     its SWAG collector."""
     torch.manual_seed(config.seed)
-    spec = ModelSpec(config.in_channels, config.n_classes, tuple(config.widths))
+    spec = ModelSpec(config.in_channels, config.n_classes, tuple(config.widths), config.out_bias)
     model = strategy.build_model(spec)
     model.train()
     # SWAG moments are float64, which MPS lacks: there they stay on the CPU (snapshots are

@@ -23,6 +23,7 @@ from dwp.train_log import check_tensorboard
 
 from ..grid import GridError, add_engine_arguments, engine_from_args
 from ..report import DEFAULT_OUT_DIR, write_results
+from ..workers import terminate_as_exit
 
 # the package's docstring describes the whole benchmark; its first line is the command's help
 from . import __doc__ as _package_doc
@@ -34,7 +35,7 @@ from .figures import plot_hydranet, plot_importance, plot_local_maps
 from .hydranet import PriorRun, collect_hydranet, hydranet_runs
 from .importance import collect_importance, importance_run
 from .report import ABLATIONS_HEADING, keep_ablations, render_markdown
-from .runs import Runner, log, terminate_as_exit, work_folder
+from .runs import Runner, log, work_folder
 
 __all__ = ["main", "parse_args"]
 

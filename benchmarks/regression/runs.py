@@ -15,14 +15,10 @@ its settings and its torch thread count only, not on where or when it ran.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import multiprocessing
-import signal
-import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,9 +29,10 @@ from dwp.io import load_torch_file, save_torch_file, write_json
 
 from ..grid import Engine, Failure, GridError, Submitter
 from ..stages import logger, stage_folder
+from ..workers import spawn_pool
 from .config import Preset
 
-__all__ = ["VERSION", "Run", "RunJob", "Runner", "log", "terminate_as_exit", "work_folder"]
+__all__ = ["VERSION", "Run", "RunJob", "Runner", "log", "work_folder"]
 
 #: the code version of every run's result, part of the work folder's key: bumped when a
 #: change of code changes a result, so that files of older code are never reused
@@ -131,26 +128,6 @@ class RunJob:
         return run.stem()
 
 
-@contextlib.contextmanager
-def terminate_as_exit() -> Iterator[None]:
-    """Inside the block, SIGTERM (a job scheduler's or ``kill``'s) raises ``SystemExit``
-    in the main thread like Ctrl-C raises ``KeyboardInterrupt``, so that ``finally``
-    blocks and context managers run: a :class:`Runner`'s worker processes are terminated
-    with the command instead of running on, orphaned.  The previous handler is restored."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def exit_on_term(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, exit_on_term)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 class Runner:
     """Runs the unfinished runs of a wave: in this process (the processes engine with
     ``jobs=1``, as the benchmark always ran), in ``jobs`` worker processes, or as submitit
@@ -192,11 +169,10 @@ class Runner:
             for run in todo:
                 self.job(run)
         else:
-            # spawn, not fork: a forked child of a process that already ran OpenMP code
-            # can deadlock in its first parallel region.  Leaving the block terminates the
-            # workers: after an error, Ctrl-C or SIGTERM (see :func:`terminate_as_exit`)
-            # no worker outlives the command, and the runs in progress are redone by a rerun
-            with multiprocessing.get_context("spawn").Pool(self.jobs) as pool:
+            # leaving the block terminates the workers (benchmarks.workers): after an
+            # error, Ctrl-C or SIGTERM no worker outlives the command, and the runs in
+            # progress are redone by a rerun
+            with spawn_pool(self.jobs) as pool:
                 for stem in pool.imap_unordered(self.job, todo):  # as they finish
                     log(f"finished {stem}")
 

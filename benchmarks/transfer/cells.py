@@ -254,6 +254,7 @@ def run_cell(
         epochs=_epochs(preset, cell.size),
         val_every=_val_every(preset, cell.size),
         lr_patience=preset.patience,
+        out_bias=preset.out_bias,
         seed=seed * 1000 + 100 * cell.split + cell.size,
         tensorboard=tensorboard,
     )
@@ -261,7 +262,7 @@ def run_cell(
     if not evaluate:
         return trained
     strategy = get_strategy(strategy_name(cell.method), **options)
-    model = strategy.build_model(ModelSpec(widths=preset.widths))
+    model = strategy.build_model(ModelSpec(widths=preset.widths, out_bias=preset.out_bias))
     model.load_state_dict(read_state_dict(folder / "best.pt"))
     started = time.perf_counter()
     tta = cell.method not in BAYESIAN and cell.size in preset.tta_sizes
@@ -271,7 +272,7 @@ def run_cell(
     posterior = None
     if strategy.bayesian:
         torch.manual_seed(config.seed)  # the network the run started from
-        initial = strategy.build_model(ModelSpec(widths=preset.widths))
+        initial = strategy.build_model(ModelSpec(widths=preset.widths, out_bias=preset.out_bias))
         posterior = {**posterior_summary(model, initial), "kl_share": kl_share(best)}
     record = {
         "method": cell.method,

@@ -12,6 +12,7 @@ from dwp.extras import add_version_argument
 from dwp.train_log import check_tensorboard
 
 from ..grid import GridError, add_engine_arguments, engine_from_args
+from ..workers import terminate_as_exit
 from .cells import parse_only
 from .config import PRESETS, REGIMES, override
 from .execution import default_jobs, merge_regimes, run_regimes
@@ -133,19 +134,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 target_data=args.target_data,
             )
         else:
-            plans = run_regimes(
-                preset,
-                args.work_dir,
-                args.seed,
-                only=only,
-                source_data=args.source_data,
-                target_data=args.target_data,
-                progress=progress,
-                jobs=jobs,
-                threads=args.threads,
-                engine=engine,
-                tensorboard=args.tensorboard,
-            )
+            with terminate_as_exit():  # SIGTERM ends the worker processes too
+                plans = run_regimes(
+                    preset,
+                    args.work_dir,
+                    args.seed,
+                    only=only,
+                    source_data=args.source_data,
+                    target_data=args.target_data,
+                    progress=progress,
+                    jobs=jobs,
+                    threads=args.threads,
+                    engine=engine,
+                    tensorboard=args.tensorboard,
+                )
     except (ValueError, OSError) as error:  # DataError and CheckpointError are ValueErrors
         print(f"error: {error}", file=sys.stderr)
         return 2

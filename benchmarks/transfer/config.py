@@ -139,6 +139,11 @@ class Preset:
     pins every weight; an empty grid leaves its setting as it is.
     Statistics: ``bootstrap`` replicates of every confidence interval.
 
+    Network: the paper's U-Net at ``widths``; ``out_bias`` gives every target run's
+    output conv a bias (the source nets have none; they load with it at zero): without
+    it a run can get stuck predicting background everywhere (:mod:`unet3d.losses`), and
+    every method gets it, so the comparison stays between like networks.
+
     Where it computes: ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``) trains the source
     nets and the runs and fits the prior; it is no stage's setting (a device does not change
     what is computed: a cached stage is reused on another).  ``amp`` (``"off"``,
@@ -151,6 +156,7 @@ class Preset:
     resolution: int = setting(4, stages=(SOURCE, *RUNS))
     crop: tuple[int, int, int] = setting((32, 40, 32), stages=(SOURCE, PRIOR, *RUNS))
     widths: tuple[int, ...] = setting((8, 16, 16, 32), stages=(SOURCE, PRIOR, *RUNS))
+    out_bias: bool = setting(True, stages=())  # in the runs' keys when True: stage_key
     n_source: int = setting(24, stages=(SOURCE,))
     n_source_val: int = setting(4, stages=(SOURCE,))
     regime: str = setting("near", stages=RUNS)
@@ -261,6 +267,7 @@ PRESETS: dict[str, Preset] = {
         sizes=(5, 10, 15, 20),
         splits=3,
         methods=("dwp", "normal_prior", "pretrained", "pretrained_frozen", "random_init"),
+        out_bias=False,  # as its committed runs were trained
         source_nets=1,
         source_epochs=20,
         source_restarts=1,
@@ -341,6 +348,13 @@ def override(preset: Preset, assignments: Sequence[str]) -> Preset:
         if isinstance(current, tuple):
             element = type(current[0]) if current else str
             changes[name] = tuple(element(v) for v in value.split(",") if v)
+        elif isinstance(current, bool):  # bool("false") is True
+            if value.lower() not in _BOOLEANS:
+                raise ValueError(f"--set {item!r}: {name} is true or false, got {value!r}")
+            changes[name] = _BOOLEANS[value.lower()]
         else:
             changes[name] = type(current)(value)
     return preset.replace(**changes)
+
+
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}

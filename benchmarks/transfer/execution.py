@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..grid import Engine, Failure, GridError, Submitter
 from ..stages import Stage, stage_folder
+from ..workers import spawn_pool
 from . import artefact
 from .cells import Cell, Datasets, grid, run_cell, selected
 from .config import LR_FROM, PRIOR, SOURCE, Preset, log
@@ -87,6 +86,10 @@ def _init_worker(preset: Preset, data: Data, threads: int) -> None:
     _WORKER = (data, Datasets(preset, data))
 
 
+def _run_numbered(item: tuple[int, Task]) -> tuple[int, dict[str, Any]]:
+    return item[0], _run_task(item[1])
+
+
 def _run_task(task: Task, worker: tuple[Data, Datasets] | None = None) -> dict[str, Any]:
     worker = worker or _WORKER
     assert worker is not None, "worker not initialised"
@@ -128,15 +131,8 @@ class CellRunner:
 
     def __init__(self, preset: Preset, data: Data, jobs: int = 1, threads: int = 1) -> None:
         self.pool = None
-        if jobs > 1:
-            # spawn, not fork: a forked child of a process that already ran OpenMP code
-            # (the source nets, the VAEs) can deadlock in its first parallel region.
-            self.pool = ProcessPoolExecutor(
-                jobs,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker,
-                initargs=(preset, data, threads),
-            )
+        if jobs > 1:  # spawned (benchmarks.workers): the source nets and VAEs ran OpenMP
+            self.pool = spawn_pool(jobs, _init_worker, (preset, data, threads))
         else:
             torch.set_num_threads(threads)
             self.local = (data, Datasets(preset, data))
@@ -152,21 +148,21 @@ class CellRunner:
                 if done:
                     done(t)
             return records  # type: ignore[return-value]
-        futures = {self.pool.submit(_run_task, t): i for i, t in enumerate(tasks)}
         try:
-            for future in as_completed(futures):
-                records[futures[future]] = future.result()
+            for i, record in self.pool.imap_unordered(_run_numbered, enumerate(tasks)):
+                records[i] = record
                 if done:
-                    done(tasks[futures[future]])
-        except BaseException:
-            for future in futures:
-                future.cancel()
+                    done(tasks[i])
+        except BaseException:  # an error, Ctrl-C or SIGTERM: the runs in progress stop too
+            self.pool.terminate()
+            self.pool = None
             raise
         return records  # type: ignore[return-value]
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
+            self.pool.close()
+            self.pool.join()
 
 
 def default_jobs() -> int:

@@ -100,4 +100,7 @@ def stage_key(preset: Preset, stage: str, seed: int, data: Mapping[str, Any]) ->
     # float32 keys (and the caches made before the option existed) stay as they were
     if preset.amp != "off" and stage != PRIOR:
         key["amp"] = preset.amp
+    # likewise the runs' output bias: the bias-free runs' keys stay as they were
+    if preset.out_bias and stage in RUNS:
+        key["out_bias"] = True
     return key

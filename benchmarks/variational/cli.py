@@ -16,6 +16,7 @@ from dwp.devices import resolve_device
 from dwp.extras import add_version_argument
 
 from ..report import DEFAULT_OUT_DIR, write_results
+from ..workers import terminate_as_exit
 from .config import PRESETS
 from .pipeline import run_all
 from .report import render, summarise
@@ -78,16 +79,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     command = shlex.join(["python", "-m", "benchmarks.variational", *(argv or sys.argv[1:])])
     preset = PRESETS[args.preset]
-    result = run_all(
-        preset,
-        args.work_dir,
-        args.seed,
-        device=args.device,
-        amp=args.amp,
-        jobs=args.jobs,
-        threads=args.threads,
-        progress=not args.no_progress,
-    )
+    with terminate_as_exit():  # SIGTERM ends the worker processes too
+        result = run_all(
+            preset,
+            args.work_dir,
+            args.seed,
+            device=args.device,
+            amp=args.amp,
+            jobs=args.jobs,
+            threads=args.threads,
+            progress=not args.no_progress,
+        )
     summary = summarise(result["records"])
     markdown = render(summary, result["timing"], preset, result)
     config = {

@@ -3,10 +3,8 @@ worker processes, resumable: a finished run is read back), then the step timings
 
 from __future__ import annotations
 
-import multiprocessing
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from ..transfer.cells import Datasets
 from ..transfer.data import Data, prepare_data
 from ..transfer.prior import fit_prior
 from ..transfer.sources import train_sources
+from ..workers import spawn_pool
 from .config import PATHS, Preset
 from .runs import Run, run
 from .timing import time_paths
@@ -104,15 +103,9 @@ def run_all(
     bar = tqdm(total=len(todo), desc="optimiser runs", disable=not progress)
     records: list[dict[str, Any]] = []
     if jobs > 1:
-        # spawn, not fork: a forked child of a process that already ran OpenMP code can
-        # deadlock in its first parallel region (see benchmarks.transfer.execution)
-        with ProcessPoolExecutor(
-            jobs,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker,
-            initargs=(context, max(1, threads // jobs)),
-        ) as pool:
-            for record in pool.map(_run, todo):
+        # spawned, and terminated on leaving the block (benchmarks.workers)
+        with spawn_pool(jobs, _init_worker, (context, max(1, threads // jobs))) as pool:
+            for record in pool.imap(_run, todo):
                 records.append(record)
                 bar.update()
     else:

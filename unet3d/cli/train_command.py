@@ -28,13 +28,15 @@ import argparse
 import json
 import shlex
 import sys
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .arguments import PATTERN_FLAGS, augmentation_of, spatial_of, torch_device, triple
 from .run_folder import RESUME_FREE, check_new_run, check_resume, data_source
 from .train_options import STRATEGY_FLAGS, STRATEGY_NAMES, add_train_options, check_train_args
+
+if TYPE_CHECKING:
+    from ..config import TrainConfig
 
 __all__ = ["RESUME_FREE", "STRATEGY_FLAGS", "STRATEGY_NAMES", "add_parser", "run"]
 
@@ -91,14 +93,13 @@ def _split_cases(cases: list, share: float, seed: int) -> tuple[list, list]:
     )
 
 
-def _check_source(path: Path, in_channels: int, n_classes: int, widths: Sequence[int]) -> None:
+def _check_source(path: Path, config: TrainConfig) -> None:
     """Fail before training, naming the file, when a source checkpoint does not fit."""
     from ..checkpoint import load_source
     from ..model import UNet3D
 
-    load_source(
-        UNet3D(in_channels, n_classes, widths), path, advice="pass the source run's --widths"
-    )
+    model = UNet3D(config.in_channels, config.n_classes, config.widths, out_bias=config.out_bias)
+    load_source(model, path, advice="pass the source run's --widths (and --out-bias)")
 
 
 def _cases(args: argparse.Namespace) -> tuple[list, list | None, int | None]:
@@ -197,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
         in_channels=in_channels,
         n_classes=n_classes,
         widths=tuple(args.widths),
+        out_bias=args.out_bias,
         size=triple(args.size),
         binarise=args.binarise,
         modality=args.modality,
@@ -219,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     train_set[0]  # reading the first case (and maybe a patch of it) checks it early
     strategy = get_strategy(args.strategy, **options)
     if args.source is not None:
-        _check_source(args.source, in_channels, n_classes, config.widths)
+        _check_source(args.source, config)
     plain = json.loads(json.dumps(config.as_dict()))
     data = data_fingerprint(data_source(args), cases, val_cases)
     # every check before config.json is written: a refused run leaves the folder as it was

@@ -337,6 +337,13 @@ def add_train_options(train: argparse.ArgumentParser) -> None:
         metavar="W",
         help="U-Net channel widths (default 16 32 32 64, the paper's)",
     )
+    optim.add_argument(
+        "--out-bias",
+        action="store_true",
+        help="give the output conv a bias (n_classes more parameters than the paper's "
+        "U-Net; an exit from the all-background trap of small-data runs, see "
+        "unet3d.losses); a bias-free source checkpoint loads with the bias at zero",
+    )
 
     out = train.add_argument_group("output")
     out.add_argument("--out", type=Path, required=True, metavar="DIR", help="run folder")
