@@ -462,8 +462,8 @@ def load_source(
     model has no room for, is an error).
     """
     state = read_state_dict(path)
-    bias = getattr(getattr(getattr(model, "out", None), "conv", None), "bias", None)
-    added = _OUT_BIAS if isinstance(bias, Tensor) and _OUT_BIAS not in state else None
+    bias = dict(model.named_parameters()).get(_OUT_BIAS)
+    added = _OUT_BIAS if bias is not None and _OUT_BIAS not in state else None
     _load_weights(model, state, path, skip=lambda key: key == added, advice=advice)
     if added is not None:
         with torch.no_grad():
