@@ -267,7 +267,12 @@ class SWAGMoments:
             infinite moments, not a moments file, a newer version, or inconsistent entries
             (naming the file).
         """
-        payload = SWAG_FILE.load(path)
+        return cls._from_payload(SWAG_FILE.load(path), path)
+
+    @classmethod
+    def _from_payload(cls, payload: Any, path: str | os.PathLike) -> SWAGMoments:
+        """The moments of a loaded file's contents (:meth:`load`, :func:`load_prior`)."""
+        payload = SWAG_FILE.check(payload, path)
         try:
             moments = cls(
                 payload["layers"], payload["rank"], variance_floor=payload["variance_floor"]
@@ -284,9 +289,9 @@ class SWAGMoments:
         )
 
 
-def _load_prior(path: str | os.PathLike, **overrides: Any) -> SWAGPrior:
+def _load_prior(payload: Any, path: str | os.PathLike, **overrides: Any) -> SWAGPrior:
     """A moments file read by :func:`dwp.priors.load_prior`: the prior of its moments."""
-    return SWAGPrior.from_moments(SWAGMoments.load(path), **overrides)
+    return SWAGPrior.from_moments(SWAGMoments._from_payload(payload, path), **overrides)
 
 
 register_format(SWAG_FILE.tag, _load_prior)

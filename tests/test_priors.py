@@ -16,6 +16,7 @@ from dwp.priors import (
     PretrainedNormalPrior,
     PriorMismatchError,
 )
+from dwp.swag import SWAGMomentsError
 
 
 def _posterior(shape, seed=0, name="layer.weight"):
@@ -202,3 +203,27 @@ def test_load_prior_reads_a_deep_weight_prior_file(tmp_path):
     prior.save(tmp_path / "dwp.pt")
     loaded = dwp.priors.load_prior(tmp_path / "dwp.pt", n_samples=2)
     assert isinstance(loaded, dwp.DeepWeightPrior) and loaded.n_samples == 2
+
+
+def test_load_prior_reads_a_file_of_its_own_format_once(tmp_path, monkeypatch):
+    """A format with its own loader (the deep weight prior's, SWAG moments) gets the
+    contents load_prior read, not the path to read again (a moments file is MBs)."""
+    dwp.DeepWeightPrior({"all": dwp.KernelVAE((3, 3))}).save(tmp_path / "dwp.pt")
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    moments = dwp.SWAGMoments.for_model(net, rank=1)
+    for _ in range(3):
+        with torch.no_grad():
+            net[0].weight.add_(torch.randn(2, 3))
+        moments.update(net)
+    moments.save(tmp_path / "swag.pt")
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(1) or real_load(*a, **k))
+    assert isinstance(dwp.priors.load_prior(tmp_path / "dwp.pt"), dwp.DeepWeightPrior)
+    assert isinstance(dwp.priors.load_prior(tmp_path / "swag.pt"), dwp.SWAGPrior)
+    assert len(reads) == 2
+    # the format's own check still runs on the contents, naming the file
+    payload = real_load(tmp_path / "swag.pt", weights_only=True)
+    torch.save({**payload, "format_version": 99}, tmp_path / "newer.pt")
+    with pytest.raises(SWAGMomentsError, match=r"newer\.pt: .*version 99"):
+        dwp.priors.load_prior(tmp_path / "newer.pt")

@@ -561,7 +561,14 @@ class DeepWeightPrior(KernelGroups, Prior):
     def load(cls, path: str | os.PathLike, **overrides: Any) -> DeepWeightPrior:
         """Read a prior written by :meth:`save`, validating it; ``overrides`` replace saved
         options (``n_samples``, ``chunk_size``, ``train_encoder``...)."""
-        payload = PRIOR_FILE.load(path)
+        return cls._from_payload(PRIOR_FILE.load(path), path, **overrides)
+
+    @classmethod
+    def _from_payload(
+        cls, payload: Any, path: str | os.PathLike, **overrides: Any
+    ) -> DeepWeightPrior:
+        """The prior of a loaded file's contents (:meth:`load`, :func:`load_prior`)."""
+        payload = PRIOR_FILE.check(payload, path)
         if not isinstance(payload["groups"], dict) or not isinstance(payload["layer_groups"], dict):
             raise PriorFileError(f"{path}: groups and layer_groups must be mappings")
         vaes = {}
@@ -596,4 +603,4 @@ class DeepWeightPrior(KernelGroups, Prior):
 
 
 # load_prior() reads the deep weight prior's own format too
-register_format(PRIOR_FILE.tag, DeepWeightPrior.load)
+register_format(PRIOR_FILE.tag, DeepWeightPrior._from_payload)

@@ -46,7 +46,8 @@ PRIOR_FILE = FileFormat(
 )
 
 _KINDS: dict[str, type[Prior]] = {}
-#: Formats of their own (the deep weight prior's), by tag: ``loader(path, **overrides)``.
+#: Formats of their own (the deep weight prior's, SWAG moments), by tag:
+#: ``loader(payload, path, **overrides)``.
 _FORMATS: dict[str, Callable[..., Prior]] = {}
 
 
@@ -58,8 +59,14 @@ def register(cls: type[Prior]) -> type[Prior]:
 
 
 def register_format(tag: str, loader: Callable[..., Prior]) -> None:
-    """Let :func:`load_prior` read files of another format (``format == tag``) with
-    ``loader(path, **overrides)``: how a prior with its own file format joins in."""
+    """Let :func:`load_prior` read files of another format (``format == tag``): how a prior
+    with its own file format joins in.
+
+    ``loader(payload, path, **overrides)`` receives the file's contents as read once by
+    :func:`load_prior` (checksum and finiteness already checked; the format's own
+    :meth:`~dwp.io.FileFormat.check` is the loader's to run) and ``path`` for its
+    messages, and returns the prior.
+    """
     _FORMATS[tag] = loader
 
 
@@ -101,7 +108,8 @@ def load_prior(path: str | os.PathLike, **overrides: Any) -> Prior:
     payload = load_torch_file(path, what="prior file", error=PriorFileError)
     tag = payload.get("format") if isinstance(payload, dict) else None
     if tag in _FORMATS:
-        return _FORMATS[tag](path, **overrides)
+        # the payload, not the path: a moments file of several MB is read once
+        return _FORMATS[tag](payload, path, **overrides)
     payload = PRIOR_FILE.check(payload, path)
     kind = payload["kind"]
     cls = _KINDS.get(kind)
