@@ -271,8 +271,7 @@ class SWAGMoments:
 
     @classmethod
     def _from_payload(cls, payload: Any, path: str | os.PathLike) -> SWAGMoments:
-        """The moments of a loaded file's contents (:meth:`load`, :func:`load_prior`)."""
-        payload = SWAG_FILE.check(payload, path)
+        """The moments of a checked file's contents (:meth:`load`, :func:`load_prior`)."""
         try:
             moments = cls(
                 payload["layers"], payload["rank"], variance_floor=payload["variance_floor"]
@@ -294,4 +293,4 @@ def _load_prior(payload: Any, path: str | os.PathLike, **overrides: Any) -> SWAG
     return SWAGPrior.from_moments(SWAGMoments._from_payload(payload, path), **overrides)
 
 
-register_format(SWAG_FILE.tag, _load_prior)
+register_format(SWAG_FILE, _load_prior)

@@ -564,11 +564,8 @@ class DeepWeightPrior(KernelGroups, Prior):
         return cls._from_payload(PRIOR_FILE.load(path), path, **overrides)
 
     @classmethod
-    def _from_payload(
-        cls, payload: Any, path: str | os.PathLike, **overrides: Any
-    ) -> DeepWeightPrior:
-        """The prior of a loaded file's contents (:meth:`load`, :func:`load_prior`)."""
-        payload = PRIOR_FILE.check(payload, path)
+    def _from_payload(cls, payload: Any, path: Any, **overrides: Any) -> DeepWeightPrior:
+        """The prior of a checked file's contents (:meth:`load`, :func:`load_prior`)."""
         if not isinstance(payload["groups"], dict) or not isinstance(payload["layer_groups"], dict):
             raise PriorFileError(f"{path}: groups and layer_groups must be mappings")
         vaes = {}
@@ -582,11 +579,9 @@ class DeepWeightPrior(KernelGroups, Prior):
         unknown = set(payload["layer_groups"].values()) - vaes.keys()
         if unknown:
             raise PriorFileError(f"{path}: layer_groups refer to unknown groups {sorted(unknown)}")
-        options = {**payload["options"], **overrides}
+        options = {"metadata": payload["metadata"], **payload["options"], **overrides}
         try:
-            prior = cls(
-                vaes, payload["layer_groups"] or None, metadata=payload["metadata"], **options
-            )
+            prior = cls(vaes, payload["layer_groups"] or None, **options)
         except (TypeError, ValueError) as error:
             raise PriorFileError(f"{path}: invalid prior options: {error}") from error
         factors = payload.get("scale_factors") or {}
@@ -602,5 +597,4 @@ class DeepWeightPrior(KernelGroups, Prior):
         return f"groups={self.groups}, n_samples={self.n_samples}, chunk_size={self.chunk_size}"
 
 
-# load_prior() reads the deep weight prior's own format too
-register_format(PRIOR_FILE.tag, DeepWeightPrior._from_payload)
+register_format(PRIOR_FILE, DeepWeightPrior._from_payload)

@@ -46,9 +46,9 @@ PRIOR_FILE = FileFormat(
 )
 
 _KINDS: dict[str, type[Prior]] = {}
-#: Formats of their own (the deep weight prior's, SWAG moments), by tag:
-#: ``loader(payload, path, **overrides)``.
-_FORMATS: dict[str, Callable[..., Prior]] = {}
+#: Formats of their own (the deep weight prior's, SWAG moments), by tag: the format and
+#: its ``loader(payload, path, **overrides)``.
+_FORMATS: dict[str, tuple[FileFormat, Callable[..., Prior]]] = {}
 
 
 def register(cls: type[Prior]) -> type[Prior]:
@@ -58,16 +58,15 @@ def register(cls: type[Prior]) -> type[Prior]:
     return cls
 
 
-def register_format(tag: str, loader: Callable[..., Prior]) -> None:
-    """Let :func:`load_prior` read files of another format (``format == tag``): how a prior
-    with its own file format joins in.
+def register_format(file_format: FileFormat, loader: Callable[..., Prior]) -> None:
+    """Let :func:`load_prior` read files of another format (``format ==
+    file_format.tag``): how a prior with its own file format joins in.
 
     ``loader(payload, path, **overrides)`` receives the file's contents as read once by
-    :func:`load_prior` (checksum and finiteness already checked; the format's own
-    :meth:`~dwp.io.FileFormat.check` is the loader's to run) and ``path`` for its
-    messages, and returns the prior.
+    :func:`load_prior` (checksum and finiteness checked, then ``file_format.check``: tag,
+    version, keys) and ``path`` for its messages, and returns the prior.
     """
-    _FORMATS[tag] = loader
+    _FORMATS[file_format.tag] = (file_format, loader)
 
 
 def prior_kinds() -> dict[str, type[Prior]]:
@@ -108,8 +107,9 @@ def load_prior(path: str | os.PathLike, **overrides: Any) -> Prior:
     payload = load_torch_file(path, what="prior file", error=PriorFileError)
     tag = payload.get("format") if isinstance(payload, dict) else None
     if tag in _FORMATS:
+        file_format, loader = _FORMATS[tag]
         # the payload, not the path: a moments file of several MB is read once
-        return _FORMATS[tag](payload, path, **overrides)
+        return loader(file_format.check(payload, path), path, **overrides)
     payload = PRIOR_FILE.check(payload, path)
     kind = payload["kind"]
     cls = _KINDS.get(kind)
