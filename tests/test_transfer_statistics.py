@@ -26,6 +26,7 @@ from benchmarks.transfer.statistics import (
     minimum_detectable_difference,
     paired_difference,
 )
+from benchmarks.transfer.summary import verdict
 
 Z = 4.0  # standard errors allowed to a Monte Carlo estimate
 
@@ -145,6 +146,43 @@ def test_crossed_interval_covers_under_a_two_way_random_effects_model():
     # Each one-source interval misses the other source's noise (about 0.85 each): the
     # crossed interval must cover more often than either.
     assert rates["ci_both"] > max(rates["ci_splits"], rates["ci_volumes"]), rates
+
+
+def _difference(ci_both, ci_splits) -> PairedDifference:
+    return PairedDifference(0.0, 5, 20, ci_splits, ci_both, ci_both, None, math.nan)
+
+
+@pytest.mark.parametrize(
+    ("ci_both", "ci_splits", "expected"),
+    [
+        ((0.01, 0.05), (0.02, 0.04), "better"),
+        ((-0.05, -0.01), (-0.04, -0.001), "worse"),
+        ((0.002, 0.157), (-0.025, 0.182), "no detectable difference"),  # quick, far, DWP - PR
+        ((-0.02, 0.05), (0.01, 0.03), "no detectable difference"),
+        ((0.01, 0.05), None, "no detectable difference"),  # one split: no t-interval
+        (None, (0.01, 0.05), "no detectable difference"),
+    ],
+)
+def test_a_verdict_needs_both_intervals_on_one_side(ci_both, ci_splits, expected):
+    assert verdict(_difference(ci_both, ci_splits)) == expected
+
+
+def test_the_verdict_keeps_its_false_rate_where_the_bootstrap_alone_does_not():
+    """No true difference, the splits' noise dominant, K = 5: the crossed bootstrap alone
+    calls a difference far more often than 5 % (about 16 %, 1000 datasets offline); the
+    verdict, which also needs the t-interval, stays within 4 binomial errors of 5 %."""
+    n_sets, n_splits, n_volumes = 400, 5, 20
+    rng = np.random.default_rng(7)
+    bootstrap_alone = called = 0
+    for i in range(n_sets):
+        d = rng.normal(0, 0.05, size=(n_splits, 1)) + rng.normal(0, 0.01, (n_splits, n_volumes))
+        result = paired_difference(d, np.zeros_like(d), n_boot=500, seed=i)
+        low, high = result.ci_both
+        bootstrap_alone += low > 0 or high < 0
+        called += verdict(result) != "no detectable difference"
+    bound = 0.05 + Z * binomial_se(0.05, n_sets)
+    assert bootstrap_alone / n_sets > bound  # the defect the rule exists for
+    assert called / n_sets <= bound
 
 
 def test_t_interval_and_p_value_match_scipy():

@@ -183,8 +183,9 @@ def _paired_table(summary: Mapping[str, Any]) -> str:
         "its 95 % interval from the crossed bootstrap over splits and test volumes (the "
         "headline; both sources of noise), the t-interval across splits alone, the paired "
         "t-test's p, and the minimum detectable difference (MDD: the true difference these "
-        "splits would detect with 80 % power at p < 0.05).  A verdict needs the bootstrap "
-        "interval to exclude 0.\n\n" + markdown_table(PAIRED_HEADERS, rows)
+        "splits would detect with 80 % power at p < 0.05).  A verdict needs both intervals "
+        "to exclude 0 on one side (over 5 splits the bootstrap alone is too narrow).\n\n"
+        + markdown_table(PAIRED_HEADERS, rows)
     )
 
 

@@ -102,15 +102,24 @@ def paired_table(
 
 
 def verdict(result: PairedDifference) -> str:
-    """``"better"`` / ``"worse"`` when the two-way bootstrap interval excludes 0, else
-    ``"no detectable difference"``."""
-    if result.ci_both is None:
-        return "no detectable difference"
-    low, high = result.ci_both
-    if low > 0:
-        return "better"
-    if high < 0:
-        return "worse"
+    """``"better"`` / ``"worse"`` when both the crossed bootstrap interval and the
+    t-interval across splits exclude 0 on the same side, else ``"no detectable
+    difference"``.
+
+    Why both: the crossed bootstrap holds the test volumes' noise, which the t-interval
+    leaves out, but over 5 splits it is too narrow for theirs (a bootstrap of K values has
+    (K-1)/K of their variance and normal-like quantiles where the t has K-1 degrees of
+    freedom: 83 to 87 % coverage in simulations where the splits' noise dominates), which
+    the t-interval gets right.  Alone, the bootstrap called differences the paired t-test put at p 0.1.
+    """
+    sides = []
+    for interval in (result.ci_both, result.ci_splits):
+        if interval is None:
+            return "no detectable difference"
+        low, high = interval
+        sides.append("better" if low > 0 else "worse" if high < 0 else None)
+    if sides[0] is not None and sides[0] == sides[1]:
+        return sides[0]
     return "no detectable difference"
 
 
