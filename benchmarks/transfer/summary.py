@@ -107,10 +107,11 @@ def verdict(result: PairedDifference) -> str:
     difference"``.
 
     Why both: the crossed bootstrap holds the test volumes' noise, which the t-interval
-    leaves out, but over 5 splits it is too narrow for theirs (a bootstrap of K values has
-    (K-1)/K of their variance and normal-like quantiles where the t has K-1 degrees of
-    freedom: 83 to 87 % coverage in simulations where the splits' noise dominates), which
-    the t-interval gets right.  Alone, the bootstrap called differences the paired t-test put at p 0.1.
+    leaves out, but over 5 splits it is too narrow for the splits' noise, which the
+    t-interval gets right: a bootstrap of K values has (K-1)/K of their variance and
+    normal-like quantiles where the t has K-1 degrees of freedom (83 to 87 % coverage in
+    simulations where the splits' noise dominates).  Alone, the bootstrap called
+    differences that the paired t-test put at p 0.1.
     """
     sides = []
     for interval in (result.ci_both, result.ci_splits):
