@@ -49,7 +49,8 @@ objective) 16 were: 1 of 80 grid runs, but 15 of the 20 candidates of the far re
 tuning cell. The Dice weight moves the trap; it does not remove it.
 ``UNet3D(out_bias=True)`` (``unet3d train --out-bias``) does: with a bias, a silent
 feature map means whichever class the bias says. With it, for every method, the same
-preset had 0 of 240 runs with validation Dice 0 (120 Bayesian, 120 deterministic, tuning included; 16 and 0 before) (the far tuning cell: 0 of 20). A CE-dominated term gives
+preset had 0 of 240 runs with validation Dice 0 (120 Bayesian, 120 deterministic, tuning
+included; 16 and 0 before; the far tuning cell 0 of 20). A CE-dominated term gives
 better-calibrated probabilities (per-voxel NLL 0.17 against 0.28, near, 5 volumes, without
 the bias) at the cost of the one-objective comparison.
 
